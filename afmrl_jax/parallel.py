@@ -1,0 +1,137 @@
+"""Device mesh, logical-axis rules and multi-host set-up.
+
+The mesh has three axes:
+  * `data`   pure data parallelism (parameters replicated),
+  * `fsdp`   data parallelism with parameters and optimizer state sharded (ZeRO-3 style),
+  * `tensor` tensor (model) parallelism inside layers.
+The global batch is split over (`data`, `fsdp`). Parameters carry *logical* axis names
+(`embed`, `mlp`, `heads`, ...) and `LOGICAL_RULES` is the single table mapping them to mesh axes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis name -> mesh axis (or axes). Earlier rules win when a mesh axis is already taken.
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", BATCH_AXES),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("q_heads_x_dim", "tensor"),  # fused [heads * head_dim] projections
+    ("kv_heads_x_dim", "tensor"),
+    ("head_dim", None),
+    ("seq", None),
+    ("patch", None),
+    ("vision_embed", "fsdp"),
+    ("vision_mlp", "tensor"),
+    ("lora_rank", None),
+    ("norm", None),
+)
+
+
+def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+  """Fills a single -1 entry so the product equals `num_devices`.
+
+  Args:
+    shape: {'data': d, 'fsdp': f, 'tensor': t}, at most one of them -1.
+    num_devices: devices to cover.
+  Returns:
+    (data, fsdp, tensor) sizes.
+  Raises:
+    ValueError naming the `mesh` config fields when the shape cannot cover the devices.
+  """
+  unknown = [name for name in MESH_AXES if shape.get(name, 1) == -1]
+  if len(unknown) > 1:
+    raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(shape)}.")
+  known = int(np.prod([shape.get(name, 1) for name in MESH_AXES if name not in unknown]))
+  if known <= 0 or num_devices % known:
+    raise ValueError(
+        f"config.mesh {dict(shape)} does not divide the {num_devices} available devices; "
+        "set one axis to -1 or make the product equal the device count.")
+  sizes = {name: shape.get(name, 1) for name in MESH_AXES}
+  if unknown:
+    sizes[unknown[0]] = num_devices // known
+  elif known != num_devices:
+    raise ValueError(
+        f"config.mesh {dict(shape)} covers {known} devices but {num_devices} are available; "
+        "set one axis to -1 to fill the rest.")
+  return tuple(sizes[name] for name in MESH_AXES)
+
+
+def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds the (`data`, `fsdp`, `tensor`) mesh; `shape` defaults to all devices on `data`."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = resolve_mesh_shape(shape or {"data": -1}, len(devices))
+  return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def logical_rules() -> contextlib.AbstractContextManager:
+  """Context in which NNX resolves logical parameter axes with `LOGICAL_RULES`."""
+  return nnx.logical_axis_rules(LOGICAL_RULES)
+
+
+def logical_to_spec(names: Sequence[str | None]) -> PartitionSpec:
+  """Maps logical axis names of one array to a PartitionSpec (each mesh axis used at most once)."""
+  table = dict(LOGICAL_RULES)
+  used: set[str] = set()
+  spec = []
+  for name in names:
+    target = table.get(name) if name is not None else None
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    axes = tuple(a for a in axes if a not in used)
+    used.update(axes)
+    spec.append(axes[0] if len(axes) == 1 else (axes or None))
+  return PartitionSpec(*spec)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+  """Sharding of a batch-major array: leading axis over (`data`, `fsdp`), the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles each process's batch slice into global arrays sharded over the batch axes.
+
+  Args:
+    local_batch: name -> [local_batch, ...] NumPy arrays of this process.
+  Returns:
+    name -> [global_batch, ...] jax.Arrays.
+  """
+  return {
+      key: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(value)), np.asarray(value))
+      for key, value in local_batch.items()
+  }
+
+
+def maybe_initialize_distributed() -> bool:
+  """Calls `jax.distributed.initialize()` only when a cluster is detected.
+
+  Detected: an explicit coordinator (`JAX_COORDINATOR_ADDRESS`), a TPU pod slice, SLURM or Open MPI
+  with more than one task. Returns True if initialised.
+  """
+  env = os.environ
+  multi_task = any(int(env.get(k, "1")) > 1 for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+  tpu_pod = "TPU_WORKER_HOSTNAMES" in env and "," in env.get("TPU_WORKER_HOSTNAMES", "")
+  if "JAX_COORDINATOR_ADDRESS" in env:
+    jax.distributed.initialize(
+        coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+        num_processes=int(env["JAX_NUM_PROCESSES"]),
+        process_id=int(env["JAX_PROCESS_ID"]))
+    return True
+  if multi_task or tpu_pod:
+    jax.distributed.initialize()
+    return True
+  return False
