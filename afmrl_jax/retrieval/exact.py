@@ -1,0 +1,89 @@
+"""Exact top-k by inner product, blockwise so that no [Q, N] score matrix is ever materialised."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from afmrl_jax.retrieval.base import check_ids, l2_normalize, read_meta, write_meta
+
+
+def exact_top_k(queries: np.ndarray, gallery: np.ndarray, k: int, *, query_block: int = 1024,
+                gallery_block: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+  """Top-k gallery rows by inner product for each query.
+
+  Memory is O(query_block * (gallery_block + k)) whatever Q and N are: each query block keeps a
+  running top-k that is merged with every gallery block's scores.
+
+  Args:
+    queries: [Q, D]; gallery: [N, D] (not normalised here: the caller decides).
+    k: results per query, 1 <= k <= N.
+  Returns:
+    (indices int64 [Q, k] into gallery rows, scores float32 [Q, k]), best first; equal scores keep the
+    smaller gallery index first.
+  """
+  queries = np.asarray(queries, dtype=np.float32)
+  gallery = np.asarray(gallery, dtype=np.float32)
+  n = gallery.shape[0]
+  if not 1 <= k <= n:
+    raise ValueError(f"exact_top_k: k={k} must be in [1, {n}] (the gallery size).")
+  if queries.shape[1] != gallery.shape[1]:
+    raise ValueError(f"exact_top_k: query width {queries.shape[1]} != gallery width {gallery.shape[1]}.")
+  out_idx = np.empty((queries.shape[0], k), np.int64)
+  out_score = np.empty((queries.shape[0], k), np.float32)
+  for q0 in range(0, queries.shape[0], query_block):
+    qb = queries[q0:q0 + query_block]
+    best_idx = np.empty((qb.shape[0], 0), np.int64)
+    best_score = np.empty((qb.shape[0], 0), np.float32)
+    for g0 in range(0, n, gallery_block):
+      scores = qb @ gallery[g0:g0 + gallery_block].T  # [q, g]
+      idx = np.broadcast_to(np.arange(g0, g0 + scores.shape[1]), scores.shape)
+      # Running best (smaller indices) first, so a stable sort keeps smaller indices first on ties.
+      cand_score = np.concatenate([best_score, scores], axis=1)
+      cand_idx = np.concatenate([best_idx, idx], axis=1)
+      order = np.argsort(-cand_score, axis=1, kind="stable")[:, :k]
+      best_score = np.take_along_axis(cand_score, order, axis=1)
+      best_idx = np.take_along_axis(cand_idx, order, axis=1)
+    out_idx[q0:q0 + query_block] = best_idx
+    out_score[q0:q0 + query_block] = best_score
+  return out_idx, out_score
+
+
+class ExactRetriever:
+  """Brute-force inner-product search over L2-normalised embeddings (the reference for ScaNN)."""
+
+  kind = "exact"
+
+  def __init__(self, query_block: int = 1024, gallery_block: int = 8192):
+    self.query_block = query_block
+    self.gallery_block = gallery_block
+    self.embeddings: np.ndarray | None = None
+    self.ids: np.ndarray | None = None
+
+  def build(self, embeddings: np.ndarray, ids: np.ndarray | None = None) -> "ExactRetriever":
+    self.embeddings = l2_normalize(embeddings)
+    self.ids = check_ids(ids, self.embeddings.shape[0])
+    return self
+
+  def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """queries [Q, D] -> (ids int64 [Q, k], cosine scores float32 [Q, k]), best first."""
+    if self.embeddings is None:
+      raise RuntimeError("ExactRetriever.search called before build() or load().")
+    idx, scores = exact_top_k(l2_normalize(queries), self.embeddings, k,
+                              query_block=self.query_block, gallery_block=self.gallery_block)
+    return self.ids[idx], scores
+
+  def save(self, directory: str) -> None:
+    if self.embeddings is None:
+      raise RuntimeError("ExactRetriever.save called before build().")
+    write_meta(directory, self.kind, query_block=self.query_block, gallery_block=self.gallery_block)
+    np.savez(os.path.join(directory, "exact_index.npz"), embeddings=self.embeddings, ids=self.ids)
+
+  @classmethod
+  def load(cls, directory: str) -> "ExactRetriever":
+    meta = read_meta(directory, cls.kind)
+    r = cls(meta["query_block"], meta["gallery_block"])
+    with np.load(os.path.join(directory, "exact_index.npz")) as z:
+      r.embeddings, r.ids = z["embeddings"], z["ids"]
+    return r
