@@ -1,0 +1,116 @@
+"""Next-token distributions: temperature, top-k, top-p (nucleus) and greedy choice, as pure functions.
+
+Order of operations follows HF `generate`: temperature, then top-k, then top-p on what top-k kept.
+Filtered-out entries become -inf. Ties at a threshold are kept (so a filter may keep a few more
+tokens than asked when logits tie exactly).
+
+The returned log-probability of a chosen token is always taken under the *unfiltered* distribution
+`log_softmax(logits / temperature)` (temperature 1 for greedy): that is the policy probability GRPO's
+importance ratio needs, and what `generate.logprobs.completion_logprobs` recomputes teacher-forced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How tokens are chosen. Hashable, so it can be a static jit argument.
+
+  temperature: 0 means greedy (argmax); top_k: 0 disables; top_p: 1.0 disables;
+  max_new_tokens: the fixed decode length (static shapes); eos_ids: any of these ends a row;
+  pad_id: written after a row has ended.
+  """
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  max_new_tokens: int = 32
+  eos_ids: tuple[int, ...] = ()
+  pad_id: int = 0
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f"SamplingConfig.temperature must be >= 0 (0 = greedy), got {self.temperature}.")
+    if self.top_k < 0:
+      raise ValueError(f"SamplingConfig.top_k must be >= 0 (0 = off), got {self.top_k}.")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}.")
+    if self.max_new_tokens < 1:
+      raise ValueError(f"SamplingConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0.0
+
+  @property
+  def logprob_temperature(self) -> float:
+    """Temperature of the distribution logprobs are reported under (1 for greedy)."""
+    return 1.0 if self.greedy else self.temperature
+
+
+def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
+  """Keeps entries >= the k-th largest of each row. logits [..., V] -> [..., V]."""
+  if k <= 0 or k >= logits.shape[-1]:
+    return logits
+  kth = jax.lax.top_k(logits, k)[0][..., -1:]
+  return jnp.where(logits < kth, NEG_INF, logits)
+
+
+def _nucleus_keep_count(sorted_desc: jax.Array, p: float) -> jax.Array:
+  """How many of the descending-sorted logits [..., n] the top-p set keeps: [..., 1] int32.
+
+  The smallest prefix whose probability mass reaches p (at least one token).
+  """
+  probs = jax.nn.softmax(sorted_desc, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  return jnp.maximum(jnp.sum(mass_before < p, axis=-1, keepdims=True), 1)
+
+
+def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
+  """Keeps the smallest set of top entries whose probability reaches p. logits [..., V] -> [..., V]."""
+  if p >= 1.0:
+    return logits
+  sorted_desc = -jnp.sort(-logits, axis=-1)
+  keep = _nucleus_keep_count(sorted_desc, p)
+  threshold = jnp.take_along_axis(sorted_desc, keep - 1, axis=-1)
+  return jnp.where(logits < threshold, NEG_INF, logits)
+
+
+def filter_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
+  """Temperature, top-k, top-p on full-vocabulary logits [..., V] (float32)."""
+  logits = logits.astype(jnp.float32) / config.logprob_temperature
+  return top_p_filter(top_k_filter(logits, config.top_k), config.top_p)
+
+
+def choose_tokens(rng: jax.Array, logits: jax.Array, config: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+  """Picks one token per row and its log-probability.
+
+  Args:
+    rng: PRNG key (unused for greedy).
+    logits: [batch, vocab] next-token logits.
+    config: SamplingConfig.
+  Returns:
+    tokens [batch] int32, logprobs [batch] float32 under log_softmax(logits / temperature).
+  """
+  scaled = logits.astype(jnp.float32) / config.logprob_temperature
+  logp_all = jax.nn.log_softmax(scaled, axis=-1)
+  if config.greedy:
+    tokens = jnp.argmax(scaled, axis=-1)
+  elif 0 < config.top_k < logits.shape[-1]:
+    # Sample inside the top-k candidates only: no full-vocabulary sort per step.
+    vals, idx = jax.lax.top_k(scaled, config.top_k)
+    if config.top_p < 1.0:
+      keep = _nucleus_keep_count(vals, config.top_p)
+      vals = jnp.where(jnp.arange(vals.shape[-1]) < keep, vals, NEG_INF)
+    choice = jax.random.categorical(rng, vals, axis=-1)
+    tokens = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
+  else:
+    tokens = jax.random.categorical(rng, top_p_filter(scaled, config.top_p), axis=-1)
+  tokens = tokens.astype(jnp.int32)
+  return tokens, jnp.take_along_axis(logp_all, tokens[:, None], axis=-1)[:, 0]

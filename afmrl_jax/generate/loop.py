@@ -1,0 +1,74 @@
+"""The decode loop: one compiled step inside `jax.lax.while_loop`, static shapes, EOS per row.
+
+Model-agnostic: it sees the model only through `decode_fn(state, tokens [B]) -> (logits [B,V], state)`,
+so the same loop drives our VLModel (see `generate.sampling`) and anything else with a KV cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from afmrl_jax.generate.filters import SamplingConfig, choose_tokens
+
+
+class GenerationOutput(NamedTuple):
+  """tokens [B, N] int32 (pad_id after a row's EOS), logprobs [B, N] float32 (0 after EOS),
+  lengths [B] int32: generated tokens per row including the EOS token (N if none was produced)."""
+  tokens: jax.Array
+  logprobs: jax.Array
+  lengths: jax.Array
+
+
+def decode_loop(decode_fn: Callable[[Any, jax.Array], tuple[jax.Array, Any]], state: Any,
+                first_logits: jax.Array, rng: jax.Array, config: SamplingConfig,
+                constrain: Callable[[jax.Array], jax.Array] = lambda x: x) -> GenerationOutput:
+  """Samples `config.max_new_tokens` tokens per row, stopping rows at EOS (and the loop once all stopped).
+
+  Args:
+    decode_fn: (state, tokens [B] int32) -> (next logits [B, V], new state); the model step with
+      its KV cache in `state`. Called max_new_tokens - 1 times at most, always with the same shapes.
+    state: initial decode state (after prefill).
+    first_logits: [B, V] logits of the last prompt position (from prefill).
+    rng: PRNG key.
+    config: SamplingConfig (static).
+    constrain: applied to the [B, N] buffers (a sharding constraint putting batch on the data axes).
+  Returns:
+    GenerationOutput.
+  """
+  batch = first_logits.shape[0]
+  n = config.max_new_tokens
+  eos = jnp.asarray(config.eos_ids or (-1,), jnp.int32)
+
+  def pick(step, logits, done, rng, tokens, logprobs, lengths):
+    tok, lp = choose_tokens(jax.random.fold_in(rng, step), logits, config)
+    tok = jnp.where(done, config.pad_id, tok)
+    lp = jnp.where(done, 0.0, lp)
+    tokens = tokens.at[:, step].set(tok)
+    logprobs = logprobs.at[:, step].set(lp)
+    lengths = lengths + (~done).astype(jnp.int32)
+    done = done | jnp.isin(tok, eos)
+    return tok, done, tokens, logprobs, lengths
+
+  tokens = constrain(jnp.full((batch, n), config.pad_id, jnp.int32))
+  logprobs = constrain(jnp.zeros((batch, n), jnp.float32))
+  lengths = jnp.zeros((batch,), jnp.int32)
+  done = jnp.zeros((batch,), bool)
+  tok, done, tokens, logprobs, lengths = pick(0, first_logits, done, rng, tokens, logprobs, lengths)
+
+  def cond(carry):
+    step, _, done, *_ = carry
+    return (step < n) & ~jnp.all(done)
+
+  def body(carry):
+    step, tok, done, state, tokens, logprobs, lengths = carry
+    logits, state = decode_fn(state, tok)
+    tok, done, tokens, logprobs, lengths = pick(step, logits, done, rng, tokens, logprobs, lengths)
+    return step + 1, tok, done, state, tokens, logprobs, lengths
+
+  carry = (jnp.asarray(1, jnp.int32), tok, done, state, tokens, logprobs, lengths)
+  _, _, _, _, tokens, logprobs, lengths = jax.lax.while_loop(cond, body, carry)
+  return GenerationOutput(tokens, logprobs, lengths)
