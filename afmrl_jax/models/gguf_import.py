@@ -181,7 +181,7 @@ def read_gguf(path: str) -> GGUFCheckpoint:
         raise ValueError(f"GGUF {path}: tensor {t.name!r} has no HF Llama counterpart.")
       hf_name = f"model.layers.{int(parts[1])}.{_BLOCK_NAMES[parts[2]]}"
     # gguf shapes list the fastest axis first; the dequantised array is [out, in] (numpy order).
-    w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+    w = np.array(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)  # copy: F32 ones are memmap views
     w = w.reshape(tuple(int(d) for d in reversed(t.shape)))
     if t.name.endswith(("attn_q.weight", "attn_q.bias")):
       w = unpermute_rotary(w, config["num_attention_heads"])
