@@ -1,39 +1,191 @@
 """Retrieval evaluation: embed gallery and queries, index, score, report.
 
-Called at the end of stage-1 training and by the `eval` stage (see docs/interfaces.md).
+Called at the end of stage-1 training and by the `eval` stage (contract in docs/interfaces.md).
+Identity is the *true* product id (relisted duplicates of one product are hits); coarse relevance
+(mAP@K, classification, clustering) is the category.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
+from afmrl_jax.retrieval import make_retriever
+from afmrl_jax.retrieval import metrics as M
+from afmrl_jax.train import report
+
 Batch = Mapping[str, Any]
+ID_KEYS = ("listing_id", "product_id", "category_id")
+DISPLAY_KEYS = ("title", "attributes", "image")
+THUMB = 96  # longest side of the images kept for the HTML page, pixels
+
+# Names the trainer's config section may use for the same field (configs/common.py: eval_section).
+_ALIASES = {"index": "retriever", "ks": "recall_ks"}
+# Fields of `config.eval` that belong to the trainer and are ignored here.
+_TRAINER_FIELDS = ("enabled", "checkpoint_dir", "batch_size")
 
 
 def default_eval_config() -> dict[str, Any]:
-  """The `config.eval` fields and their defaults (plain dict; wrap in a ConfigDict in configs/)."""
+  """The `config.eval` fields read here and their defaults (plain dict; wrap in a ConfigDict)."""
   return dict(
       retriever="scann",  # 'scann' (the index stage 2 uses) or 'exact' (blockwise inner product)
-      recall_ks=(1, 5, 10),  # instance Recall@K and group Recall@K reported in the table
-      curve_ks=(1, 2, 3, 5, 10, 20, 50),  # Recall@K vs K plot
+      recall_ks=(1, 5, 10),  # instance Recall@K and group Recall@K shown in the table
+      curve_ks=(1, 2, 3, 5, 10, 20, 50),  # Recall@K vs K plot (also returned as metrics)
       map_k=10,  # mAP@K with category relevance
       knn_k=10,  # neighbours voting in kNN category classification
-      num_clusters=0,  # k-means clusters; 0 = number of categories
-      seed=0,
+      num_clusters=0,  # k-means clusters over gallery embeddings; 0 = number of categories
+      seed=0,  # k-means and the choice of report queries
       exclude_self=True,  # a query's own listing in the gallery is neither a hit nor a rank
       scann_brute_force_below=20000,  # gallery rows; below it ScaNN scores exhaustively
       scann_num_leaves=0,  # 0 = about sqrt(gallery rows)
-      scann_leaves_to_search=0,  # 0 = about a tenth of the leaves (at least 8)
+      scann_leaves_to_search=0,  # 0 = a third of the leaves (at least 8)
       scann_reorder=0,  # 0 = max(100, 4 * searched k)
-      save_index=True,
+      save_index=True,  # write the index under <output_dir>/index (reload: retrieval.load_retriever)
+      report=True,  # markdown table, PNG plots and the HTML page (metrics.json is always written)
       output_dir="eval",  # relative to the workdir
       num_report_queries=12,
       report_top=5,
-      train_metrics_file="train_metrics.jsonl",  # relative to the workdir; the loss curve's source
+      train_metrics_file="metrics.jsonl",  # relative to the workdir; the loss curve's source
   )
+
+
+def resolve_eval_config(config: Any) -> dict[str, Any]:
+  """Defaults overlaid with `config.eval` (or `config` itself when it has no `eval` field).
+
+  Raises ValueError naming `config.eval.<field>` for an unknown field or a bad value.
+  """
+  section = config
+  if hasattr(config, "eval") and not callable(getattr(config, "eval")):
+    section = config.eval
+  elif isinstance(config, Mapping) and "eval" in config:
+    section = config["eval"]
+  items = section.to_dict() if hasattr(section, "to_dict") else dict(section or {})
+  cfg = default_eval_config()
+  for key, value in items.items():
+    key = _ALIASES.get(key, key)
+    if key in _TRAINER_FIELDS:
+      continue
+    if key not in cfg:
+      raise ValueError(f"config.eval.{key}: unknown evaluation field; known: {sorted(cfg)}.")
+    cfg[key] = value
+  if cfg["retriever"] not in ("scann", "exact"):
+    raise ValueError(f"config.eval.retriever (or .index) must be 'scann' or 'exact', got {cfg['retriever']!r}.")
+  for key in ("recall_ks", "curve_ks"):
+    cfg[key] = tuple(int(k) for k in cfg[key])
+    if not cfg[key] or min(cfg[key]) < 1:
+      raise ValueError(f"config.eval.{key} must be a non-empty list of positive ints, got {cfg[key]}.")
+  for key in ("map_k", "knn_k", "report_top"):
+    if int(cfg[key]) < 1:
+      raise ValueError(f"config.eval.{key} must be >= 1, got {cfg[key]}.")
+  return cfg
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+  return x if isinstance(x, np.ndarray) else np.asarray(x)
+
+
+def _thumbnail(image: np.ndarray) -> np.ndarray:
+  """uint8 [h, w, 3] with the longest side <= THUMB (strided, no resampling library needed)."""
+  step = max(1, int(np.ceil(max(image.shape[:2]) / THUMB)))
+  return np.ascontiguousarray(image[::step, ::step])
+
+
+def embed_all(embed_fn: Callable[[Batch], Any], batches: Iterable[Batch], side: str) -> dict[str, Any]:
+  """Runs embed_fn over all batches; returns `embeddings [N, D]`, the id arrays and display lists."""
+  chunks: dict[str, list] = {k: [] for k in ("embeddings",) + ID_KEYS}
+  display: dict[str, list] = {k: [] for k in DISPLAY_KEYS}
+  for i, batch in enumerate(batches):
+    missing = [k for k in ID_KEYS if k not in batch]
+    if missing:
+      raise KeyError(f"evaluate: {side} batch {i} lacks {missing} (needs {list(ID_KEYS)}; see docs/interfaces.md).")
+    emb = _to_numpy(embed_fn(batch)).astype(np.float32)
+    n = len(_to_numpy(batch["listing_id"]))
+    if emb.ndim != 2 or emb.shape[0] != n:
+      raise ValueError(f"evaluate: embed_fn returned shape {emb.shape} for a {side} batch of {n} rows; "
+                       "expected [B, D].")
+    valid = _to_numpy(batch["valid"]).astype(bool) if "valid" in batch else np.ones(n, bool)
+    chunks["embeddings"].append(emb[valid])
+    for k in ID_KEYS:
+      chunks[k].append(_to_numpy(batch[k]).astype(np.int64)[valid])
+    for k in DISPLAY_KEYS:
+      if k in batch:
+        values = [v for v, ok in zip(batch[k], valid) if ok]
+        if k == "image":
+          values = [_thumbnail(np.asarray(v)) for v in values]
+        display[k].extend(values)
+  if not chunks["embeddings"]:
+    raise ValueError(f"evaluate: the {side} iterable yielded no batches.")
+  out: dict[str, Any] = {k: np.concatenate(v) for k, v in chunks.items()}
+  n = len(out["listing_id"])
+  if n == 0:
+    raise ValueError(f"evaluate: the {side} batches hold no valid rows.")
+  # Display fields only when every batch carried them.
+  out["display"] = {k: v for k, v in display.items() if len(v) == n}
+  return out
+
+
+def _gather_across_processes(side: dict[str, Any]) -> dict[str, Any]:
+  """Concatenates the process-local rows of every process (multi-host); display stays local."""
+  jax = sys.modules.get("jax")
+  if jax is None or jax.process_count() == 1:
+    return side
+  from jax.experimental import multihost_utils
+
+  # Processes may hold different row counts: pad to the largest and drop the padding after.
+  n = len(side["listing_id"])
+  counts = np.asarray(multihost_utils.process_allgather(np.asarray([n])), np.int64).reshape(-1)
+  top = int(counts.max())
+  out = {"display": {}}
+  for k in ("embeddings",) + ID_KEYS:
+    x = side[k]
+    padded = np.zeros((top,) + x.shape[1:], x.dtype)
+    padded[:n] = x
+    g = np.asarray(multihost_utils.process_allgather(padded))  # [P, top, ...]
+    out[k] = np.concatenate([g[p, :c] for p, c in enumerate(counts)])
+  return out
+
+
+def compute_metrics(query: dict[str, Any], gallery: dict[str, Any], ranked_rows: np.ndarray,
+                    cfg: dict[str, Any]) -> dict[str, float]:
+  """All metrics from gallery row indices ranked per query ([Q, K], self already excluded)."""
+  k_avail = ranked_rows.shape[1]
+  q_pid, q_cat = query["product_id"], query["category_id"]
+  q_ids = query["listing_id"] if cfg["exclude_self"] else None
+  g_ids = gallery["listing_id"] if cfg["exclude_self"] else None
+  product_pos = M.count_positives(q_pid, gallery["product_id"], q_ids, g_ids)
+  category_pos = M.count_positives(q_cat, gallery["category_id"], q_ids, g_ids)
+  product_hits = M.relevance(gallery["product_id"][ranked_rows], q_pid)
+  category_labels = gallery["category_id"][ranked_rows]
+  category_hits = M.relevance(category_labels, q_cat)
+
+  out: dict[str, float] = {}
+  for k in sorted(set(cfg["recall_ks"]) | set(cfg["curve_ks"])):
+    if k <= k_avail:
+      out[f"recall@{k}"] = M.recall_at_k(product_hits, k, product_pos)
+      out[f"group_recall@{k}"] = M.group_recall_at_k(product_hits, product_pos, k)
+  map_k = min(cfg["map_k"], k_avail)
+  out[f"map@{map_k}"] = M.map_at_k(category_hits, category_pos, map_k)
+  out["knn_accuracy"] = M.knn_accuracy(category_labels, q_cat, min(cfg["knn_k"], k_avail))
+  out["centroid_accuracy"] = M.nearest_centroid_accuracy(
+      query["embeddings"], q_cat, gallery["embeddings"], gallery["category_id"])
+  out.update(M.kmeans_clustering_scores(gallery["embeddings"], gallery["category_id"],
+                                        cfg["num_clusters"], cfg["seed"]))
+  out["num_queries"] = float(len(q_pid))
+  out["num_gallery"] = float(len(gallery["product_id"]))
+  out["num_queries_without_positive"] = float(np.sum(product_pos == 0))
+  return out
+
+
+def _retriever_options(cfg: dict[str, Any]) -> dict[str, Any]:
+  if cfg["retriever"] == "exact":
+    return {}
+  return dict(brute_force_below=cfg["scann_brute_force_below"], num_leaves=cfg["scann_num_leaves"],
+              leaves_to_search=cfg["scann_leaves_to_search"], reorder=cfg["scann_reorder"])
 
 
 def evaluate(
@@ -49,7 +201,7 @@ def evaluate(
   """Embeds, indexes and scores; writes the report under `workdir/<eval.output_dir>`.
 
   Args:
-    embed_fn: batch dict -> embeddings [B, D] (NumPy or jax array).
+    embed_fn: batch dict -> process-local embeddings [B, D] (NumPy or jax array).
     gallery_batches: batch dicts with `listing_id`, `product_id`, `category_id` ([B] ints), optional
       `valid` [B] bool and display keys `title`, `attributes` ([B] str), `image` ([B, H, W, 3] uint8).
     query_batches: likewise for the queries.
@@ -58,6 +210,45 @@ def evaluate(
     listings: optional listing_id -> Listing-like record for display fields absent from the batches.
     step: training step; when given, outputs go to `<output_dir>/step_<step>`.
   Returns:
-    Flat dict of float metrics (see docs/interfaces.md).
+    Flat dict of float metrics (see docs/interfaces.md), identical on every process.
   """
-  raise NotImplementedError("afmrl_jax/train/evaluate.py: evaluate() is being written.")
+  cfg = resolve_eval_config(config)
+  gallery = _gather_across_processes(embed_all(embed_fn, gallery_batches, "gallery"))
+  query = _gather_across_processes(embed_all(embed_fn, query_batches, "query"))
+  if gallery["embeddings"].shape[1] != query["embeddings"].shape[1]:
+    raise ValueError(f"evaluate: gallery width {gallery['embeddings'].shape[1]} != query width "
+                     f"{query['embeddings'].shape[1]}.")
+  n = len(gallery["listing_id"])
+  want = max(cfg["recall_ks"] + cfg["curve_ks"] + (cfg["map_k"], cfg["knn_k"], cfg["report_top"]))
+  k = min(want, n - 1 if cfg["exclude_self"] and n > 1 else n)
+  search_k = min(k + 1, n) if cfg["exclude_self"] else k
+
+  retriever = make_retriever(cfg["retriever"], **_retriever_options(cfg))
+  retriever.build(gallery["embeddings"], np.arange(n, dtype=np.int64))
+  rows, scores = retriever.search(query["embeddings"], search_k)
+  if cfg["exclude_self"]:
+    _, rows, scores = M.exclude_self(gallery["listing_id"][rows], query["listing_id"], k, rows, scores)
+  metrics = compute_metrics(query, gallery, rows, cfg)
+
+  jax = sys.modules.get("jax")
+  if jax is not None and jax.process_index() != 0:
+    return metrics
+  out_dir = os.path.join(workdir, cfg["output_dir"])
+  if step is not None:
+    out_dir = os.path.join(out_dir, f"step_{int(step)}")
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+  except OSError as e:
+    raise OSError(f"evaluate: cannot create the output folder {out_dir} ({e}); check --workdir.") from e
+  if cfg["save_index"]:
+    retriever.save(os.path.join(out_dir, "index"))
+  np.savez(os.path.join(out_dir, "gallery_embeddings.npz"), embeddings=gallery["embeddings"],
+           **{key: gallery[key] for key in ID_KEYS})
+  report.write_metrics_json(os.path.join(out_dir, "metrics.json"), metrics,
+                            info=dict(step=step, retriever=cfg["retriever"],
+                                      retriever_mode=getattr(retriever, "mode", "exact"), config=cfg))
+  if cfg["report"]:
+    report.write_report(out_dir, metrics, cfg, query=query, gallery=gallery, ranked_rows=rows,
+                        scores=scores, listings=listings,
+                        train_metrics_path=os.path.join(workdir, cfg["train_metrics_file"]))
+  return metrics
