@@ -1,0 +1,129 @@
+"""AGCL: attribute-guided contrastive loss (METHOD.md stage 1), one entry point for all strategies.
+
+  loss, metrics = agcl_loss(q, c, q_terms, c_terms, idf, avg_doc_len, AGCLConfig(),
+                            strategy="ring", axis_names=("data", "fsdp"))
+
+q, c: [B, D] query / candidate embeddings of the global batch (row i's positive is candidate i),
+normalised inside (s_ij = cos). q_terms, c_terms: int32 [B, K] attribute term ids (0 = padding), or
+None when the config uses no attributes. idf: float32 [V]; avg_doc_len: scalar (CorpusStats).
+
+strategy:
+  'dense'       the whole [B, B] matrix on one device (reference; fine for small batches).
+  'all_gather'  local rows x gathered global columns ([L, B] per device), as VLM2Vec.
+  'ring'        candidates rotate around the devices; O(L^2) memory per device, custom VJP.
+For 'all_gather' and 'ring' the batch dimension is split over the mesh axes `axis_names`; the mesh is
+`mesh` or the one set with `jax.set_mesh`. All three give the same loss, metrics and gradients.
+Inside your own `jax.shard_map`, call `agcl_loss_local` on the local shards instead.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from afmrl_jax.losses import blocks
+from afmrl_jax.losses.all_gather import all_gather_direction
+from afmrl_jax.losses.config import AGCLConfig
+from afmrl_jax.losses.dense import dense_direction
+from afmrl_jax.losses.ring import ring_direction
+
+STRATEGIES = ("dense", "all_gather", "ring")
+
+__all__ = ["AGCLConfig", "STRATEGIES", "agcl_loss", "agcl_loss_local"]
+
+
+def _fill_terms(terms, batch, config: AGCLConfig, name: str):
+  if terms is not None:
+    return jnp.asarray(terms, jnp.int32)
+  if config.needs_bm25:
+    raise ValueError(f"agcl_loss: {name} is None but the config needs attribute terms "
+                     f"(alpha={config.alpha}, uniform_margin={config.uniform_margin}, mask={config.mask!r})")
+  return jnp.zeros((batch, 1), jnp.int32)
+
+
+def agcl_loss_local(q, c, q_terms, c_terms, idf, avg_doc_len, config: AGCLConfig, *,
+                    strategy: str = "dense", axis_names: Sequence[str] = ()):
+  """Per-row losses [L] and metric sums of the local rows; for use inside `jax.shard_map`.
+
+  With strategy 'all_gather' or 'ring' the mesh axes `axis_names` must be manual (inside shard_map)
+  and the batch split over them in their order. The global loss is the mean of the per-row losses over
+  all devices; `blocks.finalize_metrics(sums, global_batch, config.needs_bm25)` gives the metrics.
+  With `symmetric`, per-row losses are the mean of both directions; `sums` describe query->candidate.
+  Returns (per_row [L], per_row_q2c [L], sums).
+  """
+  if strategy not in STRATEGIES:
+    raise ValueError(f"agcl_loss: strategy={strategy!r}, expected one of {STRATEGIES}")
+  if strategy != "dense" and not axis_names:
+    raise ValueError(f"agcl_loss: strategy={strategy!r} needs axis_names, the mesh axes the batch is split over")
+  q_terms = _fill_terms(q_terms, q.shape[0], config, "q_terms")
+  c_terms = _fill_terms(c_terms, c.shape[0], config, "c_terms")
+  idf = jnp.zeros((1,), jnp.float32) if idf is None else jnp.asarray(idf, jnp.float32)
+  avg_doc_len = jnp.asarray(1.0 if avg_doc_len is None else avg_doc_len, jnp.float32)
+  q, c = blocks.l2_normalize(q), blocks.l2_normalize(c)
+  if strategy == "dense":
+    direction = dense_direction
+  else:
+    base = all_gather_direction if strategy == "all_gather" else ring_direction
+    direction = functools.partial(base, axis_names=tuple(axis_names))
+  per_row, sums = direction(q, c, q_terms, c_terms, idf, avg_doc_len, config)
+  q2c = per_row
+  if config.symmetric:
+    backward_dir, _ = direction(c, q, c_terms, q_terms, idf, avg_doc_len, config)
+    per_row = 0.5 * (per_row + backward_dir)
+  return per_row, q2c, sums
+
+
+def agcl_loss(q, c, q_terms, c_terms, idf, avg_doc_len, config: Optional[AGCLConfig] = None, *,
+              strategy: str = "dense", axis_names: Sequence[str] = (), mesh=None):
+  """Mean AGCL loss over the global batch and a dict of scalar metrics. See the module docstring.
+
+  Works eagerly and under `jax.jit`; gradients flow to q and c only (bias and masks are
+  stop-gradient). Metrics: loss, loss_q2c (and loss_c2q when symmetric), accuracy,
+  masked_fraction, shared_fraction, bias_shared/unshared, weight_shared/unshared (blocks.finalize_metrics).
+  """
+  config = AGCLConfig() if config is None else config
+  batch = q.shape[0]
+  if c.shape != q.shape:
+    raise ValueError(f"agcl_loss: q {q.shape} and c {c.shape} must have the same shape [B, D]")
+  local = functools.partial(agcl_loss_local, config=config, strategy=strategy, axis_names=tuple(axis_names))
+  if strategy == "dense":
+    per_row, q2c, sums = local(q, c, q_terms, c_terms, idf, avg_doc_len)
+  else:
+    mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+      raise ValueError(f"agcl_loss: strategy={strategy!r} needs a mesh (pass mesh= or use jax.set_mesh)")
+    missing = [a for a in axis_names if a not in mesh.axis_names]
+    if not axis_names or missing:
+      raise ValueError(f"agcl_loss: axis_names={tuple(axis_names)} must name axes of the mesh "
+                       f"{mesh.axis_names} (missing: {missing})")
+    shards = 1
+    for a in axis_names:
+      shards *= mesh.shape[a]
+    if batch % shards:
+      raise ValueError(f"agcl_loss: global batch {batch} is not divisible by the {shards} devices of "
+                       f"axes {tuple(axis_names)}")
+    q_terms = _fill_terms(q_terms, batch, config, "q_terms")
+    c_terms = _fill_terms(c_terms, batch, config, "c_terms")
+    idf = jnp.zeros((1,), jnp.float32) if idf is None else jnp.asarray(idf, jnp.float32)
+    avg_doc_len = jnp.asarray(1.0 if avg_doc_len is None else avg_doc_len, jnp.float32)
+    batch_spec = P(tuple(axis_names))
+    args = (q, c, q_terms, c_terms, idf, avg_doc_len)
+    if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+      # Explicit axes: shard_map checks (does not change) input shardings, so put them in place.
+      specs = (batch_spec,) * 4 + (P(), P())
+      args = tuple(jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, s) if isinstance(mesh, jax.sharding.Mesh) else s)
+                   for x, s in zip(args, specs))
+    sharded = jax.shard_map(
+        local, mesh=mesh, in_specs=(batch_spec,) * 4 + (P(), P()),
+        out_specs=(batch_spec, batch_spec, P()), axis_names=set(axis_names), check_vma=False)
+    per_row, q2c, sums = sharded(*args)
+  metrics = blocks.finalize_metrics(sums, batch, config.needs_bm25)
+  loss = jnp.mean(per_row)
+  metrics["loss"] = loss
+  metrics["loss_q2c"] = jnp.mean(q2c)
+  if config.symmetric:
+    metrics["loss_c2q"] = 2.0 * loss - metrics["loss_q2c"]
+  return loss, metrics

@@ -1,0 +1,188 @@
+"""The AGCL logits of one block of rows (queries) against one block of columns (candidates).
+
+Every strategy (dense, all_gather, ring) is built from `block_logits`, so they compute the same
+numbers. Shapes: L rows, C columns, D embedding width, K attribute terms.
+
+Row-side quantities the block needs (the positive's similarity s_ii, the positive candidate c_i,
+B_ii) always live with the row, because row i and its positive candidate i sit on the same device.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from afmrl_jax.losses import bm25 as bm25_lib
+from afmrl_jax.losses.config import AGCLConfig
+
+# Masked logits: finite so that online logsumexp never computes inf - inf; exp() of it is exactly 0.
+MASKED = -1e30
+
+
+class Rows(NamedTuple):
+  """Row side of the loss. q, pos: [L, D] L2-normalised; terms: [L, K] | None; ids: [L] global index.
+
+  pos_sim [L] = s_ii, b_self [L] = B_ii, fingerprint [L, 2] (attribute mask) - all stop-gradient.
+  """
+  q: jax.Array
+  pos: jax.Array
+  terms: Optional[jax.Array]
+  ids: jax.Array
+  pos_sim: jax.Array
+  b_self: Optional[jax.Array]
+  fingerprint: Optional[jax.Array]
+
+
+class Cols(NamedTuple):
+  """Column block: c [C, D] L2-normalised, terms [C, K] | None, ids [C] global index."""
+  c: jax.Array
+  terms: Optional[jax.Array]
+  ids: jax.Array
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+
+
+def make_rows(q, c, q_terms, c_terms, row_offset, idf, avg_doc_len, config: AGCLConfig) -> Rows:
+  """Rows for local queries q [L, D] whose positives are the local candidates c [L, D] (normalised)."""
+  ids = row_offset + jnp.arange(q.shape[0], dtype=jnp.int32)
+  pos_sim = jax.lax.stop_gradient(jnp.sum(q * c, axis=-1))
+  b_self = fingerprint = None
+  if config.needs_bm25:
+    b_self = bm25_lib.bm25_diagonal(q_terms, c_terms, idf, avg_doc_len, config.k1, config.b)
+    if config.mask == "attribute":
+      fingerprint = bm25_lib.term_set_fingerprint(q_terms)
+  return Rows(q, jax.lax.stop_gradient(c), q_terms, ids, pos_sim, b_self, fingerprint)
+
+
+def _bias_from_bm25(raw: jax.Array, b_self: jax.Array, is_pos: jax.Array, config: AGCLConfig) -> jax.Array:
+  if config.bm25_norm == "self":
+    ratio = jnp.where(b_self > 0, raw / jnp.where(b_self > 0, b_self, 1.0), 0.0)
+    normed = 2.0 * jnp.clip(ratio, 0.0, 1.0)
+  else:
+    normed = raw
+  bias = config.alpha * jnp.tanh(normed)
+  return jnp.where(is_pos, 0.0, bias) if config.bias_on == "negatives" else bias
+
+
+def positive_bias(rows: Rows, config: AGCLConfig) -> jax.Array:
+  """bias_ii [L]: the bias on each row's positive (0 unless bias_on == 'all' with BM25 weights)."""
+  if not config.bias_uses_bm25 or config.bias_on == "negatives":
+    return jnp.zeros(rows.q.shape[:1], jnp.float32)
+  return _bias_from_bm25(rows.b_self, rows.b_self, jnp.zeros(rows.q.shape[:1], bool), config)
+
+
+def positive_logit(rows: Rows, c_local: jax.Array, config: AGCLConfig) -> jax.Array:
+  """l_ii [L] = s_ii / tau + bias_ii, differentiable in q and c_local (the rows' positives)."""
+  return jnp.sum(rows.q * c_local, axis=-1) / config.tau + positive_bias(rows, config)
+
+
+def block_logits(rows: Rows, cols: Cols, idf, avg_doc_len, config: AGCLConfig,
+                 with_stats: bool = True):
+  """Logits [L, C] of a block (masked entries = MASKED) and, if asked, its metric partial sums.
+
+  Only s = q c^T carries gradient; bias and mask are stop-gradient.
+  """
+  sim = rows.q @ cols.c.T  # [L, C]
+  is_pos = rows.ids[:, None] == cols.ids[None, :]
+  raw = None
+  if config.needs_bm25:
+    raw = jax.lax.stop_gradient(
+        bm25_lib.bm25_scores(rows.terms, cols.terms, idf, avg_doc_len, config.k1, config.b))
+  if config.uniform_margin is not None:
+    bias = jnp.where(is_pos, 0.0, jnp.float32(config.uniform_margin))
+  elif config.alpha != 0.0:
+    bias = _bias_from_bm25(raw, rows.b_self[:, None], is_pos, config)
+  else:
+    bias = jnp.zeros_like(sim)
+  bias = jax.lax.stop_gradient(bias)
+  mask = _mask(rows, cols, jax.lax.stop_gradient(sim), raw, config) & ~is_pos
+  logits = jnp.where(mask, MASKED, sim / config.tau + bias)
+  if not with_stats:
+    return logits, None
+  return logits, _block_stats(sim, bias, raw, mask, is_pos)
+
+
+def _mask(rows: Rows, cols: Cols, sim, raw, config: AGCLConfig) -> jax.Array:
+  if config.mask == "none":
+    return jnp.zeros(sim.shape, bool)
+  if config.mask == "margin":
+    return sim > rows.pos_sim[:, None] + config.delta
+  if config.mask == "positive":
+    return jax.lax.stop_gradient(rows.pos @ cols.c.T) > config.delta
+  # attribute: identical non-empty term sets, or self-normalised BM25 above the threshold.
+  col_fp = bm25_lib.term_set_fingerprint(cols.terms)
+  same = jnp.all(rows.fingerprint[:, None, :] == col_fp[None, :, :], axis=-1)
+  same &= jnp.any(rows.terms != 0, axis=-1)[:, None]
+  if config.mask_threshold is not None:
+    b_self = rows.b_self[:, None]
+    ratio = jnp.where(b_self > 0, raw / jnp.where(b_self > 0, b_self, 1.0), 0.0)
+    same |= ratio > config.mask_threshold
+  return same
+
+
+STAT_KEYS = ("masked", "shared", "bias_shared", "bias_unshared", "weight_shared", "weight_unshared")
+
+
+def _block_stats(sim, bias, raw, mask, is_pos) -> dict:
+  """Partial sums over the block's negatives, plus max unmasked negative similarity per row [L]."""
+  neg = ~is_pos
+  f = lambda x: jnp.sum(jnp.where(neg, x, 0.0).astype(jnp.float32))
+  shared = (raw > 0) if raw is not None else jnp.zeros(sim.shape, bool)
+  weight = jnp.exp(bias)
+  stats = {
+      "masked": f(mask.astype(jnp.float32)),
+      "shared": f(shared.astype(jnp.float32)),
+      "bias_shared": f(jnp.where(shared, bias, 0.0)),
+      "bias_unshared": f(jnp.where(shared, 0.0, bias)),
+      "weight_shared": f(jnp.where(shared, weight, 0.0)),
+      "weight_unshared": f(jnp.where(shared, 0.0, weight)),
+  }
+  stats = jax.tree.map(jax.lax.stop_gradient, stats)
+  max_neg = jnp.max(jnp.where(neg & ~mask, jax.lax.stop_gradient(sim), -jnp.inf), axis=1)
+  return stats, max_neg
+
+
+def merge_stats(a, b):
+  (sa, ma), (sb, mb) = a, b
+  return {k: sa[k] + sb[k] for k in STAT_KEYS}, jnp.maximum(ma, mb)
+
+
+def row_stats(block_stats, rows: Rows):
+  """Sums over rows: the block sums and the number of rows whose positive beats every negative."""
+  sums, max_neg = block_stats
+  sums = dict(sums)
+  sums["correct"] = jnp.sum((rows.pos_sim > max_neg).astype(jnp.float32))
+  return sums
+
+
+def finalize_metrics(sums: dict, num_rows: int, has_bm25: bool) -> dict:
+  """Metrics from global sums over num_rows rows (num_rows * (num_rows - 1) negatives).
+
+  accuracy: share of rows whose positive has the highest similarity among the unmasked candidates
+    (in-batch top-1 retrieval, on s_ij: the bias is a training device, not a retrieval score).
+  masked_fraction: share of negatives masked. shared_fraction: share of negatives with B_ij > 0.
+  bias_shared / bias_unshared (and weight_* = mean exp(bias)): mean over negatives that share an
+    attribute term with the query vs those that share none - whether the weights discriminate.
+    NaN when the config computes no BM25 (shared unknown).
+  """
+  negatives = float(num_rows) * float(num_rows - 1)
+  out = {
+      "accuracy": sums["correct"] / num_rows,
+      "masked_fraction": sums["masked"] / max(negatives, 1.0),
+  }
+  if has_bm25:
+    n_shared = sums["shared"]
+    n_unshared = negatives - n_shared
+    out["shared_fraction"] = n_shared / max(negatives, 1.0)
+    for name in ("bias", "weight"):
+      out[f"{name}_shared"] = sums[f"{name}_shared"] / jnp.maximum(n_shared, 1.0)
+      out[f"{name}_unshared"] = sums[f"{name}_unshared"] / jnp.maximum(n_unshared, 1.0)
+  else:
+    nan = jnp.float32(jnp.nan)
+    out.update(shared_fraction=nan, bias_shared=nan, bias_unshared=nan, weight_shared=nan,
+               weight_unshared=nan)
+  return out

@@ -1,0 +1,85 @@
+"""On-device BM25 between attribute term-id arrays, one block of queries against one block of documents.
+
+Term ids come from `afmrl_jax.attributes.CorpusStats.encode`: int32 [batch, K], id 0 = padding.
+A term repeated inside a document is its term frequency; a term repeated in the query counts once per
+occurrence (BM25 sums over the query's term list). The score of query i against document j is
+
+  B_ij = sum_k sum_l [q_ik = d_jl, q_ik != 0] * u_jl,
+  u_jl = idf(d_jl) * (k1 + 1) / (tf_j(d_jl) + k1 * (1 - b + b * len_j / avg_doc_len)),
+
+which is the usual sum over query terms of idf * tf * (k1 + 1) / (tf + k1 * (...)): each of the tf slots
+holding a term contributes u_jl, so the tf slots together give the saturated score. Written as a
+compare-and-sum over the K x K slot pairs it needs no vocabulary-sized arrays and XLA fuses the
+[Bq, Bd, K, K] comparison into the reduction, so a block costs O(Bq * Bd) memory.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def doc_slot_weights(doc_terms: jax.Array, idf: jax.Array, avg_doc_len, k1: float = 1.2,
+                     b: float = 0.75) -> jax.Array:
+  """u_jl of the module docstring: float32 [Bd, K] (0 on padding). O(Bd * K^2)."""
+  doc_terms = jnp.asarray(doc_terms, jnp.int32)
+  valid = doc_terms != 0
+  same = (doc_terms[:, :, None] == doc_terms[:, None, :]) & valid[:, None, :]
+  tf = jnp.sum(same, axis=-1).astype(jnp.float32)  # [Bd, K]: frequency of the term in slot l
+  doc_len = jnp.sum(valid, axis=-1).astype(jnp.float32)  # [Bd]
+  avg = jnp.maximum(jnp.asarray(avg_doc_len, jnp.float32), 1e-6)
+  norm = k1 * (1.0 - b + b * doc_len / avg)  # [Bd]
+  weight = jnp.take(jnp.asarray(idf, jnp.float32), doc_terms) * (k1 + 1.0) / (tf + norm[:, None])
+  return jnp.where(valid, weight, 0.0)
+
+
+def bm25_from_weights(query_terms: jax.Array, doc_terms: jax.Array, slot_weights: jax.Array) -> jax.Array:
+  """B [Bq, Bd] from query ids [Bq, K], doc ids [Bd, K] and `doc_slot_weights` [Bd, K]."""
+  query_terms = jnp.asarray(query_terms, jnp.int32)
+  doc_terms = jnp.asarray(doc_terms, jnp.int32)
+  match = (query_terms[:, None, :, None] == doc_terms[None, :, None, :]) & (query_terms != 0)[:, None, :, None]
+  return jnp.sum(jnp.where(match, slot_weights[None, :, None, :], 0.0), axis=(2, 3))
+
+
+def bm25_scores(query_terms: jax.Array, doc_terms: jax.Array, idf: jax.Array, avg_doc_len,
+                k1: float = 1.2, b: float = 0.75) -> jax.Array:
+  """BM25 scores float32 [Bq, Bd] of query term ids [Bq, K] against document term ids [Bd, K].
+
+  idf: float32 [V] (idf[0] = 0, see CorpusStats); avg_doc_len: scalar, terms per corpus document.
+  """
+  return bm25_from_weights(query_terms, doc_terms, doc_slot_weights(doc_terms, idf, avg_doc_len, k1, b))
+
+
+def bm25_diagonal(query_terms: jax.Array, doc_terms: jax.Array, idf: jax.Array, avg_doc_len,
+                  k1: float = 1.2, b: float = 0.75) -> jax.Array:
+  """B_ii float32 [B]: each query against its own document (row i of each array). O(B * K^2)."""
+  weights = doc_slot_weights(doc_terms, idf, avg_doc_len, k1, b)
+  query_terms = jnp.asarray(query_terms, jnp.int32)
+  match = (query_terms[:, :, None] == jnp.asarray(doc_terms, jnp.int32)[:, None, :]) & (query_terms != 0)[:, :, None]
+  return jnp.sum(jnp.where(match, weights[:, None, :], 0.0), axis=(1, 2))
+
+
+# Two odd multipliers for a 64-bit set fingerprint (sum of mixed ids; order-free, repeats removed).
+_MIX = (np.uint32(0x9E3779B1), np.uint32(0x85EBCA77))
+
+
+def _mix(x: jax.Array, multiplier) -> jax.Array:
+  x = x * multiplier
+  x = x ^ (x >> 15)
+  x = x * np.uint32(0xC2B2AE3D)
+  return x ^ (x >> 13)
+
+
+def term_set_fingerprint(terms: jax.Array) -> jax.Array:
+  """uint32 [B, 2] fingerprint of each row's set of non-padding term ids (order and repeats ignored).
+
+  Equal sets give equal fingerprints; different sets collide with probability about 2^-64. Lets the
+  `attribute` mask compare attribute sets blockwise in O(Bq * Bd) instead of O(Bq * Bd * K^2).
+  Rows with no terms get (0, 0).
+  """
+  terms = jnp.sort(jnp.asarray(terms, jnp.int32), axis=-1)
+  first = jnp.concatenate([jnp.ones_like(terms[:, :1], bool), terms[:, 1:] != terms[:, :-1]], axis=-1)
+  keep = first & (terms != 0)
+  ids = terms.astype(jnp.uint32)
+  return jnp.stack([jnp.sum(jnp.where(keep, _mix(ids, m), np.uint32(0)), axis=-1, dtype=jnp.uint32)
+                    for m in _MIX], axis=-1)

@@ -1,0 +1,110 @@
+"""ring strategy: candidate blocks travel around the devices (ppermute); online logsumexp.
+
+Runs inside `jax.shard_map` with the batch sharded over `axis_names` (P devices, L local rows).
+At step t device p holds the candidates (and their attribute terms) of device (p - t) mod P, computes
+the [L, L] logits block against its own rows, folds it into a running max / sum-of-exp per row and
+passes the block on. Nothing of size L x N is ever formed.
+
+The gradient is a custom VJP (flash-attention style): the forward keeps only the per-row logsumexp;
+the backward sends the candidates around again, recomputes each logits block, and sends along with
+them an accumulator for their gradient, which is back home after P steps. Per-device memory is
+O(L^2 + L * D), and the BM25 bias is recomputed in the backward (it is never stored).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from afmrl_jax.losses import blocks
+from afmrl_jax.losses.config import AGCLConfig
+
+
+def _axis_size(axis_names) -> int:
+  return int(jax.lax.axis_size(axis_names))
+
+
+def _rotate(tree, axis_names, size):
+  perm = [(p, (p + 1) % size) for p in range(size)]
+  return jax.tree.map(lambda x: jax.lax.ppermute(x, axis_names, perm), tree)
+
+
+def _rows(q, c, q_terms, c_terms, idf, avg_doc_len, config, axis_names):
+  index = jax.lax.axis_index(axis_names)
+  return blocks.make_rows(q, c, q_terms, c_terms, index * q.shape[0], idf, avg_doc_len, config)
+
+
+def _cols(c, c_terms, step, axis_names, size):
+  """The column block held at `step`: it came from device (index - step) mod size."""
+  local = c.shape[0]
+  source = (jax.lax.axis_index(axis_names) - step) % size
+  return blocks.Cols(c, c_terms, source * local + jnp.arange(local, dtype=jnp.int32))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def ring_logsumexp(config: AGCLConfig, axis_names, q, c, q_terms, c_terms, idf, avg_doc_len):
+  """(lse [L], metric partial sums) of the local rows against all N columns. q, c [L, D] normalised."""
+  out, _ = _ring_forward(config, axis_names, q, c, q_terms, c_terms, idf, avg_doc_len)
+  return out
+
+
+def _ring_forward(config, axis_names, q, c, q_terms, c_terms, idf, avg_doc_len):
+  size = _axis_size(axis_names)
+  rows = _rows(q, c, q_terms, c_terms, idf, avg_doc_len, config, axis_names)
+
+  def accumulate(state, blk, step):
+    m, s, stats = state
+    cols = _cols(blk[0], blk[1], step, axis_names, size)
+    logits, block_stats = blocks.block_logits(rows, cols, idf, avg_doc_len, config)
+    m_new = jnp.maximum(m, jnp.max(logits, axis=1))
+    s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[:, None]), axis=1)
+    stats = block_stats if stats is None else blocks.merge_stats(stats, block_stats)
+    return m_new, s, stats
+
+  # Step 0 (own block) outside the loop gives the carry its types; then P - 1 rotate-and-add steps.
+  m0 = jnp.full(q.shape[:1], -jnp.inf, jnp.float32)
+  state = accumulate((m0, jnp.zeros_like(m0), None), (c, c_terms), 0)
+
+  def body(carry, step):
+    blk, state = carry
+    blk = _rotate(blk, axis_names, size)
+    return (blk, accumulate(state, blk, step)), None
+
+  (_, (m, s, stats)), _ = jax.lax.scan(body, ((c, c_terms), state), jnp.arange(1, size))
+  lse = m + jnp.log(s)
+  sums = jax.lax.psum(blocks.row_stats(stats, rows), axis_names)
+  return (lse, sums), (q, c, q_terms, c_terms, idf, avg_doc_len, lse)
+
+
+def _ring_backward(config, axis_names, residuals, cotangents):
+  q, c, q_terms, c_terms, idf, avg_doc_len, lse = residuals
+  g_lse = cotangents[0]
+  size = _axis_size(axis_names)
+  rows = _rows(q, c, q_terms, c_terms, idf, avg_doc_len, config, axis_names)
+  scale = g_lse[:, None] / config.tau
+
+  def body(carry, step):
+    blk, dq = carry
+    c_blk, t_blk, dc_blk = blk
+    logits, _ = blocks.block_logits(rows, _cols(c_blk, t_blk, step, axis_names, size), idf,
+                                    avg_doc_len, config, with_stats=False)
+    ds = jnp.exp(logits - lse[:, None]) * scale  # d lse_i / d s_ij = p_ij / tau; masked p = 0
+    dq = dq + ds @ c_blk
+    dc_blk = dc_blk + ds.T @ q
+    # After `size` rotations every accumulator is back on the device that owns its candidates.
+    return (_rotate((c_blk, t_blk, dc_blk), axis_names, size), dq), None
+
+  init = ((c, c_terms, jnp.zeros_like(c)), jnp.zeros_like(q))
+  ((_, _, dc), dq), _ = jax.lax.scan(body, init, jnp.arange(size))
+  return dq, dc, None, None, None, None
+
+
+ring_logsumexp.defvjp(_ring_forward, _ring_backward)
+
+
+def ring_direction(q, c, q_terms, c_terms, idf, avg_doc_len, config: AGCLConfig, axis_names):
+  """One direction on local normalised q, c [L, D]; returns (per-row loss [L], psum'd sums)."""
+  lse, sums = ring_logsumexp(config, tuple(axis_names), q, c, q_terms, c_terms, idf, avg_doc_len)
+  rows = _rows(q, c, q_terms, c_terms, idf, avg_doc_len, config, axis_names)
+  return lse - blocks.positive_logit(rows, c, config), sums
