@@ -143,8 +143,8 @@ def plot_loss_curve(train_metrics_path: str, path: str) -> bool:
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=110)
   ax.plot(steps, losses, color="#9ecae1", lw=1, label="loss")
-  window = max(1, len(losses) // 20)
-  if window > 1:
+  window = len(losses) // 20
+  if window >= 3:  # smoothing a handful of points only hides them
     smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
     ax.plot(steps[window - 1:], smooth, color="#08519c", lw=2, label=f"moving average ({window})")
   ax.set_xlabel("step")
