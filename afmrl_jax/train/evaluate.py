@@ -21,7 +21,7 @@ from afmrl_jax.train import report
 
 Batch = Mapping[str, Any]
 ID_KEYS = ("listing_id", "product_id", "category_id")
-DISPLAY_KEYS = ("title", "attributes", "image")
+DISPLAY_KEYS = ("title", "attributes", "category", "image")
 THUMB = 96  # longest side of the images kept for the HTML page, pixels
 
 # Names the trainer's config section may use for the same field (configs/common.py: eval_section).
@@ -203,7 +203,7 @@ def evaluate(
   Args:
     embed_fn: batch dict -> process-local embeddings [B, D] (NumPy or jax array).
     gallery_batches: batch dicts with `listing_id`, `product_id`, `category_id` ([B] ints), optional
-      `valid` [B] bool and display keys `title`, `attributes` ([B] str), `image` ([B, H, W, 3] uint8).
+      `valid` [B] bool and display keys `title`, `attributes`, `category` ([B] str), `image` ([B, H, W, 3] uint8).
     query_batches: likewise for the queries.
     workdir: run directory.
     config: run ConfigDict with an `eval` field, or the eval config itself (see `default_eval_config`).

@@ -187,6 +187,7 @@ def display_of(side: dict[str, Any], row: int, listings: Mapping[int, Any] | Non
       shown.setdefault("title", _field(record, "title"))
       shown.setdefault("attributes", _field(record, "attributes", "teacher_attributes", "listing_attributes"))
       shown.setdefault("image", _field(record, "image"))
+      shown.setdefault("category", _field(record, "category"))
   return shown
 
 
@@ -212,7 +213,7 @@ table.m th{background:#f3f3f3}
 .plots img{height:300px;margin-right:12px;border:1px solid #ddd}
 .legend span{display:inline-block;padding:2px 8px;margin-right:8px;border-radius:3px;color:#fff;font-size:12px}
 .row{display:flex;gap:14px;align-items:flex-start;border-top:1px solid #ddd;padding:12px 0}
-.query{width:250px;flex:none} .results{display:flex;gap:10px}
+.query{width:250px;flex:none;font-size:13px} .summary{margin-top:4px;font-size:12px} .results{display:flex;gap:10px}
 .card{width:128px;font-size:11px;line-height:1.3}
 .card img,.query img{width:120px;height:120px;object-fit:contain;image-rendering:pixelated;border:4px solid #ccc;border-radius:4px;background:#fafafa}
 .query img{border-color:#333}
@@ -221,6 +222,10 @@ table.m th{background:#f3f3f3}
 .attrs{margin-top:4px} .attrs span{display:inline-block;background:#eef2f7;border-radius:3px;padding:1px 4px;margin:1px;font-size:11px}
 .badge{font-weight:700}
 """
+
+
+def _category(shown: Mapping[str, Any], category_id: int) -> str:
+  return str(shown["category"]) if shown.get("category") else f"category {category_id}"
 
 
 def _image_tag(image: Any, colour: str | None = None) -> str:
@@ -239,7 +244,8 @@ def _attrs_html(text: Any) -> str:
 
 def queries_html(metrics: Mapping[str, float], table_md: str, plots: Mapping[str, str], query: dict[str, Any],
                  gallery: dict[str, Any], ranked_rows: np.ndarray, scores: np.ndarray,
-                 listings: Mapping[int, Any] | None, chosen: np.ndarray, top: int) -> str:
+                 listings: Mapping[int, Any] | None, chosen: np.ndarray, top: int,
+                 exclude_self: bool = True) -> str:
   """The self-contained HTML page: metrics table, plots and one row per chosen query."""
   e = html.escape
   md_rows = [line for line in table_md.splitlines() if line.startswith("|") and "---" not in line]
@@ -263,10 +269,18 @@ def queries_html(metrics: Mapping[str, float], table_md: str, plots: Mapping[str
   for q in chosen:
     shown = display_of(query, int(q), listings)
     pid, cat = int(query["product_id"][q]), int(query["category_id"][q])
+    same = gallery["product_id"] == pid
+    if exclude_self:
+      same &= gallery["listing_id"] != query["listing_id"][q]
+    found = [r for r in range(ranked_rows.shape[1]) if gallery["product_id"][ranked_rows[q, r]] == pid]
+    summary = (f"{int(same.sum())} same-product listing(s) in the gallery; "
+               + (f"first found at #{found[0] + 1}" if found else f"none in the top {ranked_rows.shape[1]}"))
     out.append('<div class="row"><div class="query">' + _image_tag(shown.get("image"))
                + f'<div class="title">{e(str(shown.get("title") or ""))}</div>'
-               + f'<div class="ids">listing {int(query["listing_id"][q])} · product {pid} · category {cat}</div>'
-               + _attrs_html(shown.get("attributes")) + '</div><div class="results">')
+               + f'<div class="ids">listing {int(query["listing_id"][q])} · product {pid} · '
+               + f'{e(_category(shown, cat))}</div>'
+               + _attrs_html(shown.get("attributes")) + f'<div class="summary">{e(summary)}</div>'
+               + '</div><div class="results">')
     for r in range(min(top, ranked_rows.shape[1])):
       g = int(ranked_rows[q, r])
       same_product = int(gallery["product_id"][g]) == pid
@@ -278,7 +292,7 @@ def queries_html(metrics: Mapping[str, float], table_md: str, plots: Mapping[str
                  f'score {float(scores[q, r]):.3f}</div>'
                  f'<div class="title">{e(str(item.get("title") or ""))}</div>'
                  f'<div class="ids">product {int(gallery["product_id"][g])} · '
-                 f'category {int(gallery["category_id"][g])}</div></div>')
+                 f'{e(_category(item, int(gallery["category_id"][g])))}</div></div>')
     out.append("</div></div>")
   out.append("</body></html>")
   return "\n".join(out)
@@ -306,7 +320,7 @@ def write_report(out_dir: str, metrics: Mapping[str, float], cfg: Mapping[str, A
   first_hit = gallery["product_id"][ranked_rows[:, 0]] == query["product_id"]
   chosen = choose_queries(first_hit, int(cfg["num_report_queries"]), int(cfg["seed"]))
   page = queries_html(metrics, table_md, plots, query, gallery, ranked_rows, scores, listings, chosen,
-                      int(cfg["report_top"]))
+                      int(cfg["report_top"]), bool(cfg["exclude_self"]))
   written["queries.html"] = os.path.join(out_dir, "queries.html")
   with open(written["queries.html"], "w") as f:
     f.write(page)
