@@ -1,0 +1,63 @@
+"""afmrl_jax entry point: `python -m afmrl_jax.main --config=configs/stage1.py[:preset] --workdir=DIR`.
+
+`--config` is an ml_collections config file (`get_config(arg)`; the part after ':' picks a preset) and
+any field can be overridden as `--config.section.field=value`. `config.stage` selects what runs:
+`stage1` (AGCL training, then evaluation) or `eval` (evaluation of a trained workdir); `sft`,
+`generate`, `stage2` and `cit` are planned. The config is validated before anything compiles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/stage1.py or configs/stage1.py:tiny.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, metrics, reports.")
+
+
+def run(config, workdir: str) -> dict:
+  """Validates `config` and runs its stage; returns the stage's summary dict."""
+  from afmrl_jax.train import validate as validate_lib
+  validate_lib.validate(config, workdir)
+  if config.stage == "stage1":
+    from afmrl_jax.train import stage1
+    return stage1.train_and_evaluate(config, workdir)
+  if config.stage == "eval":
+    from afmrl_jax.train import stage1
+    return stage1.evaluate_checkpoint(config, workdir)
+  raise validate_lib.ConfigError([f"config.stage={config.stage!r} has no runner."])  # validate() guards
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/stage1.py:tiny")
+  from afmrl_jax import parallel
+  if parallel.maybe_initialize_distributed():
+    logging.info("Initialised multi-host JAX.")
+  from afmrl_jax.train.validate import ConfigError
+  try:
+    summary = run(config, _WORKDIR.value or "")
+  except ConfigError as e:
+    print(str(e), file=sys.stderr)
+    sys.exit(2)
+  import jax
+  if jax.process_index() == 0:
+    print(json.dumps(summary, indent=1, sort_keys=True, default=str))
+
+
+def entry():
+  flags.mark_flag_as_required("config")
+  app.run(main)
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  entry()
