@@ -1,0 +1,210 @@
+"""evaluate() end to end on synthetic embeddings: report files written, metrics.json equal to metrics
+computed directly (brute-force argsort + plain loops in this file)."""
+
+import json
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+
+from afmrl_jax.retrieval import load_retriever
+from afmrl_jax.retrieval import metrics as M
+from afmrl_jax.train import report
+from afmrl_jax.train.evaluate import evaluate, resolve_eval_config
+
+D = 16
+NUM_PRODUCTS = 40
+CATEGORY_NAMES = ("tops", "dresses", "bags", "shoes")
+
+
+def _listings():
+  """Rows (listing_id, product_id, category_id, split). Product p has 4 listings: the first is a query,
+  the rest gallery. Product 40 only has a query (no positive); product 41 only gallery listings.
+  Listings 1001, 1005, 1009 (gallery rows) are also asked as queries: their own row must be skipped."""
+  rows = []
+  lid = 1000
+  for p in range(NUM_PRODUCTS):
+    for j in range(4):
+      rows.append((lid, p, p % 4, "query" if j == 0 else "gallery"))
+      lid += 1
+  rows.append((lid, 40, 0, "query"))
+  rows += [(lid + 1 + j, 41, 1, "gallery") for j in range(3)]
+  return rows
+
+
+ROWS = _listings()
+EXTRA_QUERIES = (1001, 1005, 1009)
+
+
+def _embedding(listing_id, product_id):
+  """Product centre + listing noise: noisy enough that retrieval is imperfect."""
+  centre = np.random.default_rng(product_id).normal(size=D)
+  return centre + 1.3 * np.random.default_rng(10_000 + listing_id).normal(size=D)
+
+
+def _split(name):
+  rows = [r for r in ROWS if r[3] == name]
+  if name == "query":
+    rows += [r for r in ROWS if r[0] in EXTRA_QUERIES]
+  return rows
+
+
+def _batches(rows, batch_size=16, with_display=True):
+  """Fixed-size batches; the last is padded with `valid=False` rows whose embeddings are junk."""
+  for i in range(0, len(rows), batch_size):
+    chunk = rows[i:i + batch_size]
+    pad = batch_size - len(chunk)
+    lid = np.array([r[0] for r in chunk] + [-1] * pad)
+    pid = np.array([r[1] for r in chunk] + [0] * pad)
+    batch = dict(listing_id=lid, product_id=pid, category_id=np.array([r[2] for r in chunk] + [0] * pad),
+                 valid=np.arange(batch_size) < len(chunk))
+    if with_display:
+      batch["title"] = np.array([f"title of {l}" for l in lid])
+      batch["attributes"] = np.array([f"colour: c{p}; size: m" for p in pid])
+      batch["image"] = np.stack([np.full((8, 8, 3), (l * 37) % 256, np.uint8) for l in lid])
+    yield batch
+
+
+def _embed_fn(batch):
+  return np.stack([_embedding(l, p) if l >= 0 else np.full(D, 50.0)  # junk for padding rows
+                   for l, p in zip(batch["listing_id"], batch["product_id"])])
+
+
+def _reference(k=10, map_k=10):
+  """Metrics from the full cosine matrix, argsort and loops (independent of the library's ranking code)."""
+  g, q = _split("gallery"), _split("query")
+  ge = np.stack([_embedding(r[0], r[1]) for r in g])
+  qe = np.stack([_embedding(r[0], r[1]) for r in q])
+  gn = ge / np.linalg.norm(ge, axis=1, keepdims=True)
+  qn = qe / np.linalg.norm(qe, axis=1, keepdims=True)
+  sims = qn @ gn.T
+  g_lid, g_pid, g_cat = (np.array([r[i] for r in g]) for i in range(3))
+  ranked = []
+  for qi, (lid, pid, cat, _) in enumerate(q):
+    order = [j for j in np.argsort(-sims[qi], kind="stable") if g_lid[j] != lid]
+    ranked.append(order[:max(k, 50)])
+  ranked = np.array(ranked)
+  out = {}
+  has_pos = []
+  for qi, (lid, pid, cat, _) in enumerate(q):
+    has_pos.append(np.sum((g_pid == pid) & (g_lid != lid)))
+  has_pos = np.array(has_pos)
+  valid = has_pos > 0
+  for kk in (1, 2, 3, 5, 10, 20, 50):
+    hit_any, frac = [], []
+    for qi, (lid, pid, cat, _) in enumerate(q):
+      if not valid[qi]:
+        continue
+      found = sum(g_pid[j] == pid for j in ranked[qi, :kk])
+      hit_any.append(found > 0)
+      frac.append(found / has_pos[qi])
+    out[f"recall@{kk}"] = np.mean(hit_any)
+    out[f"group_recall@{kk}"] = np.mean(frac)
+  aps = []
+  for qi, (lid, pid, cat, _) in enumerate(q):
+    npos = np.sum((g_cat == cat) & (g_lid != lid))
+    window = min(map_k, npos)
+    hits, precisions = 0, []
+    for i in range(window):
+      if g_cat[ranked[qi, i]] == cat:
+        hits += 1
+        precisions.append(hits / (i + 1))
+    aps.append(np.mean(precisions) if precisions else 0.0)
+  out[f"map@{map_k}"] = np.mean(aps)
+  q_cat = np.array([r[2] for r in q])
+  out["knn_accuracy"] = M.knn_accuracy(g_cat[ranked], q_cat, 10)
+  out["centroid_accuracy"] = M.nearest_centroid_accuracy(qe, q_cat, ge, g_cat)
+  out.update(M.kmeans_clustering_scores(ge, g_cat, 0, 0))
+  out["num_queries"], out["num_gallery"] = len(q), len(g)
+  out["num_queries_without_positive"] = int(np.sum(~valid))
+  return out, ranked, qe, g_pid
+
+
+def _display_listings():
+  """listing_id -> record for the query side (the gallery carries its display fields in the batches)."""
+  return {r[0]: dict(title=f"query {r[0]}", teacher_attributes="colour: red; sleeve: long",
+                     category=CATEGORY_NAMES[r[2]], image=np.zeros((6, 6, 3), np.uint8)) for r in ROWS}
+
+
+@pytest.mark.parametrize("retriever", ["exact", "scann"])
+def test_evaluate_writes_report_and_matches_direct_metrics(tmp_path, retriever):
+  workdir = str(tmp_path)
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:  # what train/logging.py writes
+    for step in range(0, 100, 5):
+      f.write(json.dumps({"step": step, "loss": 3.0 / (1 + step)}) + "\n")
+    f.write(json.dumps({"step": 100, "eval": {"recall@1": 0.5}}) + "\n")
+  config = ml_collections.ConfigDict(dict(eval=dict(retriever=retriever, num_report_queries=6)))
+  metrics = evaluate(_embed_fn, _batches(_split("gallery")),
+                     _batches(_split("query"), with_display=False), workdir, config,
+                     listings=_display_listings())
+  expected, ranked, qe, _ = _reference()
+  assert 0.2 < expected["recall@1"] < 0.95  # the synthetic task is neither trivial nor hopeless
+  out = os.path.join(workdir, "eval")
+  with open(os.path.join(out, "metrics.json")) as f:
+    saved = json.load(f)
+  assert saved["retriever"] == retriever
+  for name, value in expected.items():
+    assert metrics[name] == pytest.approx(value, abs=1e-9), name
+    assert saved["metrics"][name] == pytest.approx(value, abs=1e-9), name
+  assert expected["num_queries_without_positive"] == 1 and expected["num_queries"] == 44
+
+  for name in ("metrics.md", "recall_at_k.png", "loss_curve.png", "queries.html", "gallery_embeddings.npz",
+               "index/retriever.json"):
+    assert os.path.isfile(os.path.join(out, name)), name
+  with open(os.path.join(out, "metrics.md")) as f:
+    md = f.read()
+  assert f"| {expected['recall@1']:.4f} |" in md.replace("| R@1", "")  # the table shows R@1 first
+  # The index reloads and ranks as evaluation did (ids are gallery rows).
+  rows, _ = load_retriever(os.path.join(out, "index")).search(qe, 11)
+  assert rows.shape == (44, 11)
+  with np.load(os.path.join(out, "gallery_embeddings.npz")) as z:
+    assert z["embeddings"].shape == (len(_split("gallery")), D)
+    np.testing.assert_array_equal(z["listing_id"], [r[0] for r in _split("gallery")])
+
+  # HTML: 6 queries x (1 + 5 results) images + 2 plots; every same-product result marked as a hit.
+  with open(os.path.join(out, "queries.html")) as f:
+    page = f.read()
+  assert page.count("data:image/png;base64,") == 2 + 6 * 6
+  q = _split("query")
+  first_hit = np.array([expected_pid == rank_pid for expected_pid, rank_pid in
+                        zip([r[1] for r in q], [_split("gallery")[row][1] for row in ranked[:, 0]])])
+  chosen = report.choose_queries(first_hit, 6, 0)
+  g_pid = np.array([r[1] for r in _split("gallery")])
+  expected_hits = sum(int(np.sum(g_pid[ranked[c, :5]] == q[c][1])) for c in chosen)
+  assert page.count("&#10003; hit") == expected_hits
+  assert "query 1000" in page or any(f"query {q[c][0]}" in page for c in chosen)
+  assert "colour: red" in page and "title of" in page
+
+
+def test_trainer_style_config_step_folder_and_no_report(tmp_path):
+  # The trainer's section names (`index`, `ks`) and its own fields (`enabled`, `checkpoint_dir`) are accepted.
+  config = ml_collections.ConfigDict(dict(eval=dict(enabled=True, index="exact", ks=(1, 5), map_k=10,
+                                                    checkpoint_dir="", report=False)))
+  metrics = evaluate(_embed_fn, _batches(_split("gallery"), with_display=False),
+                     _batches(_split("query"), with_display=False), str(tmp_path), config, step=7)
+  out = tmp_path / "eval" / "step_7"
+  assert sorted(os.listdir(out)) == ["gallery_embeddings.npz", "index", "metrics.json"]
+  expected, *_ = _reference()
+  assert metrics["recall@5"] == pytest.approx(expected["recall@5"])
+
+
+def test_config_and_input_errors(tmp_path):
+  with pytest.raises(ValueError, match="config.eval.bogus"):
+    resolve_eval_config({"eval": {"bogus": 1}})
+  with pytest.raises(ValueError, match="config.eval.retriever"):
+    resolve_eval_config({"retriever": "faiss"})
+  with pytest.raises(ValueError, match="config.eval.recall_ks"):
+    resolve_eval_config({"recall_ks": (0, 5)})
+  gallery = list(_batches(_split("gallery")))
+  bad = [{k: v for k, v in b.items() if k != "category_id"} for b in gallery]
+  with pytest.raises(KeyError, match="category_id"):
+    evaluate(_embed_fn, bad, gallery, str(tmp_path), {})
+  with pytest.raises(ValueError, match=r"expected \[B, D\]"):
+    evaluate(lambda b: np.zeros((3, D)), gallery, gallery, str(tmp_path), {})
+  with pytest.raises(ValueError, match="no batches"):
+    evaluate(_embed_fn, [], gallery, str(tmp_path), {})
+  not_a_dir = tmp_path / "file"
+  not_a_dir.write_text("x")
+  with pytest.raises(OSError, match="cannot create the output folder"):
+    evaluate(_embed_fn, gallery, gallery, str(not_a_dir), {"retriever": "exact"})
