@@ -150,6 +150,12 @@ def _gather_across_processes(side: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
+def _reorder(side: dict[str, Any], order: np.ndarray) -> dict[str, Any]:
+  out = {k: side[k][order] for k in ("embeddings",) + ID_KEYS}
+  out["display"] = {k: [v[i] for i in order] for k, v in side["display"].items()}
+  return out
+
+
 def compute_metrics(query: dict[str, Any], gallery: dict[str, Any], ranked_rows: np.ndarray,
                     cfg: dict[str, Any]) -> dict[str, float]:
   """All metrics from gallery row indices ranked per query ([Q, K], self already excluded)."""
@@ -215,6 +221,9 @@ def evaluate(
   cfg = resolve_eval_config(config)
   gallery = _gather_across_processes(embed_all(embed_fn, gallery_batches, "gallery"))
   query = _gather_across_processes(embed_all(embed_fn, query_batches, "query"))
+  # Canonical gallery order (by listing id): k-means and tie-breaking must not depend on how the
+  # gallery was split into batches or processes.
+  gallery = _reorder(gallery, np.argsort(gallery["listing_id"], kind="stable"))
   if gallery["embeddings"].shape[1] != query["embeddings"].shape[1]:
     raise ValueError(f"evaluate: gallery width {gallery['embeddings'].shape[1]} != query width "
                      f"{query['embeddings'].shape[1]}.")

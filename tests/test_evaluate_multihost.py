@@ -1,0 +1,60 @@
+"""evaluate() across two local JAX processes (gloo CPU collectives), each holding half the batches:
+the gathered metrics equal the single-process ones and only process 0 writes the report."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_evaluate import _reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+WORKER = r"""
+import json, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+port, pid, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=pid)
+from tests.test_evaluate import _batches, _embed_fn, _split
+from afmrl_jax.train.evaluate import evaluate
+# Process-local shards: alternate batches (the two processes hold different row counts).
+gallery = list(_batches(_split("gallery"), batch_size=8))[pid::2]
+query = list(_batches(_split("query"), batch_size=8))[pid::2]
+metrics = evaluate(_embed_fn, gallery, query, f"{workdir}/p{pid}", {"retriever": "exact"})
+print("METRICS" + json.dumps(metrics))
+"""
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_process_evaluate_matches_single_process(tmp_path):
+  port = _free_port()
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(port), str(pid), str(tmp_path)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for pid in range(2)]
+  outs = []
+  for p in procs:
+    try:
+      out, err = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      pytest.fail("multi-process evaluate timed out")
+    assert p.returncode == 0, err[-3000:]
+    outs.append(json.loads(out.split("METRICS", 1)[1]))
+  expected, *_ = _reference()
+  for metrics in outs:
+    for name, value in expected.items():
+      assert metrics[name] == pytest.approx(value, abs=1e-9), name
+  assert os.path.isfile(tmp_path / "p0" / "eval" / "metrics.json")
+  assert not os.path.exists(tmp_path / "p1" / "eval")
