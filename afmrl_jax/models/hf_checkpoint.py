@@ -143,12 +143,11 @@ def _reader_fn(reader: _Reader, name: str, layout: str, target_shape: tuple[int,
   return read
 
 
-def _shardings(abstract_state, mesh: Mesh | None):
-  def one(v):
-    if mesh is None:
-      return SingleDeviceSharding(jax.devices()[0])
-    return NamedSharding(mesh, spec_for(v.get_metadata().get('out_sharding'), v.get_value().shape, mesh))
-  return one
+def _sharding_of(var: nnx.Variable, mesh: Mesh | None):
+  if mesh is None:
+    return SingleDeviceSharding(jax.devices()[0])
+  return NamedSharding(mesh, spec_for(var.get_metadata().get('out_sharding'),
+                                      var.get_value().shape, mesh))
 
 
 def load_hf_weights(model: VLModel, directory: str, mesh: Mesh | None = None,
@@ -160,7 +159,6 @@ def load_hf_weights(model: VLModel, directory: str, mesh: Mesh | None = None,
   Returns the model.
   """
   reader = _Reader(directory)
-  sharding_of = _shardings(None, mesh)
   used = set()
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     mapped = hf_name(path)
@@ -172,7 +170,7 @@ def load_hf_weights(model: VLModel, directory: str, mesh: Mesh | None = None,
     if name not in reader.files and not strict:
       continue
     read = _reader_fn(reader, name, layout, tuple(value.shape), value.dtype, what)
-    arr = jax.make_array_from_callback(tuple(value.shape), sharding_of(var), read)
+    arr = jax.make_array_from_callback(tuple(value.shape), _sharding_of(var, mesh), read)
     var.set_value(arr)
     used.add(name)
   unused = sorted(set(reader.files) - used)
@@ -207,10 +205,11 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 def save_hf_checkpoint(model: VLModel, directory: str, *, dtype: str | None = None,
                        max_shard_bytes: int = 4 << 30) -> None:
-  """Writes `config.json` and safetensors shards HF `from_pretrained` loads.
+  """Writes `config.json` and safetensors shards that HF `from_pretrained` loads.
 
-  One tensor is gathered to the host at a time; shards are flushed at `max_shard_bytes`.
-  LoRA adapters are not written (merge them first). Only process 0 writes.
+  One tensor is gathered to the host at a time and each shard is written as soon as it reaches
+  `max_shard_bytes`, so the host holds at most one shard. LoRA adapters are not written (merge
+  them first). Only process 0 writes (all processes must call, for the gathers).
   """
   from safetensors.flax import save_file  # handles bfloat16 (the numpy flavour cannot)
 
@@ -218,8 +217,18 @@ def save_hf_checkpoint(model: VLModel, directory: str, *, dtype: str | None = No
   write = jax.process_index() == 0
   config: VLConfig = model.config
   cpu = jax.local_devices(backend='cpu')[0]
-  shards: list[dict[str, jax.Array]] = [{}]
-  sizes = [0]
+  written: list[tuple[str, list[str]]] = []  # (temporary file, tensor names)
+  shard: dict[str, jax.Array] = {}
+  size, total = 0, 0
+
+  def flush():
+    nonlocal shard, size
+    if shard and write:
+      tmp = os.path.join(directory, f'.shard-{len(written):05d}.tmp')
+      save_file(shard, tmp, metadata={'format': 'pt'})
+      written.append((tmp, list(shard)))
+    shard, size = {}, 0
+
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     mapped = hf_name(path)
     if mapped is None:
@@ -233,11 +242,12 @@ def save_hf_checkpoint(model: VLModel, directory: str, *, dtype: str | None = No
     elif layout == 'patch':
       v = config.vision
       arr = arr.T.reshape(v.width, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
-    if sizes[-1] and sizes[-1] + arr.nbytes > max_shard_bytes:
-      shards.append({})
-      sizes.append(0)
-    shards[-1][name] = jax.device_put(np.ascontiguousarray(arr), cpu)
-    sizes[-1] += arr.nbytes
+    if size and size + arr.nbytes > max_shard_bytes:
+      flush()
+    shard[name] = jax.device_put(np.ascontiguousarray(arr), cpu)
+    size += arr.nbytes
+    total += arr.nbytes
+  flush()
   if not write:
     return
   hf_config = config.to_hf_dict()
@@ -245,13 +255,13 @@ def save_hf_checkpoint(model: VLModel, directory: str, *, dtype: str | None = No
     hf_config['dtype'] = dtype
   with open(os.path.join(directory, 'config.json'), 'w') as f:
     json.dump(hf_config, f, indent=2)
-  if len(shards) == 1:
-    save_file(shards[0], os.path.join(directory, 'model.safetensors'), metadata={'format': 'pt'})
+  if len(written) == 1:
+    os.replace(written[0][0], os.path.join(directory, 'model.safetensors'))
     return
   weight_map = {}
-  for i, shard in enumerate(shards):
-    fname = f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors'
-    save_file(shard, os.path.join(directory, fname), metadata={'format': 'pt'})
-    weight_map.update({k: fname for k in shard})
+  for i, (tmp, names) in enumerate(written):
+    fname = f'model-{i + 1:05d}-of-{len(written):05d}.safetensors'
+    os.replace(tmp, os.path.join(directory, fname))
+    weight_map.update({k: fname for k in names})
   with open(os.path.join(directory, 'model.safetensors.index.json'), 'w') as f:
-    json.dump({'metadata': {'total_size': sum(sizes)}, 'weight_map': weight_map}, f, indent=2)
+    json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f, indent=2)

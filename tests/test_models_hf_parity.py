@@ -1,0 +1,137 @@
+"""Parity with HF transformers (PyTorch, float32) on tiny random Qwen2-VL / Qwen2.5-VL / Llama / Qwen2.
+
+For each shape: the HF model is saved with `save_pretrained`, imported with our loader, and must give
+the same logits (image + text, left/right padding) and the same last-token embeddings; our export
+must reload in HF bit-exactly.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from afmrl_jax.models import heads, hf_checkpoint  # noqa: E402
+from afmrl_jax.models.config import VLConfig  # noqa: E402
+from tests.test_models_hf_helpers import SHAPES, TEXT_SHAPES, hf_forward, hf_model, inputs  # noqa: E402
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope='module', params=SHAPES + TEXT_SHAPES, ids=lambda s: s.name)
+def case(request, tmp_path_factory):
+  shape = request.param
+  ref = hf_model(shape)
+  directory = str(tmp_path_factory.mktemp(shape.name))
+  ref.save_pretrained(directory)
+  model, config = hf_checkpoint.load_hf_checkpoint(directory)
+  return shape, ref, model, config, directory
+
+
+def _forward(model, shape, ids, mask, pixels):
+  grid = shape.grid if pixels is not None else None
+
+  @nnx.jit(static_argnums=4)
+  def run(model, ids, mask, pixels, grid):
+    hidden, _ = model(ids, mask, pixels, grid)
+    return model.logits(hidden), heads.l2_normalize(heads.last_token_pool(hidden, mask))
+
+  return run(model, jnp.asarray(ids), jnp.asarray(mask),
+             None if pixels is None else jnp.asarray(pixels), grid)
+
+
+def test_logits_and_embeddings_match_hf(case):
+  shape, ref, model, config, _ = case
+  ids, mask, pixels = inputs(shape)
+  position_ids = None
+  if pixels is None:
+    # HF's plain forward numbers left-padded text 0..T-1 including pads; give it the
+    # padding-aware positions our model (and HF generate) uses.
+    position_ids = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+  ref_logits, ref_hidden = hf_forward(ref, shape, ids, mask, pixels, position_ids)
+  logits, emb = _forward(model, shape, ids, mask, pixels)
+  real = mask.astype(bool)
+  diff = np.abs(np.asarray(logits) - ref_logits)[real]
+  assert diff.max() <= TOL, f'{shape.name}: max |logits - HF| = {diff.max():.2e}'
+  last = np.array([np.nonzero(m)[0][-1] for m in mask])
+  ref_emb = ref_hidden[np.arange(len(ids)), last]
+  ref_emb /= np.linalg.norm(ref_emb, axis=-1, keepdims=True)
+  assert np.abs(np.asarray(emb) - ref_emb).max() <= TOL
+  # the padded rows really differ from the unpadded one (padding handled, not ignored)
+  assert np.abs(ref_logits).max() > 0.1
+
+
+def test_embed_head_left_and_right_padding_agree(case):
+  """The same sequence padded left and right embeds to the same vector."""
+  shape, _, model, _, _ = case
+  ids, mask, pixels = inputs(shape, batch=1)
+  n = int(mask.sum())
+  real = ids[0, :n]
+  left_ids = np.zeros_like(ids)
+  left_ids[0, -n:] = real
+  left_mask = np.zeros_like(mask)
+  left_mask[0, -n:] = 1
+  batch = dict(input_ids=jnp.asarray(np.concatenate([ids, left_ids])),
+               attention_mask=jnp.asarray(np.concatenate([mask, left_mask])))
+  grid = None
+  if pixels is not None:
+    batch['pixel_values'] = jnp.asarray(np.concatenate([pixels, pixels]))
+    grid = shape.grid
+  emb = np.asarray(heads.embed(model, batch, grid))
+  np.testing.assert_allclose(emb[0], emb[1], atol=TOL)
+  np.testing.assert_allclose(np.linalg.norm(emb, axis=-1), 1.0, atol=1e-5)
+
+
+def test_export_reloads_in_hf_exactly(case, tmp_path):
+  shape, ref, model, config, _ = case
+  out = str(tmp_path / 'export')
+  hf_checkpoint.save_hf_checkpoint(model, out)
+  cls = type(ref)
+  reloaded = cls.from_pretrained(out).eval()
+  want = ref.state_dict()
+  got = reloaded.state_dict()
+  assert set(got) == set(want)
+  for k, v in want.items():
+    assert torch.equal(got[k], v), k
+  with open(os.path.join(out, 'config.json')) as f:
+    assert VLConfig.from_hf_dict(json.load(f)) == config
+
+
+def test_config_matches_hf_fields(case):
+  shape, ref, _, config, _ = case
+  t = ref.config.get_text_config()
+  assert (config.text.hidden_size, config.text.num_attention_heads, config.text.num_key_value_heads,
+          config.text.vocab_size) == (t.hidden_size, t.num_attention_heads, t.num_key_value_heads,
+                                      t.vocab_size)
+  assert config.text.tie_word_embeddings == shape.tie
+  if config.vision is not None:
+    assert config.text.mrope_section == tuple(t.rope_parameters['mrope_section'])
+    assert config.vision.spatial_merge_size == ref.config.vision_config.spatial_merge_size
+
+
+def test_missing_and_misshapen_tensors_are_named(tmp_path):
+  from safetensors.torch import load_file, save_file
+
+  shape = SHAPES[0]
+  ref = hf_model(shape)
+  ref.save_pretrained(tmp_path)
+  path = tmp_path / 'model.safetensors'
+  tensors = load_file(path)
+  missing = dict(tensors)
+  del missing['model.layers.1.mlp.up_proj.weight']
+  save_file(missing, path, metadata={'format': 'pt'})
+  with pytest.raises(KeyError, match=r'model\.layers\.1\.mlp\.up_proj\.weight'):
+    hf_checkpoint.load_hf_checkpoint(str(tmp_path))
+  bad = dict(tensors)
+  bad['visual.blocks.0.attn.qkv.bias'] = torch.zeros(5)
+  save_file(bad, path, metadata={'format': 'pt'})
+  with pytest.raises(ValueError, match=r'visual\.blocks\.0\.attn\.qkv\.bias.*\(5,\)'):
+    hf_checkpoint.load_hf_checkpoint(str(tmp_path))
