@@ -192,11 +192,28 @@ def test_trainer_style_config_step_folder_and_no_report(tmp_path):
     assert metrics[name] == pytest.approx(value, abs=1e-9), name
 
 
+def test_cluster_sample_and_jax_exact_backend(tmp_path):
+  """k-means runs on a seeded sample of `cluster_sample` gallery rows (sorted, as documented); the
+  jax exact backend ranks like the reference."""
+  config = dict(retriever="exact", exact_backend="jax", cluster_sample=50, seed=3, report=False)
+  metrics = evaluate(_embed_fn, _batches(_split("gallery")), _batches(_split("query")), str(tmp_path), config)
+  expected, *_ = _reference()
+  for name in ("recall@1", "recall@10", "group_recall@5", "map@10", "knn_accuracy"):
+    assert metrics[name] == pytest.approx(expected[name], abs=1e-9), name
+  g = _split("gallery")
+  rows = np.sort(np.random.default_rng(3).choice(len(g), 50, replace=False))
+  ge = np.stack([_embedding(g[i][0], g[i][1]) for i in rows])
+  sample = M.kmeans_clustering_scores(ge, np.array([g[i][2] for i in rows]), 0, 3)
+  assert {k: metrics[k] for k in sample} == pytest.approx(sample)
+
+
 def test_config_and_input_errors(tmp_path):
   with pytest.raises(ValueError, match="config.eval.bogus"):
     resolve_eval_config({"eval": {"bogus": 1}})
   with pytest.raises(ValueError, match="config.eval.retriever"):
     resolve_eval_config({"retriever": "faiss"})
+  with pytest.raises(ValueError, match="config.eval.exact_backend"):
+    resolve_eval_config({"exact_backend": "torch"})
   with pytest.raises(ValueError, match="config.eval.recall_ks"):
     resolve_eval_config({"recall_ks": (0, 5)})
   gallery = list(_batches(_split("gallery")))

@@ -5,7 +5,7 @@ import pytest
 
 from afmrl_jax.retrieval import load_retriever, make_retriever
 from afmrl_jax.retrieval.base import Retriever, l2_normalize
-from afmrl_jax.retrieval.exact import ExactRetriever, exact_top_k
+from afmrl_jax.retrieval.exact import ExactRetriever, exact_top_k, exact_top_k_jax
 from afmrl_jax.retrieval.scann_index import ScannRetriever
 
 
@@ -32,14 +32,28 @@ def test_exact_top_k_matches_argsort_across_blocks():
   np.testing.assert_array_equal(full, np.argsort(-ref_scores, axis=1))
 
 
-def test_exact_top_k_ties_prefer_smaller_index_and_errors():
+def test_exact_top_k_jax_matches_argsort_with_padding():
+  rng = np.random.default_rng(4)
+  g, q = rng.normal(size=(203, 12)), rng.normal(size=(37, 12))
+  ref_scores = q.astype(np.float32) @ g.astype(np.float32).T
+  ref = np.argsort(-ref_scores, axis=1)[:, :9]
+  # 203 rows in blocks of 13 (last block padded) and 37 queries in blocks of 8 (last block padded).
+  idx, scores = exact_top_k_jax(q, g, 9, query_block=8, gallery_block=13)
+  np.testing.assert_array_equal(idx, ref)
+  np.testing.assert_allclose(scores, np.take_along_axis(ref_scores, ref, 1), rtol=1e-5, atol=1e-5)
+  r = ExactRetriever(gallery_block=13, backend="jax").build(g)
+  np.testing.assert_array_equal(r.search(q, 5)[0], ExactRetriever().build(g).search(q, 5)[0])
+
+
+@pytest.mark.parametrize("top_k", [exact_top_k, exact_top_k_jax])
+def test_exact_top_k_ties_prefer_smaller_index_and_errors(top_k):
   g = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
-  idx, _ = exact_top_k(np.array([[1.0, 0.0]]), g, 3, gallery_block=2)
-  np.testing.assert_array_equal(idx, [[0, 2, 3]])  # rows 0, 2, 3 tie at 1.0
+  idx, _ = top_k(np.array([[1.0, 0.0]]), g, 3, gallery_block=2)
+  np.testing.assert_array_equal(idx, [[0, 2, 3]])  # rows 0, 2, 3 tie at 1.0, across two blocks
   with pytest.raises(ValueError, match="k=5"):
-    exact_top_k(np.ones((1, 2)), g, 5)
+    top_k(np.ones((1, 2)), g, 5)
   with pytest.raises(ValueError, match="width"):
-    exact_top_k(np.ones((1, 3)), g, 1)
+    top_k(np.ones((1, 3)), g, 1)
 
 
 def test_exact_retriever_ids_normalisation_and_reload(tmp_path):

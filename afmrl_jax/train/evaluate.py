@@ -34,11 +34,13 @@ def default_eval_config() -> dict[str, Any]:
   """The `config.eval` fields read here and their defaults (plain dict; wrap in a ConfigDict)."""
   return dict(
       retriever="scann",  # 'scann' (the index stage 2 uses) or 'exact' (blockwise inner product)
+      exact_backend="auto",  # exact search on 'numpy', 'jax' or 'auto' (jax when it runs on a GPU/TPU)
       recall_ks=(1, 5, 10),  # instance Recall@K and group Recall@K shown in the table
       curve_ks=(1, 2, 3, 5, 10, 20, 50),  # Recall@K vs K plot (also returned as metrics)
       map_k=10,  # mAP@K with category relevance
       knn_k=10,  # neighbours voting in kNN category classification
       num_clusters=0,  # k-means clusters over gallery embeddings; 0 = number of categories
+      cluster_sample=20000,  # k-means on at most this many gallery rows (a seeded sample; 0 = all)
       seed=0,  # k-means and the choice of report queries
       exclude_self=True,  # a query's own listing in the gallery is neither a hit nor a rank
       scann_brute_force_below=20000,  # gallery rows; below it ScaNN scores exhaustively
@@ -75,6 +77,8 @@ def resolve_eval_config(config: Any) -> dict[str, Any]:
     cfg[key] = value
   if cfg["retriever"] not in ("scann", "exact"):
     raise ValueError(f"config.eval.retriever (or .index) must be 'scann' or 'exact', got {cfg['retriever']!r}.")
+  if cfg["exact_backend"] not in ("auto", "numpy", "jax"):
+    raise ValueError(f"config.eval.exact_backend must be 'auto', 'numpy' or 'jax', got {cfg['exact_backend']!r}.")
   for key in ("recall_ks", "curve_ks"):
     cfg[key] = tuple(int(k) for k in cfg[key])
     if not cfg[key] or min(cfg[key]) < 1:
@@ -179,7 +183,10 @@ def compute_metrics(query: dict[str, Any], gallery: dict[str, Any], ranked_rows:
   out["knn_accuracy"] = M.knn_accuracy(category_labels, q_cat, min(cfg["knn_k"], k_avail))
   out["centroid_accuracy"] = M.nearest_centroid_accuracy(
       query["embeddings"], q_cat, gallery["embeddings"], gallery["category_id"])
-  out.update(M.kmeans_clustering_scores(gallery["embeddings"], gallery["category_id"],
+  rows = np.arange(len(gallery["category_id"]))
+  if 0 < cfg["cluster_sample"] < len(rows):  # k-means cost grows with N; a sample estimates the scores
+    rows = np.sort(np.random.default_rng(cfg["seed"]).choice(rows, cfg["cluster_sample"], replace=False))
+  out.update(M.kmeans_clustering_scores(gallery["embeddings"][rows], gallery["category_id"][rows],
                                         cfg["num_clusters"], cfg["seed"]))
   out["num_queries"] = float(len(q_pid))
   out["num_gallery"] = float(len(gallery["product_id"]))
@@ -189,7 +196,11 @@ def compute_metrics(query: dict[str, Any], gallery: dict[str, Any], ranked_rows:
 
 def _retriever_options(cfg: dict[str, Any]) -> dict[str, Any]:
   if cfg["retriever"] == "exact":
-    return {}
+    backend = cfg["exact_backend"]
+    if backend == "auto":
+      jax = sys.modules.get("jax")
+      backend = "jax" if jax is not None and jax.default_backend() != "cpu" else "numpy"
+    return dict(backend=backend)
   return dict(brute_force_below=cfg["scann_brute_force_below"], num_leaves=cfg["scann_num_leaves"],
               leaves_to_search=cfg["scann_leaves_to_search"], reorder=cfg["scann_reorder"])
 
