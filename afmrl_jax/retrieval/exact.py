@@ -21,7 +21,8 @@ def exact_top_k(queries: np.ndarray, gallery: np.ndarray, k: int, *, query_block
     k: results per query, 1 <= k <= N.
   Returns:
     (indices int64 [Q, k] into gallery rows, scores float32 [Q, k]), best first; equal scores keep the
-    smaller gallery index first.
+    smaller gallery index first (except that among rows tied exactly at the k-th score of one block,
+    which ones survive that block's partition is up to NumPy, deterministically).
   """
   queries = np.asarray(queries, dtype=np.float32)
   gallery = np.asarray(gallery, dtype=np.float32)
@@ -39,10 +40,14 @@ def exact_top_k(queries: np.ndarray, gallery: np.ndarray, k: int, *, query_block
     for g0 in range(0, n, gallery_block):
       scores = qb @ gallery[g0:g0 + gallery_block].T  # [q, g]
       idx = np.broadcast_to(np.arange(g0, g0 + scores.shape[1]), scores.shape)
-      # Running best (smaller indices) first, so a stable sort keeps smaller indices first on ties.
+      if scores.shape[1] > k:  # keep the block's k best (linear time) before the exact sort
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        scores = np.take_along_axis(scores, part, axis=1)
+        idx = np.take_along_axis(idx, part, axis=1)
       cand_score = np.concatenate([best_score, scores], axis=1)
       cand_idx = np.concatenate([best_idx, idx], axis=1)
-      order = np.argsort(-cand_score, axis=1, kind="stable")[:, :k]
+      # Sort by score, then by the smaller gallery index on ties.
+      order = np.lexsort((cand_idx, -cand_score), axis=1)[:, :k]
       best_score = np.take_along_axis(cand_score, order, axis=1)
       best_idx = np.take_along_axis(cand_idx, order, axis=1)
     out_idx[q0:q0 + query_block] = best_idx
