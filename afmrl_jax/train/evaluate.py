@@ -76,9 +76,11 @@ def resolve_eval_config(config: Any) -> dict[str, Any]:
       raise ValueError(f"config.eval.{key}: unknown evaluation field; known: {sorted(cfg)}.")
     cfg[key] = value
   if cfg["retriever"] not in ("scann", "exact"):
-    raise ValueError(f"config.eval.retriever (or .index) must be 'scann' or 'exact', got {cfg['retriever']!r}.")
+    raise ValueError("config.eval.retriever (or .index) must be 'scann' or 'exact', "
+                     f"got {cfg['retriever']!r}.")
   if cfg["exact_backend"] not in ("auto", "numpy", "jax"):
-    raise ValueError(f"config.eval.exact_backend must be 'auto', 'numpy' or 'jax', got {cfg['exact_backend']!r}.")
+    raise ValueError("config.eval.exact_backend must be 'auto', 'numpy' or 'jax', "
+                     f"got {cfg['exact_backend']!r}.")
   for key in ("recall_ks", "curve_ks"):
     cfg[key] = tuple(int(k) for k in cfg[key])
     if not cfg[key] or min(cfg[key]) < 1:
@@ -106,7 +108,8 @@ def embed_all(embed_fn: Callable[[Batch], Any], batches: Iterable[Batch], side: 
   for i, batch in enumerate(batches):
     missing = [k for k in ID_KEYS if k not in batch]
     if missing:
-      raise KeyError(f"evaluate: {side} batch {i} lacks {missing} (needs {list(ID_KEYS)}; see docs/interfaces.md).")
+      raise KeyError(f"evaluate: {side} batch {i} lacks {missing} (needs {list(ID_KEYS)}; "
+                     "see docs/interfaces.md).")
     emb = _to_numpy(embed_fn(batch)).astype(np.float32)
     n = len(_to_numpy(batch["listing_id"]))
     if emb.ndim != 2 or emb.shape[0] != n:
@@ -147,6 +150,9 @@ def _gather_across_processes(side: dict[str, Any]) -> dict[str, Any]:
   out = {"display": {}}
   for k in ("embeddings",) + ID_KEYS:
     x = side[k]
+    if k != "embeddings" and len(x) and np.abs(x).max() >= 2**31:
+      # process_allgather goes through jax arrays, int32 unless jax_enable_x64.
+      raise ValueError(f"evaluate: {k} values must fit in int32 for the multi-host gather.")
     padded = np.zeros((top,) + x.shape[1:], x.dtype)
     padded[:n] = x
     g = np.asarray(multihost_utils.process_allgather(padded))  # [P, top, ...]
@@ -220,7 +226,8 @@ def evaluate(
   Args:
     embed_fn: batch dict -> process-local embeddings [B, D] (NumPy or jax array).
     gallery_batches: batch dicts with `listing_id`, `product_id`, `category_id` ([B] ints), optional
-      `valid` [B] bool and display keys `title`, `attributes`, `category` ([B] str), `image` ([B, H, W, 3] uint8).
+      `valid` [B] bool and display keys `title`, `attributes`, `category` ([B] str),
+      `image` ([B, H, W, 3] uint8).
     query_batches: likewise for the queries.
     workdir: run directory.
     config: run ConfigDict with an `eval` field, or the eval config itself (see `default_eval_config`).

@@ -36,7 +36,8 @@ def _clean(value: Any) -> Any:
   return value
 
 
-def write_metrics_json(path: str, metrics: Mapping[str, float], info: Mapping[str, Any] | None = None) -> None:
+def write_metrics_json(path: str, metrics: Mapping[str, float],
+                       info: Mapping[str, Any] | None = None) -> None:
   """{"metrics": {...}, **info}; NaN (no query had a positive) is written as null."""
   with open(path, "w") as f:
     json.dump(_clean({"metrics": dict(metrics), **(info or {})}), f, indent=1)
@@ -72,7 +73,8 @@ def markdown_table(metrics: Mapping[str, float], recall_ks: tuple[int, ...]) -> 
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(map(fmt, vals)) + " |"]
   sizes = (f"\n\n{int(metrics.get('num_queries', 0))} queries "
            f"({int(metrics.get('num_queries_without_positive', 0))} without a same-product listing in the "
-           f"gallery, left out of the instance metrics), {int(metrics.get('num_gallery', 0))} gallery listings.\n")
+           f"gallery, left out of the instance metrics), "
+           f"{int(metrics.get('num_gallery', 0))} gallery listings.\n")
   return "\n".join(lines) + sizes
 
 
