@@ -31,6 +31,8 @@ from afmrl_jax.losses.dense import dense_direction
 from afmrl_jax.losses.ring import ring_direction
 
 STRATEGIES = ("dense", "all_gather", "ring")
+# Ring logits tile [L, 1024]: large enough for matmul efficiency, small enough that memory stays linear.
+DEFAULT_TILE = 1024
 
 __all__ = ["AGCLConfig", "STRATEGIES", "agcl_loss", "agcl_loss_local"]
 
@@ -45,7 +47,8 @@ def _fill_terms(terms, batch, config: AGCLConfig, name: str):
 
 
 def agcl_loss_local(q, c, q_terms, c_terms, idf, avg_doc_len, config: AGCLConfig, *,
-                    strategy: str = "dense", axis_names: Sequence[str] = ()):
+                    strategy: str = "dense", axis_names: Sequence[str] = (),
+                    tile_size: Optional[int] = DEFAULT_TILE):
   """Per-row losses [L] and metric sums of the local rows; for use inside `jax.shard_map`.
 
   With strategy 'all_gather' or 'ring' the mesh axes `axis_names` must be manual (inside shard_map)
@@ -66,8 +69,10 @@ def agcl_loss_local(q, c, q_terms, c_terms, idf, avg_doc_len, config: AGCLConfig
   if strategy == "dense":
     direction = dense_direction
   else:
-    base = all_gather_direction if strategy == "all_gather" else ring_direction
-    direction = functools.partial(base, axis_names=tuple(axis_names))
+    if strategy == "all_gather":
+      direction = functools.partial(all_gather_direction, axis_names=tuple(axis_names))
+    else:
+      direction = functools.partial(ring_direction, axis_names=tuple(axis_names), tile_size=tile_size)
   per_row, sums = direction(q, c, q_terms, c_terms, idf, avg_doc_len, config)
   q2c = per_row
   if config.symmetric:
@@ -77,9 +82,12 @@ def agcl_loss_local(q, c, q_terms, c_terms, idf, avg_doc_len, config: AGCLConfig
 
 
 def agcl_loss(q, c, q_terms, c_terms, idf, avg_doc_len, config: Optional[AGCLConfig] = None, *,
-              strategy: str = "dense", axis_names: Sequence[str] = (), mesh=None):
+              strategy: str = "dense", axis_names: Sequence[str] = (), mesh=None,
+              tile_size: Optional[int] = DEFAULT_TILE):
   """Mean AGCL loss over the global batch and a dict of scalar metrics. See the module docstring.
 
+  tile_size: ring only: the local [L, L] block is processed in [L, tile_size] column tiles (the largest
+  divisor of L not above it), so per-device memory is linear in the batch; None: whole blocks.
   Works eagerly and under `jax.jit`; gradients flow to q and c only (bias and masks are
   stop-gradient). Metrics: loss, loss_q2c (and loss_c2q when symmetric), accuracy,
   masked_fraction, shared_fraction, bias_shared/unshared, weight_shared/unshared (blocks.finalize_metrics).
@@ -88,7 +96,8 @@ def agcl_loss(q, c, q_terms, c_terms, idf, avg_doc_len, config: Optional[AGCLCon
   batch = q.shape[0]
   if c.shape != q.shape:
     raise ValueError(f"agcl_loss: q {q.shape} and c {c.shape} must have the same shape [B, D]")
-  local = functools.partial(agcl_loss_local, config=config, strategy=strategy, axis_names=tuple(axis_names))
+  local = functools.partial(agcl_loss_local, config=config, strategy=strategy, axis_names=tuple(axis_names),
+                            tile_size=tile_size)
   if strategy == "dense":
     per_row, q2c, sums = local(q, c, q_terms, c_terms, idf, avg_doc_len)
   else:

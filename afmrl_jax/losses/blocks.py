@@ -146,6 +146,11 @@ def _block_stats(sim, bias, raw, mask, is_pos) -> dict:
   return stats, max_neg
 
 
+def empty_stats(rows: int):
+  """Identity element of merge_stats for `rows` rows."""
+  return ({k: jnp.zeros((), jnp.float32) for k in STAT_KEYS}, jnp.full((rows,), -jnp.inf, jnp.float32))
+
+
 def merge_stats(a, b):
   (sa, ma), (sb, mb) = a, b
   return {k: sa[k] + sb[k] for k in STAT_KEYS}, jnp.maximum(ma, mb)

@@ -9,8 +9,8 @@ occurrence (BM25 sums over the query's term list). The score of query i against 
 
 which is the usual sum over query terms of idf * tf * (k1 + 1) / (tf + k1 * (...)): each of the tf slots
 holding a term contributes u_jl, so the tf slots together give the saturated score. Written as a
-compare-and-sum over the K x K slot pairs it needs no vocabulary-sized arrays and XLA fuses the
-[Bq, Bd, K, K] comparison into the reduction, so a block costs O(Bq * Bd) memory.
+compare-and-sum over the K x K slot pairs it needs no vocabulary-sized arrays, and accumulated one
+query slot at a time a block costs O(Bq * Bd) memory (and O(Bq * Bd * K^2) elementwise work).
 """
 from __future__ import annotations
 
@@ -34,11 +34,25 @@ def doc_slot_weights(doc_terms: jax.Array, idf: jax.Array, avg_doc_len, k1: floa
 
 
 def bm25_from_weights(query_terms: jax.Array, doc_terms: jax.Array, slot_weights: jax.Array) -> jax.Array:
-  """B [Bq, Bd] from query ids [Bq, K], doc ids [Bd, K] and `doc_slot_weights` [Bd, K]."""
+  """B [Bq, Bd] from query ids [Bq, K], doc ids [Bd, K] and `doc_slot_weights` [Bd, K].
+
+  A loop over the query slots, each adding an unrolled sum over the document slots: every step is one
+  elementwise [Bq, Bd] fusion, so no [Bq, Bd, K, K] (or [Bq, Bd, K]) array is ever formed - XLA does
+  not fuse a broadcast compare into a multi-axis reduction on every backend.
+  """
   query_terms = jnp.asarray(query_terms, jnp.int32)
   doc_terms = jnp.asarray(doc_terms, jnp.int32)
-  match = (query_terms[:, None, :, None] == doc_terms[None, :, None, :]) & (query_terms != 0)[:, None, :, None]
-  return jnp.sum(jnp.where(match, slot_weights[None, :, None, :], 0.0), axis=(2, 3))
+  slot_weights = jnp.asarray(slot_weights, jnp.float32)
+  num_doc_slots = doc_terms.shape[1]
+
+  def add_query_slot(k, total):
+    term = jax.lax.dynamic_index_in_dim(query_terms, k, axis=1, keepdims=False)[:, None]  # [Bq, 1]
+    term_score = sum(jnp.where(term == doc_terms[None, :, l], slot_weights[None, :, l], 0.0)
+                     for l in range(num_doc_slots))
+    return total + jnp.where(term != 0, term_score, 0.0)
+
+  init = jnp.zeros((query_terms.shape[0], doc_terms.shape[0]), jnp.float32)
+  return jax.lax.fori_loop(0, query_terms.shape[1], add_query_slot, init)
 
 
 def bm25_scores(query_terms: jax.Array, doc_terms: jax.Array, idf: jax.Array, avg_doc_len,

@@ -3,12 +3,13 @@
 Runs inside `jax.shard_map` with the batch sharded over `axis_names` (P devices, L local rows).
 At step t device p holds the candidates (and their attribute terms) of device (p - t) mod P, computes
 the [L, L] logits block against its own rows, folds it into a running max / sum-of-exp per row and
-passes the block on. Nothing of size L x N is ever formed.
+passes the block on. Nothing of size L x N is ever formed; with `tile_size` the block itself is
+processed in [L, tile] column tiles, so memory per device is O(L * (tile + D)): linear in the batch.
 
 The gradient is a custom VJP (flash-attention style): the forward keeps only the per-row logsumexp;
 the backward sends the candidates around again, recomputes each logits block, and sends along with
-them an accumulator for their gradient, which is back home after P steps. Per-device memory is
-O(L^2 + L * D), and the BM25 bias is recomputed in the backward (it is never stored).
+them an accumulator for their gradient, which is back home after P steps. The BM25 bias is
+recomputed in the backward (it is never stored), so the backward costs about two forwards.
 """
 from __future__ import annotations
 
@@ -42,34 +43,49 @@ def _cols(c, c_terms, step, axis_names, size):
   return blocks.Cols(c, c_terms, source * local + jnp.arange(local, dtype=jnp.int32))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def ring_logsumexp(config: AGCLConfig, axis_names, q, c, q_terms, c_terms, idf, avg_doc_len):
+def tile_width(local: int, tile_size) -> int:
+  """Columns per tile: the largest divisor of the local batch not above tile_size (None: whole block)."""
+  if tile_size is None or tile_size >= local:
+    return local
+  if tile_size <= 0:
+    raise ValueError(f"agcl_loss: ring tile_size must be positive, got {tile_size}")
+  return max(t for t in range(1, tile_size + 1) if local % t == 0)
+
+
+def _split_tiles(cols: blocks.Cols, width: int) -> blocks.Cols:
+  return jax.tree.map(lambda x: x.reshape((x.shape[0] // width, width) + x.shape[1:]), cols)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def ring_logsumexp(config: AGCLConfig, axis_names, tile_size, q, c, q_terms, c_terms, idf, avg_doc_len):
   """(lse [L], metric partial sums) of the local rows against all N columns. q, c [L, D] normalised."""
-  out, _ = _ring_forward(config, axis_names, q, c, q_terms, c_terms, idf, avg_doc_len)
+  out, _ = _ring_forward(config, axis_names, tile_size, q, c, q_terms, c_terms, idf, avg_doc_len)
   return out
 
 
-def _ring_forward(config, axis_names, q, c, q_terms, c_terms, idf, avg_doc_len):
+def _ring_forward(config, axis_names, tile_size, q, c, q_terms, c_terms, idf, avg_doc_len):
   size = _axis_size(axis_names)
+  width = tile_width(q.shape[0], tile_size)
   rows = _rows(q, c, q_terms, c_terms, idf, avg_doc_len, config, axis_names)
 
-  def accumulate(state, blk, step):
+  def fold_tile(state, cols):
     m, s, stats = state
-    cols = _cols(blk[0], blk[1], step, axis_names, size)
-    logits, block_stats = blocks.block_logits(rows, cols, idf, avg_doc_len, config)
+    logits, tile_stats = blocks.block_logits(rows, cols, idf, avg_doc_len, config)
     m_new = jnp.maximum(m, jnp.max(logits, axis=1))
     s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[:, None]), axis=1)
-    stats = block_stats if stats is None else blocks.merge_stats(stats, block_stats)
-    return m_new, s, stats
+    return (m_new, s, blocks.merge_stats(stats, tile_stats)), None
 
-  # Step 0 (own block) outside the loop gives the carry its types; then P - 1 rotate-and-add steps.
+  def fold_block(state, blk, step):
+    tiles = _split_tiles(_cols(blk[0], blk[1], step, axis_names, size), width)
+    return jax.lax.scan(fold_tile, state, tiles)[0]
+
   m0 = jnp.full(q.shape[:1], -jnp.inf, jnp.float32)
-  state = accumulate((m0, jnp.zeros_like(m0), None), (c, c_terms), 0)
+  state = fold_block((m0, jnp.zeros_like(m0), blocks.empty_stats(q.shape[0])), (c, c_terms), 0)
 
   def body(carry, step):
     blk, state = carry
     blk = _rotate(blk, axis_names, size)
-    return (blk, accumulate(state, blk, step)), None
+    return (blk, fold_block(state, blk, step)), None
 
   (_, (m, s, stats)), _ = jax.lax.scan(body, ((c, c_terms), state), jnp.arange(1, size))
   lse = m + jnp.log(s)
@@ -77,21 +93,25 @@ def _ring_forward(config, axis_names, q, c, q_terms, c_terms, idf, avg_doc_len):
   return (lse, sums), (q, c, q_terms, c_terms, idf, avg_doc_len, lse)
 
 
-def _ring_backward(config, axis_names, residuals, cotangents):
+def _ring_backward(config, axis_names, tile_size, residuals, cotangents):
   q, c, q_terms, c_terms, idf, avg_doc_len, lse = residuals
   g_lse = cotangents[0]
   size = _axis_size(axis_names)
+  width = tile_width(q.shape[0], tile_size)
   rows = _rows(q, c, q_terms, c_terms, idf, avg_doc_len, config, axis_names)
   scale = g_lse[:, None] / config.tau
+
+  def tile_grads(dq, cols):
+    logits, _ = blocks.block_logits(rows, cols, idf, avg_doc_len, config, with_stats=False)
+    ds = jnp.exp(logits - lse[:, None]) * scale  # d lse_i / d s_ij = p_ij / tau; masked p = 0
+    return dq + ds @ cols.c, ds.T @ q
 
   def body(carry, step):
     blk, dq = carry
     c_blk, t_blk, dc_blk = blk
-    logits, _ = blocks.block_logits(rows, _cols(c_blk, t_blk, step, axis_names, size), idf,
-                                    avg_doc_len, config, with_stats=False)
-    ds = jnp.exp(logits - lse[:, None]) * scale  # d lse_i / d s_ij = p_ij / tau; masked p = 0
-    dq = dq + ds @ c_blk
-    dc_blk = dc_blk + ds.T @ q
+    tiles = _split_tiles(_cols(c_blk, t_blk, step, axis_names, size), width)
+    dq, dc_tiles = jax.lax.scan(tile_grads, dq, tiles)
+    dc_blk = dc_blk + dc_tiles.reshape(dc_blk.shape)
     # After `size` rotations every accumulator is back on the device that owns its candidates.
     return (_rotate((c_blk, t_blk, dc_blk), axis_names, size), dq), None
 
@@ -103,8 +123,12 @@ def _ring_backward(config, axis_names, residuals, cotangents):
 ring_logsumexp.defvjp(_ring_forward, _ring_backward)
 
 
-def ring_direction(q, c, q_terms, c_terms, idf, avg_doc_len, config: AGCLConfig, axis_names):
-  """One direction on local normalised q, c [L, D]; returns (per-row loss [L], psum'd sums)."""
-  lse, sums = ring_logsumexp(config, tuple(axis_names), q, c, q_terms, c_terms, idf, avg_doc_len)
+def ring_direction(q, c, q_terms, c_terms, idf, avg_doc_len, config: AGCLConfig, axis_names,
+                   tile_size=None):
+  """One direction on local normalised q, c [L, D]; returns (per-row loss [L], psum'd sums).
+
+  tile_size: columns per logits tile ([L, tile] at a time); None: the whole [L, L] block.
+  """
+  lse, sums = ring_logsumexp(config, tuple(axis_names), tile_size, q, c, q_terms, c_terms, idf, avg_doc_len)
   rows = _rows(q, c, q_terms, c_terms, idf, avg_doc_len, config, axis_names)
   return lse - blocks.positive_logit(rows, c, config), sums
