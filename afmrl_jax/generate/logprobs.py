@@ -29,8 +29,8 @@ def completion_logprobs(model, prompt_ids: jax.Array, prompt_mask: jax.Array, co
   """Log-probabilities of `completion` tokens given the prompt, teacher-forced in one forward pass.
 
   Args:
-    model: a `models.vl_model.VLModel` (`model(ids, mask, pixels, grid) -> (hidden, cache)`,
-      `model.logits(hidden)`).
+    model: a `models.vl_model.VLModel` (uses `rope_index`, `embed_inputs`, `language_model`,
+      `logits`).
     prompt_ids: [B, Tp] int32, left-padded; prompt_mask: [B, Tp] (1 = real token).
     completion: [B, N] int32 generated tokens (anything after `lengths`).
     lengths: [B] int32 real completion tokens per row (including EOS).
@@ -44,9 +44,22 @@ def completion_logprobs(model, prompt_ids: jax.Array, prompt_mask: jax.Array, co
   tp = prompt_ids.shape[1]
   n = completion.shape[1]
   valid = completion_mask(lengths, n)
-  ids = jnp.concatenate([prompt_ids, jnp.where(valid, completion, 0).astype(prompt_ids.dtype)], axis=1)
-  mask = jnp.concatenate([prompt_mask.astype(jnp.int32), valid.astype(jnp.int32)], axis=1)
-  hidden, _ = model(ids, mask, pixel_values, image_grid_thw)
+  completion = jnp.where(valid, completion, 0).astype(prompt_ids.dtype)
+  prompt_mask = prompt_mask.astype(jnp.int32)
+  mask = jnp.concatenate([prompt_mask, valid.astype(jnp.int32)], axis=1)
+  # Generated tokens are text even when they happen to be the image-pad id (as in decoding, which
+  # never splices image features nor gives them image positions): embed and position them here
+  # rather than letting the model treat the whole sequence as one prompt.
+  grid = image_grid_thw if pixel_values is not None else None
+  prompt_pos, _ = model.rope_index(prompt_ids, prompt_mask, grid)  # [3, B, Tp]
+  start = jnp.max(jnp.where(prompt_mask[None] > 0, prompt_pos, -1), axis=(0, 2)) + 1  # [B]
+  comp_pos = start[:, None] + jnp.arange(n)[None]
+  position_ids = jnp.concatenate([prompt_pos, jnp.broadcast_to(comp_pos[None], (3,) + comp_pos.shape)], -1)
+  if model.config.text.mrope_section is None:
+    position_ids = position_ids[0]
+  x = jnp.concatenate([model.embed_inputs(prompt_ids, pixel_values, grid),
+                       model.language_model.embed(completion)], axis=1)
+  hidden, _ = model.language_model(x, mask, position_ids, None)
   # Position tp - 1 + i predicts completion token i.
   h = hidden[:, tp - 1:tp - 1 + n]
   if chunk is None or chunk >= n:
