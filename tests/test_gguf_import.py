@@ -83,3 +83,25 @@ def test_hf_llama_with_imported_tensors_answers(smollm2):
   with torch.no_grad():
     out = model.generate(ids, max_new_tokens=9, do_sample=False)
   assert smollm2.tokenizer.decode(out[0, ids.shape[1]:]).startswith(ANSWER)
+
+
+@needs_smollm2
+def test_our_decoder_greedy_decodes_the_answer(smollm2):
+  """Our Llama-variant decoder + KV-cache sampler on the real SmolLM2-135M-Instruct weights."""
+  import jax.numpy as jnp
+
+  from afmrl_jax.generate import sampling
+  from afmrl_jax.generate.filters import SamplingConfig
+
+  model, config = gguf_import.to_vl_model(smollm2)
+  assert config.model_type == "llama" and config.text.mrope_section is None
+  tok = smollm2.tokenizer
+  ids = tok(PROMPT).input_ids
+  # Two rows: the prompt left-padded by 3 and right-padded by 3 (the answer must not depend on it).
+  pad = tok.pad_token_id
+  batch = jnp.asarray([[pad] * 3 + ids, ids + [pad] * 3])
+  mask = jnp.asarray([[0] * 3 + [1] * len(ids), [1] * len(ids) + [0] * 3])
+  cfg = SamplingConfig(temperature=0.0, max_new_tokens=12, eos_ids=(tok.eos_token_id,), pad_id=pad)
+  out = sampling.generate(model, batch, mask, config=cfg)
+  for row, n in zip(out.tokens.tolist(), out.lengths.tolist()):
+    assert tok.decode(row[:n]).startswith(ANSWER)

@@ -194,3 +194,46 @@ def read_gguf(path: str) -> GGUFCheckpoint:
         raise ValueError(f"GGUF {path}: layer {i} lacks {hf} (file truncated or not a llama model).")
   return GGUFCheckpoint(config=config, tensors=tensors, tokenizer=build_tokenizer(reader),
                         chat_template=_field(reader, "tokenizer.chat_template"))
+
+
+def to_vl_model(checkpoint: GGUFCheckpoint, mesh=None, **config_overrides):
+  """Builds our text-only `VLModel` (Llama variant, 1-D RoPE) holding the GGUF weights.
+
+  Uses the HF name mapping of `models.hf_checkpoint.hf_name`, so the GGUF path needs no second
+  table of our parameter names. Each tensor is placed on its logical sharding over `mesh`
+  (None: the default device).
+
+  Returns (model, VLConfig).
+  """
+  import jax
+  from flax import nnx
+  from jax.sharding import NamedSharding
+
+  from afmrl_jax.models.config import VLConfig
+  from afmrl_jax.models.hf_checkpoint import hf_name
+  from afmrl_jax.models.sharding import spec_for
+  from afmrl_jax.models.vl_model import VLModel
+
+  config = VLConfig.from_hf_dict(checkpoint.config, **config_overrides)
+  model = nnx.eval_shape(lambda: VLModel(config, rngs=nnx.Rngs(0)))
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    mapped = hf_name(path)
+    what = ".".join(map(str, path))
+    if mapped is None:
+      raise ValueError(f"gguf_import: parameter {what} has no HF name to fill it from.")
+    name, layout = mapped
+    if name not in checkpoint.tensors:
+      raise KeyError(f"gguf_import: tensor {name!r} (for parameter {what}) is not in the GGUF file.")
+    arr = checkpoint.tensors[name]
+    arr = arr.T if layout == "linear" else arr
+    target = var.get_value()
+    if arr.shape != tuple(target.shape):
+      raise ValueError(f"gguf_import: tensor {name!r} has shape {arr.shape}, parameter {what} needs "
+                       f"{tuple(target.shape)}.")
+    arr = arr.astype(target.dtype)
+    if mesh is not None:
+      spec = spec_for(var.get_metadata().get("out_sharding"), arr.shape, mesh)
+      var.set_value(jax.device_put(arr, NamedSharding(mesh, spec)))
+    else:
+      var.set_value(jax.device_put(arr))
+  return model, config
