@@ -1,0 +1,85 @@
+"""8 simulated CPU devices: the model sharded over an fsdp x tensor mesh gives the unsharded logits,
+both when imported from an HF checkpoint (streamed onto the mesh) and when created sharded."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from afmrl_jax import parallel
+from afmrl_jax.models import hf_checkpoint
+from afmrl_jax.models.config import VLConfig
+from afmrl_jax.models.sharding import create_sharded
+from afmrl_jax.models.vl_model import VLModel
+from tests.test_models_hf_helpers import SHAPES, inputs
+
+pytest.importorskip('torch')
+pytest.importorskip('transformers')
+
+SHAPE = SHAPES[2]  # Qwen2.5-VL, hidden 64, 4 heads / 2 kv heads, windows, tied embeddings
+
+
+def _mesh():
+  if len(jax.devices()) < 8:
+    pytest.skip('needs 8 devices (tests/conftest.py sets XLA_FLAGS for CPU)')
+  return parallel.make_mesh({'data': 1, 'fsdp': 2, 'tensor': 4})
+
+
+def _logits(model, ids, mask, pixels, grid, mesh=None):
+  @nnx.jit(static_argnums=4)
+  def run(model, ids, mask, pixels, grid):
+    return model.logits(model(ids, mask, pixels, grid)[0])
+
+  args = [jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels)]
+  if mesh is None:
+    return np.asarray(run(model, *args, grid))
+  batch = jax.sharding.NamedSharding(mesh, P(('data', 'fsdp')))
+  args = [jax.device_put(a, batch) for a in args]
+  with jax.set_mesh(mesh):
+    return np.asarray(run(model, *args, grid))
+
+
+@pytest.fixture(scope='module')
+def checkpoint(tmp_path_factory):
+  from tests.test_models_hf_helpers import hf_model
+
+  directory = str(tmp_path_factory.mktemp('ckpt'))
+  hf_model(SHAPE).save_pretrained(directory)
+  return directory
+
+
+def test_imported_sharded_model_matches_unsharded(checkpoint):
+  mesh = _mesh()
+  ids, mask, pixels = inputs(SHAPE, batch=2)
+  plain, _ = hf_checkpoint.load_hf_checkpoint(checkpoint)
+  sharded, _ = hf_checkpoint.load_hf_checkpoint(checkpoint, mesh=mesh)
+  q = sharded.language_model.layers[0].self_attn.q_proj.kernel.get_value()
+  assert q.sharding.spec == P('fsdp', 'tensor')
+  assert q.addressable_shards[0].data.shape == (32, 16)  # [64, 64] over fsdp=2 x tensor=4
+  emb = sharded.language_model.embed_tokens.get_value()
+  assert emb.sharding.spec == P('tensor', 'fsdp')
+  want = _logits(plain, ids, mask, pixels, SHAPE.grid)
+  got = _logits(sharded, ids, mask, pixels, SHAPE.grid, mesh)
+  real = mask.astype(bool)
+  assert np.abs(got - want)[real].max() <= 1e-5
+
+
+def test_created_sharded_matches_unsharded():
+  mesh = _mesh()
+  config = VLConfig.from_hf_dict({
+      'model_type': 'qwen2_vl', 'image_token_id': 100,
+      'text_config': dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2,
+                          rope_parameters={'rope_type': 'default', 'mrope_section': [4, 2, 2]}),
+      'vision_config': dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)})
+  plain = VLModel(config, rngs=nnx.Rngs(3))
+  sharded = create_sharded(lambda: VLModel(config, rngs=nnx.Rngs(3)), mesh)
+  up = sharded.language_model.layers[1].mlp.up_proj.kernel.get_value()
+  assert up.sharding.spec == P('fsdp', 'tensor')
+  ids, mask, pixels = inputs(SHAPES[0], batch=2)  # grid (1, 4, 4), merge 2
+  want = _logits(plain, ids, mask, pixels, (1, 4, 4))
+  got = _logits(sharded, ids, mask, pixels, (1, 4, 4), mesh)
+  assert np.abs(got - want)[mask.astype(bool)].max() <= 1e-5
