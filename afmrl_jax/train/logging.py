@@ -1,7 +1,7 @@
 """Training logs: a console line per `log_every` steps, TensorBoard events, a JSON-lines file, FLOPs/MFU.
 
 Console: `step   120/400 [######......] 30% | loss 2.3451 | 812.3 ex/s | 1.2 TFLOP/s | ETA 0:01:23`.
-TensorBoard (tensorboardX): every scalar under `train/`. `train_metrics.jsonl`: one JSON object per logged
+TensorBoard (tensorboardX): every scalar under `train/`. `metrics.jsonl`: one JSON object per logged
 step (what the report's loss curve reads). FLOPs per step come from the compiled step's
 `cost_analysis()`; MFU divides achieved FLOP/s by the peak of the device kind (bf16 dense table below;
 unknown kinds, e.g. CPUs, get no MFU rather than a made-up one).
@@ -96,10 +96,10 @@ def _drop_rows_after(path: str, step: int) -> None:
 
 
 class MetricsLogger:
-  """Writes console lines, TensorBoard scalars and `train_metrics.jsonl` on process 0.
+  """Writes console lines, TensorBoard scalars and `metrics.jsonl` on process 0.
 
   Args:
-    workdir: run directory (`tensorboard/` and `train_metrics.jsonl` go there).
+    workdir: run directory (`tensorboard/` and `metrics.jsonl` go there).
     total_steps: the run's last step (for the bar and ETA).
     examples_per_step: global batch (pairs) per step.
     flops_per_step_per_device: from `compiled_flops`, or None.
@@ -107,7 +107,7 @@ class MetricsLogger:
 
   def __init__(self, workdir: str, total_steps: int, examples_per_step: int,
                flops_per_step_per_device: float | None = None, stream=None,
-               metrics_file: str = "train_metrics.jsonl", resumed_step: int = 0):
+               metrics_file: str = "metrics.jsonl", resumed_step: int = 0):
     self.total_steps = total_steps
     self.examples_per_step = examples_per_step
     self.flops = flops_per_step_per_device

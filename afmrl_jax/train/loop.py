@@ -51,7 +51,7 @@ class LoopConfig:
   resume: bool = True
   check_finite: bool = True
   examples_per_step: int = 1
-  metrics_file: str = "train_metrics.jsonl"
+  metrics_file: str = "metrics.jsonl"
 
 
 @dataclasses.dataclass

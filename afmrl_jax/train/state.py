@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from afmrl_jax import parallel
+from afmrl_jax.models import sharding as model_sharding
 
 
 def make_schedule(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
@@ -77,8 +78,9 @@ def create_sharded(build: Callable[[], nnx.Module], mesh: Mesh, trainable: Any) 
   with jax.set_mesh(mesh), parallel.logical_rules():
     abstract = nnx.eval_shape(build)
     graphdef, abs_params, abs_rest = nnx.split(abstract, trainable, ...)
-    param_sh = nnx.get_named_sharding(abs_params, mesh)
-    rest_sh = nnx.get_named_sharding(abs_rest, mesh)
+    # models.sharding drops mesh axes a dimension does not divide (small vision towers on big meshes).
+    param_sh = model_sharding.state_shardings(abs_params, mesh)
+    rest_sh = model_sharding.state_shardings(abs_rest, mesh)
 
     def init():
       _, params, rest = nnx.split(build(), trainable, ...)

@@ -1,0 +1,126 @@
+"""The stage-1 objective on a batch: embed both towers with the shared model, AGCL over the global batch.
+
+Batch keys (docs/interfaces.md, data.pipeline): `{query,candidate}_input_ids [B,T]`,
+`{query,candidate}_attention_mask [B,T]`, optional `{query,candidate}_pixel_values [B,P,Dp]`,
+`{query,candidate}_terms [B,K]`. The image grid is static (one image size per config).
+
+Two ways to get gradients, same numbers:
+* `make_loss_fn`: plain autodiff through both towers (activations of the whole batch kept);
+* `make_gradcache_grad_fn`: GradCache (`losses.grad_cache`): embed in chunks without activations,
+  gradient of the loss w.r.t. the embeddings, re-run chunk by chunk. Chunks are taken *across* the
+  batch shards (each chunk holds `chunk` rows of every device) so every device works on every chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from afmrl_jax import parallel
+from afmrl_jax.losses import agcl_loss, grad_cache
+from afmrl_jax.models import heads
+
+SIDES = ("query", "candidate")
+
+
+def side(batch: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+  """The model inputs of one tower: `input_ids`, `attention_mask` (+ `pixel_values` if present)."""
+  out = {"input_ids": batch[f"{prefix}_input_ids"], "attention_mask": batch[f"{prefix}_attention_mask"]}
+  if f"{prefix}_pixel_values" in batch:
+    out["pixel_values"] = batch[f"{prefix}_pixel_values"]
+  return out
+
+
+def _terms(batch, prefix):
+  return batch.get(f"{prefix}_terms")
+
+
+def make_agcl(agcl_config, strategy: str, idf: np.ndarray | None, avg_doc_len: float,
+              axis_names: Sequence[str] = parallel.BATCH_AXES) -> Callable:
+  """loss(q [B,D], c [B,D], q_terms [B,K], c_terms [B,K]) -> (loss, metrics) on the global batch."""
+  idf = None if idf is None else jnp.asarray(idf, jnp.float32)
+  names = () if strategy == "dense" else tuple(axis_names)
+
+  def loss(q, c, q_terms, c_terms):
+    return agcl_loss(q, c, q_terms, c_terms, idf, avg_doc_len, agcl_config, strategy=strategy,
+                     axis_names=names)
+
+  return loss
+
+
+def make_loss_fn(agcl: Callable, grid: tuple[int, int, int] | None) -> Callable:
+  """loss_fn(model, batch) -> (loss, metrics) for `train.loop` (plain autodiff)."""
+
+  def loss_fn(model, batch):
+    q = heads.embed(model, side(batch, "query"), grid)
+    c = heads.embed(model, side(batch, "candidate"), grid)
+    return agcl(q, c, _terms(batch, "query"), _terms(batch, "candidate"))
+
+  return loss_fn
+
+
+def interleave_shards(x: jax.Array, shards: int, chunk: int) -> jax.Array:
+  """Reorders rows [B] so that consecutive blocks of `shards * chunk` rows take `chunk` rows from each
+  batch shard: [shards, n, chunk] -> [n, shards, chunk]. A layout change local to each device."""
+  b = x.shape[0]
+  n = b // (shards * chunk)
+  y = x.reshape((shards, n, chunk) + x.shape[1:])
+  return jnp.swapaxes(y, 0, 1).reshape(x.shape)
+
+
+def make_gradcache_grad_fn(graphdef: Any, agcl: Callable, grid, chunk_per_device: int,
+                           shards: int) -> Callable:
+  """grad_fn(params, rest, batch) -> ((loss, metrics), grads) with GradCache (see module docstring).
+
+  The AGCL loss is invariant to a common permutation of the batch rows, so reordering the rows for
+  chunking changes nothing but the summation order.
+  """
+  def encode(params, chunk_side, rest):
+    return heads.embed(nnx.merge(graphdef, params, rest), chunk_side, grid)
+
+  def grad_fn(params, rest, batch):
+    mix = lambda tree: jax.tree.map(lambda x: interleave_shards(x, shards, chunk_per_device), tree)
+    step = grad_cache(lambda p, ch: encode(p, ch, rest), agcl, chunk_size=chunk_per_device * shards)
+    inputs = tuple(mix(side(batch, s)) for s in SIDES)
+    q_terms, c_terms = (mix(_terms(batch, s)) if _terms(batch, s) is not None else None for s in SIDES)
+    return step(params, inputs, q_terms, c_terms)
+
+  return grad_fn
+
+
+def make_embed_fn(model_parts, mesh, grid, batch_size: int) -> Callable:
+  """embed_fn(batch) -> np.ndarray [B, D] of this process's rows, for `train.evaluate.evaluate`.
+
+  Uses the `candidate_*` keys when present (gallery), else `query_*`. Batches shorter than
+  `batch_size` (the last one) are padded to it so one compiled program serves every batch.
+  model_parts: (graphdef, params, rest) of the trained model.
+  """
+  graphdef, params, rest = model_parts
+
+  @jax.jit
+  def run(params, rest, inputs):
+    return heads.embed(nnx.merge(graphdef, params, rest), inputs, grid)
+
+  def embed_fn(batch):
+    prefix = "candidate" if "candidate_input_ids" in batch else "query"
+    inputs = {k: np.asarray(v) for k, v in side(batch, prefix).items()}
+    n = inputs["input_ids"].shape[0]
+    local = batch_size // jax.process_count()
+    if n > local:
+      raise ValueError(f"embed_fn: batch of {n} rows exceeds pipeline.eval_batch_size per process ({local}).")
+    if n < local:
+      inputs = {k: np.concatenate([v, np.repeat(v[-1:], local - n, axis=0)]) for k, v in inputs.items()}
+    with jax.set_mesh(mesh), parallel.logical_rules():
+      out = run(params, rest, parallel.global_batch(inputs, mesh))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      out = multihost_utils.global_array_to_host_local_array(out, mesh, jax.sharding.PartitionSpec(
+          parallel.BATCH_AXES))
+    return np.asarray(out)[:n]
+
+  return embed_fn
