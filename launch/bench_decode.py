@@ -1,0 +1,164 @@
+"""Decode benchmark: our KV-cache sampler (JAX) vs HF `generate` (PyTorch), same process, same weights.
+
+"bench-small" (issue 3): Qwen2.5-VL, text hidden 256, 4 layers, 4 heads, 2 kv heads, intermediate 1024,
+vocab 8192, M-RoPE sections [8, 12, 12], tied embeddings; vision depth 4, width 128, 4 heads,
+intermediate 256, window 56, full-attention block 3; 112x112 images (8x8 patches, 16 merged image
+tokens); batch 16, 32-token text prompt, 32 sampled new tokens (temperature 1, no EOS stop, so both
+sides generate exactly 32 tokens per row).
+
+Random HF weights are saved to a temporary directory and imported into our model, so both sides
+run the same network. Reported per side: end-to-end generate time (prefill + decode), its
+new-tokens/s, and decode-only tokens/s from (time(N new) - time(1 new)) / (N - 1) steps.
+Prints a markdown table and writes JSON (`--json`).
+
+  python launch/bench_decode.py --json /tmp/bench_decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMAGE, VIDEO, V_START, V_END = 8000, 8001, 8002, 8003
+
+
+def hf_bench_small(seed: int):
+  """The random bench-small HF Qwen2.5-VL model (float32, eval mode)."""
+  import torch
+  import transformers as tf
+
+  text = dict(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+              num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=True,
+              rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1e6},
+              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+  vision = dict(depth=4, hidden_size=128, intermediate_size=256, out_hidden_size=256, num_heads=4,
+                spatial_merge_size=2, window_size=56, fullatt_block_indexes=[3], patch_size=14,
+                temporal_patch_size=2)
+  config = tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE,
+                               video_token_id=VIDEO, vision_start_token_id=V_START,
+                               vision_end_token_id=V_END, tie_word_embeddings=True)
+  torch.manual_seed(seed)
+  return tf.Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def inputs(batch: int, prompt_len: int, seed: int):
+  """Prompts `<vision_start> 16 x <image_pad> <vision_end> text...` (left-padded) and 112x112 patches."""
+  rng = np.random.default_rng(seed)
+  grid = (1, 8, 8)
+  n_img = 16
+  t = prompt_len + n_img + 2
+  ids = np.zeros((batch, t), np.int32)
+  mask = np.zeros((batch, t), np.int32)
+  for b in range(batch):
+    text_len = prompt_len - (b % 4)  # a little left padding in some rows
+    row = [V_START] + [IMAGE] * n_img + [V_END] + list(rng.integers(3, 7999, size=text_len))
+    ids[b, t - len(row):] = row
+    mask[b, t - len(row):] = 1
+  pixels = rng.standard_normal((batch, int(np.prod(grid)), 3 * 2 * 14 * 14)).astype(np.float32)
+  return ids, mask, pixels, grid
+
+
+def _time(fn, repeats: int) -> float:
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def bench_hf(model, ids, mask, pixels, grid, new_tokens: int, repeats: int) -> float:
+  import torch
+
+  kw = dict(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
+            pixel_values=torch.tensor(pixels.reshape(-1, pixels.shape[-1])),
+            image_grid_thw=torch.tensor([grid] * ids.shape[0]),
+            mm_token_type_ids=torch.tensor((ids == IMAGE).astype(np.int64)))
+
+  def run():
+    with torch.no_grad():
+      out = model.generate(**kw, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
+                           temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0)
+    assert out.shape[1] == ids.shape[1] + new_tokens
+  run()  # warm-up
+  return _time(run, repeats)
+
+
+def bench_ours(model, ids, mask, pixels, grid, new_tokens: int, repeats: int) -> float:
+  from afmrl_jax.generate import sampling
+  from afmrl_jax.generate.filters import SamplingConfig
+
+  cfg = SamplingConfig(temperature=1.0, max_new_tokens=new_tokens, eos_ids=())
+  args = (jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels))
+  key = jax.random.key(0)
+
+  def run():
+    out = sampling.generate(model, *args, grid, rng=key, config=cfg)
+    jax.block_until_ready(out)
+    assert out.tokens.shape == (ids.shape[0], new_tokens)
+  run()  # compile
+  return _time(run, repeats)
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--batch", type=int, default=16)
+  ap.add_argument("--prompt_len", type=int, default=32, help="text tokens per prompt (plus 18 image tokens)")
+  ap.add_argument("--new_tokens", type=int, default=32)
+  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--torch_threads", type=int, default=0, help="0: torch's default")
+  ap.add_argument("--json", default="", help="write the results here as JSON")
+  args = ap.parse_args()
+
+  import torch
+
+  from afmrl_jax.models import hf_checkpoint
+
+  if args.torch_threads:
+    torch.set_num_threads(args.torch_threads)
+  hf = hf_bench_small(args.seed)
+  with tempfile.TemporaryDirectory() as d:
+    hf.save_pretrained(d)
+    ours, _ = hf_checkpoint.load_hf_checkpoint(d)
+  ids, mask, pixels, grid = inputs(args.batch, args.prompt_len, args.seed)
+  n, b = args.new_tokens, args.batch
+
+  results = {"config": "bench-small", "batch": b, "prompt_tokens": int(ids.shape[1]), "new_tokens": n,
+             "devices": str(jax.devices()[0].device_kind), "torch_threads": torch.get_num_threads(),
+             "cpu_count": os.cpu_count()}
+  for name, fn, model in (("hf_generate", bench_hf, hf), ("afmrl_jax", bench_ours, ours)):
+    total = fn(model, ids, mask, pixels, grid, n, args.repeats)
+    one = fn(model, ids, mask, pixels, grid, 1, args.repeats)
+    decode_s = max(total - one, 1e-9)
+    results[name] = {"generate_s": total, "prefill_plus_1_s": one,
+                     "tokens_per_s": b * n / total, "decode_tokens_per_s": b * (n - 1) / decode_s,
+                     "ms_per_decode_step": 1000 * decode_s / (n - 1)}
+  results["speedup_end_to_end"] = results["afmrl_jax"]["tokens_per_s"] / results["hf_generate"]["tokens_per_s"]
+  results["speedup_decode"] = (results["afmrl_jax"]["decode_tokens_per_s"]
+                               / results["hf_generate"]["decode_tokens_per_s"])
+
+  print(f"bench-small: batch {b}, prompt {ids.shape[1]} tokens (16 image), {n} new tokens, "
+        f"median of {args.repeats}")
+  print("| implementation | generate s | new tokens/s | decode-only tokens/s | ms / decode step |")
+  print("|---|---|---|---|---|")
+  for name in ("hf_generate", "afmrl_jax"):
+    r = results[name]
+    print(f"| {name} | {r['generate_s']:.3f} | {r['tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.0f} | "
+          f"{r['ms_per_decode_step']:.2f} |")
+  print(f"speed-up: end-to-end {results['speedup_end_to_end']:.2f}x, decode-only {results['speedup_decode']:.2f}x")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
