@@ -81,6 +81,7 @@ class VLConfig:
   vision_end_token_id: int = 151653
   dtype: str = 'float32'  # activation / compute dtype
   param_dtype: str = 'float32'
+  remat: bool = False  # recompute each block's activations in the backward pass (training memory)
 
   def replace(self, **kw) -> VLConfig:
     return dataclasses.replace(self, **kw)
@@ -133,6 +134,9 @@ class VLConfig:
         eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
         pad_token_id=t.get('pad_token_id'),
     )
+    if t.get('use_sliding_window'):
+      raise ValueError('config.json: use_sliding_window=true is not supported (no released '
+                       'Qwen2-VL / Qwen2.5-VL checkpoint uses it)')
     if text.hidden_act != 'silu':
       raise ValueError(f'config.json: hidden_act {text.hidden_act!r} unsupported (only silu)')
     vision = None
@@ -141,7 +145,7 @@ class VLConfig:
       vrope = v.get('rope_parameters') or {}
       common = dict(
           depth=v.get('depth', 32), num_heads=v.get('num_heads', 16),
-          in_channels=v.get('in_channels', 3), patch_size=v.get('patch_size', 14),
+          in_channels=v.get('in_channels', v.get('in_chans', 3)), patch_size=v.get('patch_size', 14),
           temporal_patch_size=v.get('temporal_patch_size', 2),
           spatial_merge_size=v.get('spatial_merge_size', 2),
           rope_theta=float(vrope.get('rope_theta', 10000.0)))

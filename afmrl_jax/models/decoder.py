@@ -108,9 +108,11 @@ class DecoderLayer(nnx.Module):
 class TextDecoder(nnx.Module):
   """Token embedding, decoder layers and the final norm (HF `model.language_model`)."""
 
-  def __init__(self, cfg: TextConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, cfg: TextConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               remat: bool = False, rngs: nnx.Rngs):
     self.config = cfg
     self.dtype = dtype
+    self.remat = remat
     self.embed_tokens = param(
         INIT_STD * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype),
         'vocab', 'embed')
@@ -154,7 +156,10 @@ class TextDecoder(nnx.Module):
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.index)
-      x, new = layer(x, cos, sin, allowed, layer_cache)
+      if self.remat:
+        x, new = nnx.remat(lambda lyr, *a: lyr(*a))(layer, x, cos, sin, allowed, layer_cache)
+      else:
+        x, new = layer(x, cos, sin, allowed, layer_cache)
       if new is not None:
         new_k.append(new[0])
         new_v.append(new[1])

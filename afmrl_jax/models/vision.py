@@ -116,13 +116,14 @@ class VisionTower(nnx.Module):
   """HF `model.visual`: patches `[B, P, Dp]` -> merged image tokens `[B, P / merge^2, out_hidden]`."""
 
   def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               remat: bool = False, rngs: nnx.Rngs):
     if cfg.arch not in ('qwen2_vl', 'qwen2_5_vl'):
       raise ValueError(f'VisionConfig.arch {cfg.arch!r}: expected qwen2_vl or qwen2_5_vl')
     if cfg.width % cfg.num_heads:
       raise ValueError(f'VisionConfig: width {cfg.width} not divisible by num_heads {cfg.num_heads}')
     self.config = cfg
     self.dtype = dtype
+    self.remat = remat
     self.patch_embed = dense(cfg.patch_dim, cfg.width, ('patch', 'vision_embed'), bias=False,
                              dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -157,7 +158,12 @@ class VisionTower(nnx.Module):
     cos, sin = jnp.asarray(cos), jnp.asarray(sin)
     for i, block in enumerate(self.blocks):
       full = cfg.arch == 'qwen2_vl' or i in cfg.fullatt_block_indexes
-      x = block(x, cos, sin, full_mask if full else window_mask)
+      mask = full_mask if full else window_mask
+      if self.remat:
+        x = nnx.remat(lambda blk, *a: blk(*a))(
+            block, x, cos, sin, None if mask is None else jnp.asarray(mask))
+      else:
+        x = block(x, cos, sin, mask)
     merged = self.merger(x)
     if perm is not None:
       merged = merged[:, np.argsort(cells)]

@@ -26,8 +26,8 @@ class VLModel(nnx.Module):
     self.config = config
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.visual = VisionTower(config.vision, **kw) if config.vision is not None else None
-    self.language_model = TextDecoder(config.text, **kw)
+    self.visual = VisionTower(config.vision, remat=config.remat, **kw) if config.vision else None
+    self.language_model = TextDecoder(config.text, remat=config.remat, **kw)
     t = config.text
     self.lm_head = None if t.tie_word_embeddings else dense(
         t.hidden_size, t.vocab_size, ('embed', 'vocab'), bias=False, **kw)
