@@ -81,6 +81,10 @@ def test_wraps_targets_and_identity_at_init():
   model, base, paths = _toy_with_lora()
   assert sorted(paths) == sorted(f"layers/{i}/{n}" for i in range(2) for n in CONFIG.targets)
   np.testing.assert_array_equal(np.asarray(model(_x())), np.asarray(base(_x())))
+  # Base parameters keep their paths (so HF import/export and base checkpoints still apply).
+  base_paths = {p for p, _ in nnx.to_flat_state(nnx.state(base, nnx.Param))}
+  lora_model_paths = {p for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.LoRAParam)))}
+  assert base_paths == lora_model_paths
   # Adapter shapes follow the kernels: a [in..., r], b [r, out...]; sharding names carried over.
   q = model.layers[0].q_proj
   assert q.lora_a.shape == (8, 4) and q.lora_b.shape == (4, 2, 4)
@@ -93,7 +97,7 @@ def test_lora_forward_matches_numpy():
   up = model.layers[0].up_proj
   up.lora_b[...] = jax.random.normal(jax.random.key(9), up.lora_b.shape)
   x = np.asarray(jax.random.normal(jax.random.key(4), (3, 8)))
-  w = np.asarray(up.base.kernel[...])
+  w = np.asarray(up.kernel[...])
   a, b = np.asarray(up.lora_a[...]), np.asarray(up.lora_b[...])
   expected = x @ w + (8.0 / 4) * (x @ a) @ b
   np.testing.assert_allclose(np.asarray(up(jnp.asarray(x))), expected, rtol=1e-5, atol=1e-5)
@@ -119,7 +123,7 @@ def test_optimizer_freezes_base_and_merge_matches():
   unmerged = np.asarray(model(_x()))
   lora.merge_lora(model)
   assert not nnx.state(model, nnx.LoRAParam)
-  assert isinstance(model.layers[1].q_proj, EinsumProj)
+  assert type(model.layers[1].q_proj) is EinsumProj and type(model.layers[0].up_proj) is nnx.Linear
   np.testing.assert_allclose(np.asarray(model(_x())), unmerged, rtol=1e-5, atol=1e-5)
 
 

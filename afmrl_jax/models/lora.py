@@ -1,17 +1,18 @@
 """LoRA adapters for NNX module trees: wrap projections, train only the adapters, merge for export.
 
-`apply_lora(model, config, rngs)` replaces every projection whose attribute name is in
+`apply_lora(model, config, rngs)` adapts every projection whose attribute name is in
 `config.targets` (HF names: `q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`,
-`down_proj`) by a `LoRAProjection` that keeps the original module as `base` and adds
-`scale * (x @ a) @ b` with `b` initialised to zero, so the wrapped model starts out identical.
+`down_proj`): the module gains `lora_a`, `lora_b` and computes `base(x) + scale * (x @ a) @ b`, with
+`b` initialised to zero so the adapted model starts out identical. The base parameters keep their
+paths (see `LoRAProjection`), so HF import/export (`models.hf_checkpoint`) works on LoRA models.
 
 Adapter weights are `nnx.LoRAParam` (a subclass of `nnx.Param`), so `trainable_filter(True)` gives
 the filter to hand to `nnx.Optimizer(..., wrt=...)` / `nnx.grad(..., argnums=nnx.DiffState(0, ...))`:
 base weights get no optimizer state and are never updated. `lora_mask(state)` is the same as an
 optax mask for code that works on plain parameter pytrees.
 
-`merge_lora(model)` folds `scale * a @ b` into each base kernel and puts the base module back, giving
-a plain model to export (HF safetensors) or to serve.
+`merge_lora(model)` folds `scale * a @ b` into each base kernel and removes the adapters, giving a
+plain model to export (HF safetensors) or to serve.
 
 Kernels: the wrapped module must have a `kernel` parameter whose leading `in_axes` axes contract with
 the trailing axes of the input (nnx.Linear: kernel [in, out]; einsum projections such as
@@ -40,12 +41,15 @@ class LoRAConfig:
   rank: adapter rank r; alpha: scale numerator (the update is alpha / r * x a b);
   targets: attribute names of the projections to adapt (matched against the last path element,
   or a '/'-joined path suffix such as 'attn/qkv');
-  in_axes: per-target override of how many leading kernel axes are input axes (default 1).
+  in_axes: per-target override of how many leading kernel axes are input axes (default 1);
+  scope: only modules under this '/'-joined path prefix (e.g. 'language_model' to leave the
+  vision tower's MLPs alone); '' = the whole model.
   """
   rank: int = 8
   alpha: float = 16.0
   targets: tuple[str, ...] = DEFAULT_TARGETS
   in_axes: tuple[tuple[str, int], ...] = ()
+  scope: str = ""
 
   @classmethod
   def from_dict(cls, d: Any) -> "LoRAConfig":
@@ -53,7 +57,7 @@ class LoRAConfig:
     d = dict(d)
     unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
-      raise ValueError(f"config.lora: unknown field(s) {sorted(unknown)}; known: rank, alpha, targets, in_axes.")
+      raise ValueError(f"config.lora: unknown field(s) {sorted(unknown)}; known: rank, alpha, targets, in_axes, scope.")
     if "targets" in d:
       d["targets"] = tuple(d["targets"])
     if "in_axes" in d:
@@ -69,50 +73,62 @@ def _axis_names(var: nnx.Variable) -> tuple[Any, ...] | None:
 
 
 class LoRAProjection(nnx.Module):
-  """`base(x) + alpha / rank * (x a) b` for a projection with a `kernel` of shape [in..., out...].
+  """Mixin for a projection with a `kernel` [in..., out...]: `base(x) + alpha / rank * (x a) b`.
 
-  x: [..., in...] -> [..., out...] (the base module's own output; bias, if any, stays in the base).
+  `apply_lora` does not wrap the projection in a new module: it turns the projection *itself* into
+  a `LoRA<Class>` (a subclass of its own class with this mixin) and adds `lora_a`, `lora_b`. So the
+  base parameters keep their paths (`...q_proj.kernel`), and HF import/export and checkpoints of the
+  base model keep working on a LoRA model; `merge_lora` turns the class back.
+
+  x: [..., in...] -> [..., out...] (bias, if any, stays in the base).
   """
-
-  def __init__(self, base: nnx.Module, rank: int, alpha: float, *, in_axes: int = 1, rngs: nnx.Rngs):
-    kernel = getattr(base, "kernel", None)
-    if not isinstance(kernel, nnx.Variable):
-      raise TypeError(f"LoRA: cannot adapt {type(base).__name__}: it has no `kernel` parameter.")
-    shape = kernel.shape
-    if not 1 <= in_axes < len(shape):
-      raise ValueError(f"LoRA: in_axes={in_axes} does not fit kernel shape {shape} of {type(base).__name__}.")
-    self.base = base
-    self.rank = rank
-    self.scale = float(alpha) / rank
-    self.in_axes = in_axes
-    in_shape, out_shape = shape[:in_axes], shape[in_axes:]
-    fan_in = math.prod(in_shape)
-    names = _axis_names(kernel)
-    a_meta = {"out_sharding": (*names[:in_axes], "lora_rank")} if names else {}
-    b_meta = {"out_sharding": ("lora_rank", *names[in_axes:])} if names else {}
-    if names and jax.sharding.get_abstract_mesh().empty:
-      # No mesh in context (unsharded use): keep the axis names as metadata only.
-      a_meta["eager_sharding"] = b_meta["eager_sharding"] = False
-    dtype = kernel.dtype
-    # Kaiming-uniform a (as the LoRA paper / PEFT), zero b: the initial update is exactly zero.
-    bound = 1.0 / math.sqrt(fan_in)
-    self.lora_a = nnx.LoRAParam(
-        jax.random.uniform(rngs.params(), (*in_shape, rank), dtype, -bound, bound), **a_meta)
-    self.lora_b = nnx.LoRAParam(jnp.zeros((rank, *out_shape), dtype), **b_meta)
-
-  def delta_kernel(self) -> jax.Array:
-    """scale * a @ b reshaped to the base kernel's shape [in..., out...]."""
-    a = self.lora_a[...]
-    b = self.lora_b[...]
-    return self.scale * jnp.tensordot(a, b, axes=1)
-
   def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
-    out = self.base(x, *args, **kwargs)
+    out = super().__call__(x, *args, **kwargs)
     a = self.lora_a[...].astype(x.dtype)
     b = self.lora_b[...].astype(x.dtype)
-    n = self.in_axes
+    n = self.lora_in_axes
     h = jnp.tensordot(x, a, axes=(tuple(range(x.ndim - n, x.ndim)), tuple(range(n))))
-    return out + (self.scale * jnp.tensordot(h, b, axes=1)).astype(out.dtype)
+    return out + (self.lora_scale * jnp.tensordot(h, b, axes=1)).astype(out.dtype)
+
+  def delta_kernel(self) -> jax.Array:
+    """scale * a @ b in the base kernel's shape [in..., out...]."""
+    return self.lora_scale * jnp.tensordot(self.lora_a[...], self.lora_b[...], axes=1)
+
+
+_LORA_CLASSES: dict[type, type] = {}
+
+
+def _lora_class(cls: type) -> type:
+  """The (cached, so jit caches hit) `LoRA<cls>` subclass of `cls`."""
+  if cls not in _LORA_CLASSES:
+    _LORA_CLASSES[cls] = type(f"LoRA{cls.__name__}", (LoRAProjection, cls), {"_lora_base_class": cls})
+  return _LORA_CLASSES[cls]
+
+
+def add_adapter(module: nnx.Module, rank: int, alpha: float, *, in_axes: int = 1, rngs: nnx.Rngs) -> nnx.Module:
+  """Turns one projection into its LoRA version in place (see `LoRAProjection`); returns it."""
+  kernel = getattr(module, "kernel", None)
+  if not isinstance(kernel, nnx.Variable):
+    raise TypeError(f"LoRA: cannot adapt {type(module).__name__}: it has no `kernel` parameter.")
+  shape = kernel.shape
+  if not 1 <= in_axes < len(shape):
+    raise ValueError(f"LoRA: in_axes={in_axes} does not fit kernel shape {shape} of {type(module).__name__}.")
+  in_shape, out_shape = shape[:in_axes], shape[in_axes:]
+  names = _axis_names(kernel)
+  a_meta = {"out_sharding": (*names[:in_axes], "lora_rank")} if names else {}
+  b_meta = {"out_sharding": ("lora_rank", *names[in_axes:])} if names else {}
+  if names and (jax.sharding.get_abstract_mesh().empty or kernel.get_metadata().get("eager_sharding") is False):
+    # Like the base kernels: axis names as metadata, placed later (sharding.create_sharded / shard_model).
+    a_meta["eager_sharding"] = b_meta["eager_sharding"] = False
+  dtype = kernel.dtype
+  # Kaiming-uniform a (as the LoRA paper / PEFT), zero b: the initial update is exactly zero.
+  bound = 1.0 / math.sqrt(math.prod(in_shape))
+  module.__class__ = _lora_class(type(module))
+  module.lora_a = nnx.LoRAParam(jax.random.uniform(rngs.params(), (*in_shape, rank), dtype, -bound, bound), **a_meta)
+  module.lora_b = nnx.LoRAParam(jnp.zeros((rank, *out_shape), dtype), **b_meta)
+  module.lora_scale = float(alpha) / rank
+  module.lora_in_axes = in_axes
+  return module
 
 
 def _matches(path: Sequence[Any], targets: Sequence[str]) -> str | None:
@@ -143,42 +159,38 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> list
   silently train nothing).
   """
   in_axes = dict(config.in_axes)
+  scope = [p for p in config.scope.split("/") if p]
   found = []
   for path, module in list(nnx.iter_modules(model)):
-    if not path or isinstance(module, LoRAProjection) or any(p == "base" for p in path):
+    if not path or isinstance(module, LoRAProjection) or [str(p) for p in path[:len(scope)]] != scope:
       continue
     target = _matches(path, config.targets)
-    if target is None:
-      continue
-    found.append((path, module, target))
+    if target is not None:
+      found.append((path, module, target))
   if not found:
     raise ValueError(
-        f"config.lora.targets={list(config.targets)} matched no module of {type(model).__name__}; "
+        f"config.lora.targets={list(config.targets)} matched no module of {type(model).__name__} "
+        f"under scope {config.scope!r}; "
         "use the projections' attribute names (e.g. q_proj, up_proj).")
-  wrapped = []
   for path, module, target in found:
-    parent = model
-    for key in path[:-1]:
-      parent = _get_child(parent, key)
-    _set_child(parent, path[-1], LoRAProjection(
-        module, config.rank, config.alpha, in_axes=in_axes.get(target, in_axes.get(str(path[-1]), 1)),
-        rngs=rngs))
-    wrapped.append("/".join(map(str, path)))
-  return wrapped
+    add_adapter(module, config.rank, config.alpha,
+                in_axes=in_axes.get(target, in_axes.get(str(path[-1]), 1)), rngs=rngs)
+  return ["/".join(map(str, path)) for path, _, _ in found]
 
 
 def merge_lora(model: nnx.Module) -> nnx.Module:
-  """Folds every adapter into its base kernel and unwraps it, in place; returns `model`."""
-  for path, module in list(nnx.iter_modules(model)):
+  """Folds every adapter into its base kernel and restores the projection's class, in place.
+
+  Returns `model`, now without LoRA parameters (ready for HF export or serving).
+  """
+  for _, module in list(nnx.iter_modules(model)):
     if not isinstance(module, LoRAProjection):
       continue
-    base = module.base
-    kernel = base.kernel
+    kernel = module.kernel
     kernel[...] = (kernel[...] + module.delta_kernel()).astype(kernel.dtype)
-    parent = model
-    for key in path[:-1]:
-      parent = _get_child(parent, key)
-    _set_child(parent, path[-1], base)
+    for name in ("lora_a", "lora_b", "lora_scale", "lora_in_axes"):
+      delattr(module, name)
+    module.__class__ = module._lora_base_class
   return model
 
 
