@@ -94,3 +94,10 @@ def test_last_token_pool_left_right_and_no_padding():
   np.testing.assert_array_equal(pooled, [[2, 3], [14, 15], [22, 23]])
   unit = np.asarray(heads.l2_normalize(jnp.array([[3.0, 4.0]])))
   np.testing.assert_allclose(unit, [[0.6, 0.8]])
+
+
+def test_segment_layout_blocks_equal_windows_and_masks_uneven_ones():
+  assert vision.segment_layout(np.zeros(6, int)) is None
+  assert vision.segment_layout(np.array([0, 0, 1, 1, 2, 2])) == 2
+  mask = vision.segment_layout(np.array([0, 0, 0, 1]))
+  np.testing.assert_array_equal(mask, np.array([[1, 1, 1, 0]] * 3 + [[0, 0, 0, 1]], bool))

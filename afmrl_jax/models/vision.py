@@ -23,6 +23,7 @@ from flax import nnx
 from afmrl_jax.models import rope
 from afmrl_jax.models.config import VisionConfig
 from afmrl_jax.models.layers import GatedMLP, LayerNorm, PlainMLP, RMSNorm, activation, attention, dense
+from afmrl_jax.models.sharding import constrain
 
 
 def window_index(grid_thw: tuple[int, int, int], merge: int, window_size: int,
@@ -46,10 +47,18 @@ def window_index(grid_thw: tuple[int, int, int], merge: int, window_size: int,
   return flat[flat != -100], np.unique(cu)  # cu is non-decreasing, so unique == unique_consecutive
 
 
-def _segment_mask(segments: np.ndarray) -> np.ndarray | None:
-  """`[P, P]` bool: same segment. None when there is a single segment (attend everywhere)."""
-  if np.all(segments == segments[0]):
+def segment_layout(segments: np.ndarray) -> int | np.ndarray | None:
+  """How to restrict attention to `segments` (`[P]` ids, equal ids contiguous).
+
+  Returns None (one segment: attend everywhere), an int L (equal contiguous segments of L tokens:
+  attend inside `[P / L]` blocks, O(P * L) instead of O(P^2)), or a `[P, P]` bool mask (uneven).
+  """
+  bounds = np.flatnonzero(np.diff(segments)) + 1
+  if bounds.size == 0:
     return None
+  lengths = np.diff(np.concatenate([[0], bounds, [segments.size]]))
+  if np.all(lengths == lengths[0]):
+    return int(lengths[0])
   return segments[:, None] == segments[None, :]
 
 
@@ -62,14 +71,18 @@ class VisionAttention(nnx.Module):
     self.num_heads = cfg.num_heads
     self.head_dim = cfg.width // cfg.num_heads
 
-  def __call__(self, x, cos, sin, allowed):
-    """x `[B, P, W]`, cos/sin `[P, Dh]`, allowed `[P, P]` bool or None -> `[B, P, W]`."""
+  def __call__(self, x, cos, sin, layout):
+    """x `[B, P, W]`, cos/sin `[P, Dh]`, layout from `segment_layout` -> `[B, P, W]`."""
     b, p, w = x.shape
     qkv = self.qkv(x).reshape(b, p, 3, self.num_heads, self.head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
-    out = attention(q, k, v, None if allowed is None else jnp.asarray(allowed)[None],
-                    self.head_dim ** -0.5)
+    scale = self.head_dim ** -0.5
+    if isinstance(layout, int):  # equal windows / frames: fold them into the batch
+      fold = lambda a: a.reshape(b * (p // layout), layout, self.num_heads, self.head_dim)
+      out = attention(fold(q), fold(k), fold(v), None, scale).reshape(b, p, self.num_heads, -1)
+    else:
+      out = attention(q, k, v, None if layout is None else jnp.asarray(layout)[None], scale)
     return self.proj(out.reshape(b, p, w))
 
 
@@ -88,8 +101,8 @@ class VisionBlock(nnx.Module):
                           axes=('vision_embed', 'vision_mlp'), dtype=dtype, param_dtype=param_dtype,
                           rngs=rngs)
 
-  def __call__(self, x, cos, sin, allowed):
-    x = x + self.attn(self.norm1(x), cos, sin, allowed)
+  def __call__(self, x, cos, sin, layout):
+    x = x + self.attn(self.norm1(x), cos, sin, layout)
     return x + self.mlp(self.norm2(x))
 
 
@@ -146,24 +159,24 @@ class VisionTower(nnx.Module):
     cos, sin = rope.vision_cos_sin((t, h, w), cfg.width // cfg.num_heads, cfg.rope_theta, m)
     frames = np.arange(p) // (h * w)  # HF attends within each frame (cu_seqlens per frame)
     if cfg.arch == 'qwen2_vl':
-      full_mask = window_mask = _segment_mask(frames)
+      full_layout = window_layout = segment_layout(frames)
       perm = None
     else:
       cells, cu = window_index((t, h, w), m, cfg.window_size, cfg.patch_size)
       perm = (cells[:, None] * m * m + np.arange(m * m)[None]).reshape(-1)
       x = x[:, perm]
       cos, sin = cos[perm], sin[perm]
-      full_mask = _segment_mask(frames[perm])
-      window_mask = _segment_mask(np.repeat(np.arange(len(cu) - 1), np.diff(cu)))
+      full_layout = segment_layout(frames[perm])
+      window_layout = segment_layout(np.repeat(np.arange(len(cu) - 1), np.diff(cu)))
     cos, sin = jnp.asarray(cos), jnp.asarray(sin)
     for i, block in enumerate(self.blocks):
       full = cfg.arch == 'qwen2_vl' or i in cfg.fullatt_block_indexes
-      mask = full_mask if full else window_mask
-      if self.remat:
-        x = nnx.remat(lambda blk, *a: blk(*a))(
-            block, x, cos, sin, None if mask is None else jnp.asarray(mask))
+      layout = full_layout if full else window_layout
+      if self.remat:  # layout is static (int / NumPy constant): close over it
+        x = nnx.remat(lambda blk, x, c, s, lay=layout: blk(x, c, s, lay))(block, x, cos, sin)
       else:
-        x = block(x, cos, sin, mask)
+        x = block(x, cos, sin, layout)
+      x = constrain(x, 'batch', None, None)
     merged = self.merger(x)
     if perm is not None:
       merged = merged[:, np.argsort(cells)]
