@@ -1,0 +1,206 @@
+"""Stage-1 training throughput: our jitted step vs an HF-PyTorch VLM2Vec-style step, same run, same model.
+
+Model: the `bench-small` preset of configs/stage1.py (Qwen2-VL architecture: text hidden 256, 4 layers,
+4 heads, 2 kv heads, intermediate 1024, M-RoPE [8, 12, 12], tied embeddings, vocab 8192; vision depth 4,
+width 128, 4 heads, MLP 256; 112x112 images = 64 patches = 16 merged image tokens). Batch 32 pairs;
+each side is `<vision_start> 16 x <image_pad> <vision_end>` + 32 text tokens (a little left padding).
+
+Both sides do the same work per step: embed queries and candidates with the shared model (last-token
+pooling, L2 norm), InfoNCE at tau 0.05 over the batch, backward, AdamW update.
+  * ours: `train.loop.make_train_step` + `train.stage1_step.make_loss_fn` (alpha = 0: InfoNCE), jitted
+    with donated state, on the mesh of all local devices (pass --attributes to time the default AGCL);
+  * HF: transformers' `Qwen2VLForConditionalGeneration` (random init from the same config), its
+    `.model(...)` hidden states, torch.optim.AdamW.
+Reported: median step time over --steps steps after warm-up, pairs/s, and (ours) FLOPs per step from the
+compiled cost analysis and MFU when the device kind has a known peak.
+
+  python launch/bench_stage1.py --json /tmp/bench_stage1.json
+  python launch/bench_stage1.py --preset tiny --batch 64       # other presets / sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
+
+VOCAB = 8192
+PAD, V_START, V_END, IMAGE = 0, 8189, 8190, 8191
+
+
+def model_config(preset: str):
+  import configs.stage1 as stage1_configs
+  from afmrl_jax.train import builders
+  config = stage1_configs.get_config(preset)
+  config.model.arch.vocab_size = VOCAB
+  arch = builders.hf_arch_dict(config)
+  arch.update(image_token_id=IMAGE, vision_start_token_id=V_START, vision_end_token_id=V_END,
+              pad_token_id=PAD)
+  from afmrl_jax.models.config import VLConfig
+  return config, VLConfig.from_hf_dict(arch)
+
+
+def make_batch(batch: int, text_len: int, grid, seed: int) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  n_img = int(np.prod(grid)) // 4
+  t = text_len + n_img + 2
+  out = {}
+  for side in ("query", "candidate"):
+    ids = np.full((batch, t), PAD, np.int32)
+    mask = np.zeros((batch, t), np.int32)
+    for b in range(batch):
+      row = [V_START] + [IMAGE] * n_img + [V_END] + list(rng.integers(1, V_START, size=text_len - b % 4))
+      ids[b, t - len(row):] = row
+      mask[b, t - len(row):] = 1
+    out[f"{side}_input_ids"] = ids
+    out[f"{side}_attention_mask"] = mask
+    out[f"{side}_pixel_values"] = rng.standard_normal((batch, int(np.prod(grid)), 1176)).astype(np.float32)
+  return out
+
+
+def bench_ours(config, vl, batch_np, grid, steps: int, attributes: bool) -> dict:
+  from flax import nnx
+  from afmrl_jax import parallel
+  from afmrl_jax.losses import AGCLConfig
+  from afmrl_jax.models.vl_model import VLModel
+  from afmrl_jax.train import logging as train_logging
+  from afmrl_jax.train import loop as loop_lib
+  from afmrl_jax.train import stage1_step
+  from afmrl_jax.train import state as state_lib
+
+  mesh = parallel.make_mesh({"data": -1})
+  model = state_lib.create_sharded(lambda: VLModel(vl, rngs=nnx.Rngs(0)), mesh, nnx.Param)
+  tx = state_lib.make_optimizer(config.optimizer, 1000)
+  shardings = state_lib.state_shardings(tx, model, mesh)
+  state = state_lib.init_train_state(tx, model, mesh, shardings)
+  if attributes:
+    agcl_cfg, idf = AGCLConfig(), np.linspace(0, 3, 64).astype(np.float32)
+    rng = np.random.default_rng(1)
+    for side in ("query", "candidate"):
+      batch_np[f"{side}_terms"] = rng.integers(0, 64, size=(len(batch_np["query_input_ids"]), 16)).astype(np.int32)
+  else:
+    agcl_cfg, idf = AGCLConfig.infonce(), None
+  strategy = "dense" if mesh.size == 1 else "all_gather"
+  loss_fn = stage1_step.make_loss_fn(stage1_step.make_agcl(agcl_cfg, strategy, idf, 4.0), grid)
+  step = loop_lib.make_train_step(model.graphdef, tx, loss_fn=loss_fn)
+  from jax.sharding import NamedSharding, PartitionSpec
+  jitted = jax.jit(step, in_shardings=(shardings, model.rest_shardings, None),
+                   out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=(0,))
+  with jax.set_mesh(mesh), parallel.logical_rules():
+    batch = parallel.global_batch(batch_np, mesh)
+    t0 = time.perf_counter()
+    compiled = jitted.lower(state, model.rest, batch).compile()
+    compile_s = time.perf_counter() - t0
+    flops = train_logging.compiled_flops(compiled)
+    state, m = compiled(state, model.rest, batch)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      state, m = compiled(state, model.rest, batch)
+      jax.block_until_ready(m)
+      times.append(time.perf_counter() - t0)
+  dt = statistics.median(times)
+  peak = train_logging.peak_flops(jax.devices()[0].device_kind)
+  return {"step_s": dt, "pairs_per_s": len(batch_np["query_input_ids"]) / dt, "compile_s": compile_s,
+          "flops_per_step_per_device": flops, "devices": mesh.size,
+          "device_kind": jax.devices()[0].device_kind,
+          "mfu": (flops / dt / peak) if (flops and peak) else None, "loss": float(m["loss"])}
+
+
+def bench_hf(vl, batch_np, grid, steps: int, lr: float) -> dict:
+  import torch
+  import transformers as tf
+
+  hf_dict = vl.to_hf_dict()
+  torch.manual_seed(0)
+  model = tf.Qwen2VLForConditionalGeneration(tf.Qwen2VLConfig(**hf_dict)).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+  b = len(batch_np["query_input_ids"])
+  sides = {}
+  for side in ("query", "candidate"):
+    ids = batch_np[f"{side}_input_ids"]
+    sides[side] = dict(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        attention_mask=torch.tensor(batch_np[f"{side}_attention_mask"], dtype=torch.long),
+        pixel_values=torch.tensor(batch_np[f"{side}_pixel_values"].reshape(-1, 1176)),
+        image_grid_thw=torch.tensor([grid] * b),
+        mm_token_type_ids=torch.tensor((ids == IMAGE).astype(np.int64)))
+
+  def embed(kw):
+    hidden = model.model(**kw).last_hidden_state  # [B, T, E]; left padding: the last token is real
+    return torch.nn.functional.normalize(hidden[:, -1], dim=-1)
+
+  def step():
+    q, c = embed(sides["query"]), embed(sides["candidate"])
+    logits = q @ c.T / 0.05
+    loss = torch.nn.functional.cross_entropy(logits, torch.arange(b))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss)
+
+  step()  # warm-up
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    loss = step()
+    times.append(time.perf_counter() - t0)
+  dt = statistics.median(times)
+  return {"step_s": dt, "pairs_per_s": b / dt, "torch_threads": torch.get_num_threads(), "loss": loss}
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--preset", default="bench-small")
+  ap.add_argument("--batch", type=int, default=32)
+  ap.add_argument("--text_len", type=int, default=32)
+  ap.add_argument("--image_size", type=int, default=112)
+  ap.add_argument("--steps", type=int, default=5)
+  ap.add_argument("--attributes", action="store_true", help="time the default AGCL instead of InfoNCE")
+  ap.add_argument("--skip_hf", action="store_true", help="only our step (e.g. on an accelerator)")
+  ap.add_argument("--json", default="")
+  args = ap.parse_args()
+
+  config, vl = model_config(args.preset)
+  g = args.image_size // 14
+  grid = (1, g, g)
+  batch = make_batch(args.batch, args.text_len, grid, seed=0)
+  results = {"preset": args.preset, "batch": args.batch, "tokens_per_side": batch["query_input_ids"].shape[1],
+             "image_size": args.image_size, "backend": jax.default_backend()}
+  results["ours"] = bench_ours(config, vl, dict(batch), grid, args.steps, args.attributes)
+  if not args.skip_hf:
+    results["hf"] = bench_hf(vl, batch, grid, args.steps, config.optimizer.learning_rate)
+    results["speedup"] = results["ours"]["pairs_per_s"] / results["hf"]["pairs_per_s"]
+  print(f"\n| stage-1 step ({args.preset}, batch {args.batch}) | step s | pairs/s |")
+  print("|---|---|---|")
+  for name in ("ours", "hf"):
+    if name in results:
+      r = results[name]
+      print(f"| {'afmrl_jax (JAX)' if name == 'ours' else 'HF PyTorch VLM2Vec-style'} | {r['step_s']:.3f} | "
+            f"{r['pairs_per_s']:.1f} |")
+  if "speedup" in results:
+    print(f"\nspeedup: {results['speedup']:.2f}x")
+  o = results["ours"]
+  if o["flops_per_step_per_device"]:
+    mfu = f", MFU {o['mfu'] * 100:.1f}%" if o["mfu"] else ""
+    print(f"ours: {o['flops_per_step_per_device'] / 1e9:.1f} GFLOP/step/device on {o['devices']} x "
+          f"{o['device_kind']}{mfu}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
