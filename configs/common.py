@@ -50,12 +50,12 @@ def pipeline(preset: str) -> ml_collections.ConfigDict:
   p.batch_size = {"ci": 16, "tiny": 64, "bench-small": 32}.get(preset, 1024)
   p.max_text_len = {"ci": 48, "tiny": 64, "bench-small": 64}.get(preset, 256)
   p.max_terms = 24  # attribute term ids per side for the on-device BM25
-  p.pair_mode = "listing_listing"  # 'listing_listing' (two listings of one product) | 'image_text'
+  p.pair_mode = "listing"  # 'listing' (two listings of one product) | 'image_text'
   p.fresh_views = True  # render new views of the training products every epoch
   p.batching = "random"  # 'random' | 'family_mixed'
   p.family_share = 0.5  # with 'family_mixed': share of each batch made of whole sibling families
   p.shuffle_seed = 0
-  p.num_workers = 0  # grain worker processes (0 = in-process, deterministic and cheapest on a laptop)
+  p.num_workers = 2  # grain read threads (the order of batches does not depend on it)
   p.eval_batch_size = {"ci": 32, "tiny": 64, "bench-small": 64}.get(preset, 256)
   return p
 
@@ -182,7 +182,9 @@ def eval_section(preset: str) -> ml_collections.ConfigDict:
 
 def attributes() -> ml_collections.ConfigDict:
   a = ml_collections.ConfigDict()
-  a.source = "teacher"  # 'teacher' (the catalog's teacher attributes) | path to a generated-attributes JSONL
+  # 'teacher' (the catalog's teacher attributes) | 'true' (ground truth: an oracle for ablations) |
+  # path to a generated-attributes JSONL ({"listing_id": int, "attributes": str} per line)
+  a.source = "teacher"
   a.enrich_queries = False  # append the attributes to the query (and candidate) text
   return a
 

@@ -96,7 +96,8 @@ def make_gradcache_grad_fn(graphdef: Any, agcl: Callable, grid, chunk_per_device
 def make_embed_fn(model_parts, mesh, grid, batch_size: int) -> Callable:
   """embed_fn(batch) -> np.ndarray [B, D] of this process's rows, for `train.evaluate.evaluate`.
 
-  Uses the `candidate_*` keys when present (gallery), else `query_*`. Batches shorter than
+  Reads `input_ids`, `attention_mask`, `pixel_values` (evaluation batches: one side, unprefixed), else
+  the `candidate_*` keys when present, else `query_*`. Batches shorter than
   `batch_size` (the last one) are padded to it so one compiled program serves every batch.
   model_parts: (graphdef, params, rest) of the trained model.
   """
@@ -107,8 +108,11 @@ def make_embed_fn(model_parts, mesh, grid, batch_size: int) -> Callable:
     return heads.embed(nnx.merge(graphdef, params, rest), inputs, grid)
 
   def embed_fn(batch):
-    prefix = "candidate" if "candidate_input_ids" in batch else "query"
-    inputs = {k: np.asarray(v) for k, v in side(batch, prefix).items()}
+    if "input_ids" in batch:
+      inputs = {k: np.asarray(batch[k]) for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
+    else:
+      prefix = "candidate" if "candidate_input_ids" in batch else "query"
+      inputs = {k: np.asarray(v) for k, v in side(batch, prefix).items()}
     n = inputs["input_ids"].shape[0]
     local = batch_size // jax.process_count()
     if n > local:

@@ -133,7 +133,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str, *, num_devices: in
   _positive(problems, "pipeline.max_terms", p.max_terms)
   _positive(problems, "pipeline.eval_batch_size", p.eval_batch_size)
   _positive(problems, "pipeline.num_workers", p.num_workers, allow_zero=True)
-  _choice(problems, "pipeline.pair_mode", p.pair_mode, ("listing_listing", "image_text"))
+  _choice(problems, "pipeline.pair_mode", p.pair_mode, ("listing", "image_text"))
   _choice(problems, "pipeline.batching", p.batching, ("random", "family_mixed"))
   _in_range(problems, "pipeline.family_share", p.family_share, 0.0, 1.0)
   _check_batch(problems, config, num_devices, num_processes)
@@ -189,8 +189,8 @@ def validate(config: ml_collections.ConfigDict, workdir: str, *, num_devices: in
   _positive(problems, "checkpoint.keep", config.checkpoint.keep)
 
   src = config.attributes.source
-  if src != "teacher" and not os.path.isfile(src):
-    problems.append(f"config.attributes.source={src!r} is neither 'teacher' nor an existing "
+  if src not in ("teacher", "true") and not os.path.isfile(src):
+    problems.append(f"config.attributes.source={src!r} is neither 'teacher', 'true' nor an existing "
                     "generated-attributes JSONL file.")
 
   e = config.eval
