@@ -294,7 +294,7 @@ def _cached_product(category, attrs_items, size, detail):
   key = (category, attrs_items, size, detail)
   hit = _PRODUCT_CACHE.get(key)
   if hit is None:
-    if len(_PRODUCT_CACHE) > 1024:  # bounded: ~64 KB per product at 64x64
+    if len(_PRODUCT_CACHE) >= 4096:  # bounded: 16 KB per product at 64x64 (RGBA)
       _PRODUCT_CACHE.clear()
     hit = _PRODUCT_CACHE[key] = render.downsample_product(
         render.render_product(category, dict(attrs_items), size, detail), size)

@@ -172,7 +172,7 @@ def _neckline(c: _Canvas, neckline: str, y0: float, trim):
   if neckline == "round":
     c.dm.ellipse(c.box(0.5 - d, y0 - d * 0.8, 0.5 + d, y0 + d * 0.8), fill=0)
   elif neckline == "v-neck":
-    c.dm.polygon(c.p([(0.5 - d, y0), (0.5 + d, y0), (0.5, y0 + 2.2 * d)]), fill=0)
+    c.dm.polygon(c.p([(0.5 - d, y0), (0.5 + d, y0), (0.5, y0 + 1.7 * d)]), fill=0)
   elif neckline == "square":
     c.dm.rectangle(c.box(0.5 - d, y0, 0.5 + d, y0 + 1.1 * d), fill=0)
   elif neckline == "collar":
@@ -311,6 +311,10 @@ def _draw_shoe(c: _Canvas, a: dict):
                       (0.16, sole_y + 0.06)]), fill=sole)
   if a["laces"] != "none":
     lace = schema.rgb(a["laces"]) + (255,)
+    # a lighter tongue under the laces, so that laces of the upper's own colour still show
+    tongue = _shade(schema.rgb(a["colour"]), 1.5) if sum(schema.rgb(a["colour"])) < 450 else _shade(
+        schema.rgb(a["colour"]), 0.6)
+    c.do.polygon(c.p([(0.39, 0.52), (0.64, 0.57), (0.62, 0.63), (0.39, 0.58)]), fill=tongue + (255,))
     for i in range(3):
       x = 0.44 + 0.07 * i
       y = 0.55 + 0.025 * i
