@@ -129,6 +129,8 @@ def test_skip_bad_rows_counts_and_reports(bad_manifest, tmp_path):
   listings = list(manifest.iter_listings(report, 64, skip_bad_rows=True))
   assert len(listings) == 2 and [r for r, _ in report.skipped] == [2, 3, 4, 7, 5]
   assert "5 skipped" in report.summary()
+  cat = manifest.catalog_from_manifest(bad_manifest, 64, skip_bad_rows=True)
+  assert len(cat) == 2 and sorted(r for r, _ in cat.report.skipped) == [2, 3, 4, 5, 7]
   builder = tfds_builder.build_catalog_dataset(
       str(tmp_path / "d"), tfds_builder.CatalogBuilderConfig(name="skip", manifest=bad_manifest, skip_bad_rows=True))
   assert sorted(r for r, _ in builder.skipped) == [2, 3, 4, 5, 7]
@@ -149,5 +151,5 @@ def test_manifest_attributes_as_object_and_custom_categories(tmp_path, written):
   _write(path, [row])
   rep = manifest.read_manifest(path, categories=("hats",))
   assert rep.rows[0].attributes == "colour: red; brim: wide"
-  cat, _ = manifest.catalog_from_manifest(path, 32, categories=("hats",))
-  assert cat.listings[0].image.shape == (32, 32, 3)
+  cat = manifest.catalog_from_manifest(path, 32, categories=("hats",))
+  assert cat.listings[0].image.shape == (32, 32, 3) and cat.report.skipped == []

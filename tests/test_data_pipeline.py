@@ -162,5 +162,8 @@ def test_attribute_override_reaches_the_prompt(env):
   lid = int(table.listing_id[0])
   cfg = pipeline.PipelineConfig(**{**PCFG.__dict__, "max_text_len": 128})
   b = next(iter(pipeline.eval_dataset(table, tok, stats, cfg, shard_options=ONE,
-                                      attributes_by_listing={lid: "colour: zebra"})))
+                                      attributes_by_listing={lid: "colour: zebra"},
+                                      terms_by_listing={lid: "colour: red"})))
   assert "attributes: colour: zebra" in tok.decode(b["input_ids"][0])
+  np.testing.assert_array_equal(b["terms"][0], stats.encode("colour: red", cfg.max_terms))
+  assert b["terms"][0][0] != 0

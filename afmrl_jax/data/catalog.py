@@ -106,6 +106,7 @@ class Catalog:
   listings: list[Listing]
   products: dict[int, Product]
   config: CatalogConfig | None = None
+  report: object = None  # manifest.ManifestReport when read from a manifest (skipped rows)
 
   def __len__(self) -> int:
     return len(self.listings)

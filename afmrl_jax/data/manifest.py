@@ -178,8 +178,11 @@ def iter_listings(report: ManifestReport, image_size: int, *,
 
 
 def catalog_from_manifest(path: str, image_size: int = 64, *, categories: Sequence[str] = schema.CATEGORIES,
-                          skip_bad_rows: bool = False) -> tuple[catalog_lib.Catalog, ManifestReport]:
-  """The whole manifest in memory as a Catalog (products carry the manifest's attribute strings)."""
+                          skip_bad_rows: bool = False) -> catalog_lib.Catalog:
+  """The whole manifest in memory as a Catalog (products carry the manifest's attribute strings).
+
+  With `skip_bad_rows`, the skipped rows are in `catalog.report.skipped` (`catalog.report.summary()`).
+  """
   report = read_manifest(path, categories=categories, skip_bad_rows=skip_bad_rows)
   listings = list(iter_listings(report, image_size, skip_bad_rows=skip_bad_rows))
   products = {}
@@ -189,7 +192,7 @@ def catalog_from_manifest(path: str, image_size: int = 64, *, categories: Sequen
           l.product_id, l.true_product_id, l.family_id, l.category,
           dict(parse_attributes(l.product_attributes).pairs), l.split,
           l.product_id != l.true_product_id)
-  return catalog_lib.Catalog(listings, products, None), report
+  return catalog_lib.Catalog(listings, products, None, report=report)
 
 
 def write_manifest(catalog: catalog_lib.Catalog, directory: str, *, image_format: str = "png") -> str:

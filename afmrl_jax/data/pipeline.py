@@ -186,10 +186,12 @@ class _Plan:
 def train_dataset(table: ListingTable, tokenizer, stats, config: PipelineConfig = PipelineConfig(), *,
                   shard_options: grain.sharding.ShardOptions | None = None,
                   fresh_view_config: catalog_lib.CatalogConfig | None = None,
-                  attributes_by_listing: Mapping[int, str] | None = None) -> grain.IterDataset:
+                  attributes_by_listing: Mapping[int, str] | None = None,
+                  terms_by_listing: Mapping[int, str] | None = None) -> grain.IterDataset:
   """Endless (num_epochs) stream of process-local training batches; `iter(...)` gives a checkpointable
   iterator. `fresh_view_config` (the catalog's config) is needed for `fresh_views`; `attributes_by_listing`
-  replaces the attribute strings of the prompt text (e.g. generated attributes in CIT)."""
+  replaces the attribute strings of the prompt text (e.g. generated attributes in CIT) and
+  `terms_by_listing` those that give the BM25 terms (listing_id -> `key: value; ...`)."""
   config.validate()
   if config.fresh_views and fresh_view_config is None:
     raise ValueError("PipelineConfig.fresh_views needs fresh_view_config (the synthetic CatalogConfig)")
@@ -220,8 +222,8 @@ def train_dataset(table: ListingTable, tokenizer, stats, config: PipelineConfig 
     text_attr = config.text_attributes
     qa = None if text_attr == "none" else _attrs(table, q, text_attr, attributes_by_listing)
     ca = None if text_attr == "none" else _attrs(table, c, text_attr, attributes_by_listing)
-    q_terms = _attrs(table, q, config.term_source, None)
-    c_terms = _attrs(table, c, config.term_source, None)
+    q_terms = _attrs(table, q, config.term_source, terms_by_listing)
+    c_terms = _attrs(table, c, config.term_source, terms_by_listing)
     if config.pair_mode == "listing":
       qs = enc.side(config.query_instruction, q_img, table.title[q], qa, q_terms)
       cs = enc.side(config.candidate_instruction, c_img, table.title[c], ca, c_terms)
@@ -250,7 +252,8 @@ def steps_per_epoch(table: ListingTable, config: PipelineConfig) -> int:
 
 def eval_dataset(table: ListingTable, tokenizer, stats, config: PipelineConfig = PipelineConfig(), *,
                  side: str = "query", shard_options: grain.sharding.ShardOptions | None = None,
-                 attributes_by_listing: Mapping[int, str] | None = None) -> grain.IterDataset:
+                 attributes_by_listing: Mapping[int, str] | None = None,
+                 terms_by_listing: Mapping[int, str] | None = None) -> grain.IterDataset:
   """One pass over `table` in order: process-local batches of `input_ids, attention_mask, pixel_values,
   terms`, the id columns and `valid` (0 for padding rows, which repeat row 0)."""
   config.validate()
@@ -269,7 +272,8 @@ def eval_dataset(table: ListingTable, tokenizer, stats, config: PipelineConfig =
     i = pos if valid else 0
     attrs = None if config.text_attributes == "none" else _attrs(table, i, config.text_attributes,
                                                                  attributes_by_listing)
-    out = enc.side(instruction, table.image(i), table.title[i], attrs, _attrs(table, i, config.term_source, None))
+    terms = _attrs(table, i, config.term_source, terms_by_listing)
+    out = enc.side(instruction, table.image(i), table.title[i], attrs, terms)
     for f in ("product_id", "listing_id", "true_product_id", "family_id", "category_id"):
       out[f] = np.int32(getattr(table, f)[i])
     out["valid"] = np.int32(valid)
