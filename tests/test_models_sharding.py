@@ -2,6 +2,8 @@
 both when imported from an HF checkpoint (streamed onto the mesh) and when created sharded."""
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,22 +53,6 @@ def checkpoint(tmp_path_factory):
   return directory
 
 
-def test_imported_sharded_model_matches_unsharded(checkpoint):
-  mesh = _mesh()
-  ids, mask, pixels = inputs(SHAPE, batch=2)
-  plain, _ = hf_checkpoint.load_hf_checkpoint(checkpoint)
-  sharded, _ = hf_checkpoint.load_hf_checkpoint(checkpoint, mesh=mesh)
-  q = sharded.language_model.layers[0].self_attn.q_proj.kernel.get_value()
-  assert q.sharding.spec == P('fsdp', 'tensor')
-  assert q.addressable_shards[0].data.shape == (32, 16)  # [64, 64] over fsdp=2 x tensor=4
-  emb = sharded.language_model.embed_tokens.get_value()
-  assert emb.sharding.spec == P('tensor', 'fsdp')
-  want = _logits(plain, ids, mask, pixels, SHAPE.grid)
-  got = _logits(sharded, ids, mask, pixels, SHAPE.grid, mesh)
-  real = mask.astype(bool)
-  assert np.abs(got - want)[real].max() <= 1e-5
-
-
 def test_created_sharded_matches_unsharded():
   mesh = _mesh()
   config = VLConfig.from_hf_dict({
@@ -83,3 +69,55 @@ def test_created_sharded_matches_unsharded():
   want = _logits(plain, ids, mask, pixels, (1, 4, 4))
   got = _logits(sharded, ids, mask, pixels, (1, 4, 4), mesh)
   assert np.abs(got - want)[mask.astype(bool)].max() <= 1e-5
+
+
+def test_imported_sharded_model_prefill_and_decode_match_unsharded(checkpoint):
+  """Import streamed onto the mesh; prefill logits (all real positions) and two greedy decode
+  steps with a sharded KV cache equal the single-device model's."""
+  from afmrl_jax.models.decoder import cache_shardings
+
+  mesh = _mesh()
+  ids, mask, pixels = inputs(SHAPE, batch=2)
+  plain, _ = hf_checkpoint.load_hf_checkpoint(checkpoint)
+  sharded, _ = hf_checkpoint.load_hf_checkpoint(checkpoint, mesh=mesh)
+  q = sharded.language_model.layers[0].self_attn.q_proj.kernel.get_value()
+  assert q.sharding.spec == P('fsdp', 'tensor')
+  assert q.addressable_shards[0].data.shape == (32, 16)  # [64, 64] over fsdp=2 x tensor=4
+  assert sharded.language_model.embed_tokens.get_value().sharding.spec == P('tensor', 'fsdp')
+  max_len = ids.shape[1] + 3
+  real = mask.astype(bool)
+
+  @nnx.jit
+  def prefill(model, ids, mask, pixels, cache):
+    hidden, cache = model(ids, mask, pixels, SHAPE.grid, cache=cache)
+    return model.logits(hidden), cache
+
+  @nnx.jit
+  def step(model, tok, cache):
+    hidden, cache = model(tok, None, cache=cache)
+    return model.logits(hidden[:, -1]), cache
+
+  def run(model, sharded_mesh=None):
+    args = [jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels)]
+    cache = model.init_cache(2, max_len)
+    if sharded_mesh is not None:
+      batch = jax.sharding.NamedSharding(sharded_mesh, P(('data', 'fsdp')))
+      args = [jax.device_put(a, batch) for a in args]
+      shardings = cache_shardings(cache, sharded_mesh)
+      # batch over data x fsdp; 2 kv heads do not divide the 4-way tensor axis, so replicated there
+      assert shardings.k[0].spec == P(('data', 'fsdp'), None, None, None)
+      cache = jax.device_put(cache, shardings)
+    out = []
+    with jax.set_mesh(sharded_mesh) if sharded_mesh is not None else contextlib.nullcontext():
+      all_logits, cache = prefill(model, *args, cache)
+      out.append(np.asarray(all_logits)[real])
+      logits = all_logits[:, -1]
+      for _ in range(2):
+        tok = jnp.argmax(logits, -1)[:, None].astype(jnp.int32)
+        logits, cache = step(model, tok, cache)
+        out.append(np.asarray(logits))
+    return np.concatenate(out)
+
+  want = run(plain)
+  got = run(sharded, mesh)
+  assert np.abs(got - want).max() <= 1e-5

@@ -15,7 +15,7 @@ from flax import nnx
 from afmrl_jax.models import rope
 from afmrl_jax.models.config import TextConfig
 from afmrl_jax.models.layers import INIT_STD, GatedMLP, RMSNorm, attention, dense
-from afmrl_jax.models.sharding import constrain, param
+from afmrl_jax.models.sharding import constrain, param, spec_for
 
 
 @jax.tree_util.register_dataclass
@@ -49,6 +49,16 @@ def init_cache(config: TextConfig, batch: int, max_len: int, dtype=jnp.float32) 
   return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers)),
                  mask=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32),
                  next_position=jnp.zeros((batch,), jnp.int32))
+
+
+def cache_shardings(cache: KVCache, mesh: jax.sharding.Mesh) -> KVCache:
+  """NamedShardings for a cache: batch over (`data`, `fsdp`), kv heads over `tensor` where they divide."""
+  def named(x, *names):
+    return jax.sharding.NamedSharding(mesh, spec_for(names, x.shape, mesh))
+  kv = lambda x: named(x, 'batch', None, 'kv_heads', None)
+  return KVCache(k=tuple(kv(x) for x in cache.k), v=tuple(kv(x) for x in cache.v),
+                 mask=named(cache.mask, 'batch', None), index=named(cache.index),
+                 next_position=named(cache.next_position, 'batch'))
 
 
 class Attention(nnx.Module):
