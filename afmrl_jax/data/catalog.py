@@ -289,13 +289,14 @@ def render_view(item: Listing | Product, seed: int, epoch: int, index: int, *, i
 
 
 _PRODUCT_CACHE: dict = {}
+_PRODUCT_CACHE_BYTES = 256 << 20
 
 
 def _cached_product(category, attrs_items, size, detail):
   key = (category, attrs_items, size, detail)
   hit = _PRODUCT_CACHE.get(key)
   if hit is None:
-    if len(_PRODUCT_CACHE) >= 4096:  # bounded: 16 KB per product at 64x64 (RGBA)
+    if len(_PRODUCT_CACHE) * size * size * 4 >= _PRODUCT_CACHE_BYTES:  # RGBA [size, size, 4] each
       _PRODUCT_CACHE.clear()
     hit = _PRODUCT_CACHE[key] = render.downsample_product(
         render.render_product(category, dict(attrs_items), size, detail), size)

@@ -110,9 +110,19 @@ def _material_gain(material: str, n: int) -> np.ndarray:
   return g.astype(np.float32)
 
 
-@functools.lru_cache(maxsize=512)
 def _fill(n: int, colour: str, pattern: str, material: str) -> np.ndarray:
-  """uint8 [n, n, 3]: the fabric of the product (cached: few distinct fabrics, many products)."""
+  """uint8 [n, n, 3]: the fabric of the product (cached for small canvases: few fabrics, many products)."""
+  if n <= 256:
+    return _fill_cached(n, colour, pattern, material)
+  return _fill_uncached(n, colour, pattern, material)
+
+
+@functools.lru_cache(maxsize=512)  # <= 512 x 196 KB
+def _fill_cached(n, colour, pattern, material):
+  return _fill_uncached(n, colour, pattern, material)
+
+
+def _fill_uncached(n: int, colour: str, pattern: str, material: str) -> np.ndarray:
   base = np.array(schema.rgb(colour), np.float32)
   second = np.array(_contrast(schema.rgb(colour)), np.float32)
   m = _pattern_mask(pattern, n)[..., None]
