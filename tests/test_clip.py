@@ -142,3 +142,19 @@ def test_config_and_input_errors():
   model = _model()
   with pytest.raises(ValueError, match="max_text_len"):
     model.encode_text(jnp.zeros((1, 11), jnp.int32), jnp.ones((1, 11), jnp.int32))
+
+
+def test_sharded_forward_matches_unsharded():
+  from afmrl_jax import parallel
+  from afmrl_jax.models import sharding
+
+  pixels, ids, mask = _batch(b=4, seed=4)
+  fwd = nnx.jit(lambda m, *a: m(*a))
+  want = fwd(_model(), pixels, ids, mask)
+  mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  model = sharding.create_sharded(lambda: clip.CLIPModel(CFG, rngs=nnx.Rngs(0)), mesh)
+  assert model.text_blocks[0].mlp.fc1.kernel.get_value().sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  with jax.set_mesh(mesh):
+    got = fwd(model, pixels, ids, mask)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5)
