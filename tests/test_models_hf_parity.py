@@ -117,3 +117,25 @@ def test_missing_and_misshapen_tensors_are_named(tmp_path):
   save_file(bad, path, metadata={'format': 'pt'})
   with pytest.raises(ValueError, match=r'visual\.blocks\.0\.attn\.qkv\.bias.*\(5,\)'):
     hf_checkpoint.load_hf_checkpoint(str(tmp_path))
+
+
+def test_in_memory_transformers_names_are_accepted(tmp_path):
+  """transformers' in-memory names (`model.language_model.*`, `model.visual.*`) load the same."""
+  from safetensors.torch import load_file, save_file
+
+  shape = SHAPES[3]
+  ref = hf_model(shape)
+  ref.save_pretrained(tmp_path)
+  want, _ = hf_checkpoint.load_hf_checkpoint(str(tmp_path))
+  path = tmp_path / 'model.safetensors'
+  renamed = {}
+  for k, v in load_file(path).items():
+    k = 'model.' + k if k.startswith('visual.') else k.replace('model.', 'model.language_model.', 1)
+    renamed[k] = v
+  save_file(renamed, path, metadata={'format': 'pt'})
+  got, _ = hf_checkpoint.load_hf_checkpoint(str(tmp_path))
+  a, b = nnx.to_flat_state(nnx.state(want)), nnx.to_flat_state(nnx.state(got))
+  assert len(a) == len(b)
+  for (pa, va), (pb, vb) in zip(a, b):
+    assert pa == pb
+    np.testing.assert_array_equal(np.asarray(va.get_value()), np.asarray(vb.get_value()))

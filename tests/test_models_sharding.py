@@ -121,3 +121,22 @@ def test_imported_sharded_model_prefill_and_decode_match_unsharded(checkpoint):
   want = run(plain)
   got = run(sharded, mesh)
   assert np.abs(got - want).max() <= 1e-5
+
+
+@pytest.mark.parametrize('arch', ['qwen2_vl', 'qwen2_5_vl'])
+def test_every_parameter_has_known_logical_axes(arch):
+  config = VLConfig.from_hf_dict({
+      'model_type': arch, 'tie_word_embeddings': False,
+      'text_config': dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2,
+                          rope_parameters={'rope_type': 'default', 'mrope_section': [4, 2, 2]}),
+      'vision_config': dict(depth=1, embed_dim=32, hidden_size=64 if arch == 'qwen2_vl' else 32,
+                            out_hidden_size=64, intermediate_size=64, num_heads=2)})
+  state = nnx.state(nnx.eval_shape(lambda: VLModel(config, rngs=nnx.Rngs(0))), nnx.Param)
+  known = dict(parallel.LOGICAL_RULES)
+  flat = nnx.to_flat_state(state)
+  assert len(flat) > 20
+  for path, var in flat:
+    names = var.get_metadata().get('out_sharding')
+    assert names is not None and len(names) == var.get_value().ndim, path
+    assert all(n in known for n in names), (path, names)
