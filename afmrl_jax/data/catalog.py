@@ -140,7 +140,14 @@ class Catalog:
   def save(self, directory: str) -> None:
     """`listings.jsonl` + `images.npy` (+ `products.jsonl`, `config.json`)."""
     os.makedirs(directory, exist_ok=True)
-    np.save(os.path.join(directory, "images.npy"), self.images())
+    first = self.listings[0].image
+    # Written row by row (no stacked copy in memory): 20k listings at 448x448 are 12 GB.
+    out = np.lib.format.open_memmap(os.path.join(directory, "images.npy"), mode="w+", dtype=np.uint8,
+                                    shape=(len(self.listings),) + first.shape)
+    for i, l in enumerate(self.listings):
+      out[i] = l.image
+    out.flush()
+    del out
     with open(os.path.join(directory, "listings.jsonl"), "w") as f:
       for l in self.listings:
         meta = dataclasses.asdict(l)
@@ -154,7 +161,8 @@ class Catalog:
 
   @classmethod
   def load(cls, directory: str) -> "Catalog":
-    images = np.load(os.path.join(directory, "images.npy"))
+    """Images stay on disk (memory-mapped, read-only) until used: large catalogs load instantly."""
+    images = np.load(os.path.join(directory, "images.npy"), mmap_mode="r")
     with open(os.path.join(directory, "listings.jsonl")) as f:
       metas = [json.loads(line) for line in f]
     if len(metas) != len(images):
