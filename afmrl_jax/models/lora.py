@@ -117,8 +117,9 @@ def add_adapter(module: nnx.Module, rank: int, alpha: float, *, in_axes: int = 1
   names = _axis_names(kernel)
   a_meta = {"out_sharding": (*names[:in_axes], "lora_rank")} if names else {}
   b_meta = {"out_sharding": ("lora_rank", *names[in_axes:])} if names else {}
-  if names and (jax.sharding.get_abstract_mesh().empty or kernel.get_metadata().get("eager_sharding") is False):
-    # Like the base kernels: axis names as metadata, placed later (sharding.create_sharded / shard_model).
+  if names:
+    # As the base kernels (models.sharding.param): logical names as metadata only, placed by
+    # `sharding.shard_model` / `create_sharded`, so adapters can be added with or without a mesh.
     a_meta["eager_sharding"] = b_meta["eager_sharding"] = False
   dtype = kernel.dtype
   # Kaiming-uniform a (as the LoRA paper / PEFT), zero b: the initial update is exactly zero.
