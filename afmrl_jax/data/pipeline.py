@@ -141,11 +141,13 @@ class _Plan:
 
   def epoch(self, e: int) -> np.ndarray:
     """int64 [batches_per_epoch, batch_size] of table rows."""
-    if e not in self._cache:
+    plan = self._cache.get(e)
+    if plan is None:  # grain threads may race here: both compute the same plan, either is kept
+      plan = self._make(e)
       if len(self._cache) > 2:
         self._cache.clear()
-      self._cache[e] = self._make(e)
-    return self._cache[e]
+      self._cache[e] = plan
+    return plan
 
   def _make(self, e: int) -> np.ndarray:
     cfg, n_b, b = self.config, self.batches_per_epoch, self.config.batch_size

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from afmrl_jax.data import tokenizer as tokenizer_lib
 
@@ -36,13 +37,19 @@ class PromptBuilder:
 
   def __post_init__(self):
     self.ids = tokenizer_lib.special_ids(self.tokenizer)
+    # A private copy of the Rust tokenizer, without truncation / padding: encoding through it never
+    # mutates shared state, so grain's reader threads can call it concurrently (the HF wrapper's
+    # __call__ resets truncation on every call, which fails with "Already borrowed" across threads).
+    self._backend = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())
+    self._backend.no_truncation()
+    self._backend.no_padding()
     self._instruction_cache: dict[str, list[int]] = {}
     if self.max_length < self.num_image_tokens + 3:
       raise ValueError(f"prompt max_length={self.max_length} cannot hold {self.num_image_tokens} image tokens "
                        "plus vision start/end and eos; raise the max text length in the config")
 
   def _encode(self, text: str) -> list[int]:
-    return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return self._backend.encode(text, add_special_tokens=False).ids
 
   def _instruction(self, instruction: str) -> list[int]:
     if instruction not in self._instruction_cache:
