@@ -144,7 +144,9 @@ def plot_loss_curve(train_metrics_path: str, path: str) -> bool:
   steps, losses = data
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=110)
-  ax.plot(steps, losses, color="#9ecae1", lw=1, label="loss")
+  few = len(losses) < 30  # short runs: mark the logged points
+  ax.plot(steps, losses, "o-" if few else "-", color="#3182bd" if few else "#9ecae1", lw=1, ms=3,
+          label="loss")
   window = len(losses) // 20
   if window >= 3:  # smoothing a handful of points only hides them
     smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
