@@ -169,3 +169,18 @@ def test_attribute_override_reaches_the_prompt(env):
   assert "attributes: colour: zebra" in tok.decode(b["input_ids"][0])
   np.testing.assert_array_equal(b["terms"][0], stats.encode("colour: red", cfg.max_terms))
   assert b["terms"][0][0] != 0
+
+
+@pytest.mark.slow  # starts two worker processes (~10 s)
+def test_worker_processes_give_the_same_batches_and_state(env):
+  _, tok, stats, table = env
+  ref = _take(iter(pipeline.train_dataset(table, tok, stats, PCFG, shard_options=ONE)), 4)
+  cfg = pipeline.PipelineConfig(**{**PCFG.__dict__, "worker_processes": 2})
+  it = iter(pipeline.train_dataset(table, tok, stats, cfg, shard_options=ONE))
+  _assert_batches_equal(_take(it, 2), ref[:2])
+  state = it.get_state()
+  it2 = iter(pipeline.train_dataset(table, tok, stats, cfg, shard_options=ONE))
+  it2.set_state(state)
+  _assert_batches_equal(_take(it2, 2), ref[2:])
+  it.close()
+  it2.close()

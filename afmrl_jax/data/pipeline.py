@@ -58,6 +58,7 @@ class PipelineConfig:
   candidate_instruction: str = prompts.CANDIDATE_INSTRUCTION
   num_threads: int = 2  # grain read threads
   prefetch_buffer_size: int = 4
+  worker_processes: int = 0  # >0: grain mp_prefetch processes (same batches, same iterator state)
 
   def validate(self) -> None:
     for name, value, allowed in (("pair_mode", self.pair_mode, PAIR_MODES), ("sampling", self.sampling, SAMPLINGS),
@@ -244,8 +245,18 @@ def train_dataset(table: ListingTable, tokenizer, stats, config: PipelineConfig 
 
   total = config.num_epochs * per_epoch * local_b
   ds = grain.MapDataset.range(total).map(element).batch(local_b, drop_remainder=True)
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads,
-                                              prefetch_buffer_size=config.prefetch_buffer_size))
+  return _to_iter(ds, config)
+
+
+def _to_iter(ds: grain.MapDataset, config: PipelineConfig) -> grain.IterDataset:
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads,
+                                            prefetch_buffer_size=config.prefetch_buffer_size))
+  if config.worker_processes > 0:
+    from absl import flags  # grain's workers read absl flags; outside an absl app nothing parsed them
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_processes))
+  return it
 
 
 def steps_per_epoch(table: ListingTable, config: PipelineConfig) -> int:
@@ -282,5 +293,4 @@ def eval_dataset(table: ListingTable, tokenizer, stats, config: PipelineConfig =
     return out
 
   ds = grain.MapDataset.range(n_global * local_b).map(element).batch(local_b, drop_remainder=True)
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads,
-                                              prefetch_buffer_size=config.prefetch_buffer_size))
+  return _to_iter(ds, config)
