@@ -23,9 +23,11 @@ def hf_dir(tmp_path_factory):
   return directory
 
 
+_LOGITS = nnx.jit(lambda m, i, k, p: m.logits(m(i, k, p, SHAPE.grid)[0]))
+
+
 def _forward(model, ids, mask, pixels):
-  return nnx.jit(lambda m, i, k, p: m.logits(m(i, k, p, SHAPE.grid)[0]))(
-      model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels))
+  return _LOGITS(model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels))
 
 
 def _randomise_adapters(model, seed=0):
@@ -44,7 +46,7 @@ def test_lora_vlmodel_import_merge_export_reload(hf_dir, tmp_path):
   # MLP (gate/up/down) matches the HF names.
   text = [p for p in wrapped if p.startswith("language_model")]
   assert len(text) == 7 * 2 and len(wrapped) == len(text) + 3 * 2
-  scoped = VLModel(config, rngs=nnx.Rngs(0))
+  scoped = nnx.eval_shape(lambda: VLModel(config, rngs=nnx.Rngs(0)))
   assert sorted(lora.apply_lora(scoped, lora.LoRAConfig(scope="language_model"), rngs=nnx.Rngs(0))) == sorted(text)
   np.testing.assert_array_equal(np.asarray(_forward(model, ids, mask, pixels)), base_logits)
 
