@@ -35,19 +35,20 @@ def case(request, tmp_path_factory):
   return shape, ref, model, config, directory
 
 
+@nnx.jit(static_argnums=4)
+def _run(model, ids, mask, pixels, grid):
+  hidden, _ = model(ids, mask, pixels, grid)
+  batch = dict(input_ids=ids, attention_mask=mask)
+  if pixels is not None:
+    batch['pixel_values'] = pixels
+  return model.logits(hidden), heads.embed(model, batch, grid)
+
+
 def _forward(model, shape, ids, mask, pixels):
+  """(logits [B,T,V], embeddings [B,E]) from our model, jitted (cached across calls)."""
   grid = shape.grid if pixels is not None else None
-
-  @nnx.jit(static_argnums=4)
-  def run(model, ids, mask, pixels, grid):
-    hidden, _ = model(ids, mask, pixels, grid)
-    batch = dict(input_ids=ids, attention_mask=mask)
-    if pixels is not None:
-      batch['pixel_values'] = pixels
-    return model.logits(hidden), heads.embed(model, batch, grid)
-
-  return run(model, jnp.asarray(ids), jnp.asarray(mask),
-             None if pixels is None else jnp.asarray(pixels), grid)
+  return _run(model, jnp.asarray(ids), jnp.asarray(mask),
+              None if pixels is None else jnp.asarray(pixels), grid)
 
 
 def test_logits_and_embeddings_match_hf(case):
@@ -68,8 +69,10 @@ def test_logits_and_embeddings_match_hf(case):
   ref_emb /= np.linalg.norm(ref_emb, axis=-1, keepdims=True)
   # rows: unpadded, left-padded, right-padded
   assert np.abs(np.asarray(emb) - ref_emb).max() <= TOL
-  # the padded rows really differ from the unpadded one (padding handled, not ignored)
-  assert np.abs(ref_logits).max() > 0.1
+  if pixels is not None:
+    # the image really drives the logits (a wrong splice / vision tower could not hide under TOL)
+    swapped, _ = _forward(model, shape, ids, mask, pixels[::-1].copy())
+    assert np.abs(np.asarray(swapped) - np.asarray(logits))[real].max() > 0.1
 
 
 def test_export_reloads_in_hf_exactly(case, tmp_path):
