@@ -131,14 +131,17 @@ def _reader_fn(reader: _Reader, name: str, layout: str, target_shape: tuple[int,
     raise ValueError(f'hf_checkpoint: tensor {name!r} has shape {shape} in {reader.directory}, but '
                      f'parameter {what} needs {expect} (check config.json against the weights)')
 
+  cpu = jax.local_devices(backend='cpu')[0]
+
   def read(index: tuple) -> np.ndarray:
-    if layout == 'copy':
-      arr = src[index]
-    elif layout == 'linear':
-      arr = src[tuple(reversed(index))].T
-    else:
-      arr = src[:].reshape(shape[0], -1).T[index]
-    return np.asarray(jnp.asarray(arr).astype(dtype))
+    with jax.default_device(cpu):  # slices are staged on the host, not on an accelerator
+      if layout == 'copy':
+        arr = src[index]
+      elif layout == 'linear':
+        arr = src[tuple(reversed(index))].T
+      else:
+        arr = src[:].reshape(shape[0], -1).T[index]
+      return np.asarray(jnp.asarray(arr).astype(dtype))
 
   return read
 
