@@ -30,9 +30,10 @@ def _inputs(seed, n=8, d=5, k=4, vocab=VOCAB):
   return q, c, q_terms, c_terms, idf, 2.5
 
 
-def test_bm25_matches_numpy_random():
+@pytest.mark.parametrize("impl", ["auto", "matmul", "gather", "compare"])
+def test_bm25_matches_numpy_random(impl):
   _, _, qt, ct, idf, avg = _inputs(0, n=12, k=6)
-  got = bm25_scores(qt, ct, idf, avg, k1=1.5, b=0.6)
+  got = bm25_scores(qt, ct, idf, avg, k1=1.5, b=0.6, impl=impl)
   np.testing.assert_allclose(np.asarray(got), np_bm25(qt, ct, idf, avg, 1.5, 0.6), rtol=1e-5, atol=1e-6)
 
 

@@ -20,8 +20,7 @@ def test_doc_examples_run_and_agree():
   host = ns["host"]
   q = ns["encode"](jax.device_get(ns["params"]), host["query"])
   c = ns["encode"](jax.device_get(ns["params"]), host["candidate"])
-  fn = jax.jit(jax.shard_map(ns["local_step"], mesh=mesh, in_specs=(spec,) * 4, out_specs=(ns["P"](), ns["P"]()),
-                             check_vma=False))
+  fn = jax.jit(jax.shard_map(ns["local_step"], mesh=mesh, in_specs=(spec,) * 4, out_specs=(ns["P"](), ns["P"]())))
   args = [jax.device_put(x, ns["NamedSharding"](mesh, spec)) for x in (q, c, host["query_terms"], host["candidate_terms"])]
   loss, _ = fn(*args)
   ref, _ = ns["agcl_loss"](q, c, host["query_terms"], host["candidate_terms"], ns["idf"], 6.0, ns["config"])

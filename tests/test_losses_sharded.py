@@ -41,8 +41,8 @@ CONFIGS = [
     AGCLConfig(),
     AGCLConfig(mask="margin", delta=-0.2, symmetric=True),
     AGCLConfig(mask="positive", delta=0.1, bm25_norm="none", bias_on="all"),
-    AGCLConfig(mask="attribute", mask_threshold=0.7, symmetric=True),
-    AGCLConfig.published(mask="attribute"),
+    AGCLConfig(mask="attribute", mask_threshold=0.7, symmetric=True, bm25_impl="compare"),
+    AGCLConfig.published(mask="attribute", bm25_impl="gather"),
     AGCLConfig(uniform_margin=2.0, mask="positive", delta=0.3, symmetric=True),
     AGCLConfig.infonce(),
 ]

@@ -32,7 +32,7 @@ def test_local_inside_user_shard_map():
     return jax.lax.psum(jnp.sum(per_row), "data") / q.shape[0] / 8, sums
 
   spec = P("data")
-  fn = jax.shard_map(local_loss, mesh=mesh, in_specs=(spec,) * 4, out_specs=(P(), P()), check_vma=False)
+  fn = jax.shard_map(local_loss, mesh=mesh, in_specs=(spec,) * 4, out_specs=(P(), P()))
   args = [jax.device_put(x, NamedSharding(mesh, spec)) for x in (q, c, qt, ct)]
   loss, sums = jax.jit(fn)(*args)
   ref_loss, ref_metrics = agcl_loss(q, c, qt, ct, idf, avg, config)

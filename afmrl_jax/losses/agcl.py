@@ -127,7 +127,7 @@ def agcl_loss(q, c, q_terms, c_terms, idf, avg_doc_len, config: Optional[AGCLCon
                    for x, s in zip(args, specs))
     sharded = jax.shard_map(
         local, mesh=mesh, in_specs=(batch_spec,) * 4 + (P(), P()),
-        out_specs=(batch_spec, batch_spec, P()), axis_names=set(axis_names), check_vma=False)
+        out_specs=(batch_spec, batch_spec, P()), axis_names=set(axis_names))
     per_row, q2c, sums = sharded(*args)
   metrics = blocks.finalize_metrics(sums, batch, config.needs_bm25)
   loss = jnp.mean(per_row)

@@ -24,6 +24,7 @@ class Rows(NamedTuple):
   """Row side of the loss. q, pos: [L, D] L2-normalised; terms: [L, K] | None; ids: [L] global index.
 
   pos_sim [L] = s_ii, b_self [L] = B_ii, fingerprint [L, 2] (attribute mask) - all stop-gradient.
+  term_counts [L, V]: the rows' term-count table when the BM25 algorithm uses one (bm25_impl).
   """
   q: jax.Array
   pos: jax.Array
@@ -32,6 +33,8 @@ class Rows(NamedTuple):
   pos_sim: jax.Array
   b_self: Optional[jax.Array]
   fingerprint: Optional[jax.Array]
+  term_counts: Optional[jax.Array] = None
+  bm25_impl: str = "compare"
 
 
 class Cols(NamedTuple):
@@ -50,12 +53,27 @@ def make_rows(q, c, q_terms, c_terms, row_offset, idf, avg_doc_len, config: AGCL
   """Rows for local queries q [L, D] whose positives are the local candidates c [L, D] (normalised)."""
   ids = row_offset + jnp.arange(q.shape[0], dtype=jnp.int32)
   pos_sim = jax.lax.stop_gradient(jnp.sum(q * c, axis=-1))
-  b_self = fingerprint = None
+  b_self = fingerprint = counts = None
+  impl = "compare"
   if config.needs_bm25:
     b_self = bm25_lib.bm25_diagonal(q_terms, c_terms, idf, avg_doc_len, config.k1, config.b)
     if config.mask == "attribute":
       fingerprint = bm25_lib.term_set_fingerprint(q_terms)
-  return Rows(q, jax.lax.stop_gradient(c), q_terms, ids, pos_sim, b_self, fingerprint)
+    # The count table is built once per row block and reused against every column block.
+    impl = bm25_lib.resolve_impl(config.bm25_impl, q.shape[0], idf.shape[0])
+    if impl != "compare":
+      counts = bm25_lib.query_term_counts(q_terms, idf.shape[0])
+  return Rows(q, jax.lax.stop_gradient(c), q_terms, ids, pos_sim, b_self, fingerprint, counts, impl)
+
+
+def block_bm25(rows: Rows, cols: Cols, idf, avg_doc_len, config: AGCLConfig) -> jax.Array:
+  """B [L, C] of the rows' attribute terms against the columns', stop-gradient."""
+  weights = bm25_lib.doc_slot_weights(cols.terms, idf, avg_doc_len, config.k1, config.b)
+  if rows.term_counts is None:
+    raw = bm25_lib.bm25_from_weights(rows.terms, cols.terms, weights)
+  else:
+    raw = bm25_lib.bm25_from_counts(rows.term_counts, cols.terms, weights, rows.bm25_impl)
+  return jax.lax.stop_gradient(raw)
 
 
 def _bias_from_bm25(raw: jax.Array, b_self: jax.Array, is_pos: jax.Array, config: AGCLConfig) -> jax.Array:
@@ -90,8 +108,7 @@ def block_logits(rows: Rows, cols: Cols, idf, avg_doc_len, config: AGCLConfig,
   is_pos = rows.ids[:, None] == cols.ids[None, :]
   raw = None
   if config.needs_bm25:
-    raw = jax.lax.stop_gradient(
-        bm25_lib.bm25_scores(rows.terms, cols.terms, idf, avg_doc_len, config.k1, config.b))
+    raw = block_bm25(rows, cols, idf, avg_doc_len, config)
   if config.uniform_margin is not None:
     bias = jnp.where(is_pos, 0.0, jnp.float32(config.uniform_margin))
   elif config.alpha != 0.0:
@@ -146,9 +163,10 @@ def _block_stats(sim, bias, raw, mask, is_pos) -> dict:
   return stats, max_neg
 
 
-def empty_stats(rows: int):
-  """Identity element of merge_stats for `rows` rows."""
-  return ({k: jnp.zeros((), jnp.float32) for k in STAT_KEYS}, jnp.full((rows,), -jnp.inf, jnp.float32))
+def empty_stats(like: jax.Array):
+  """Identity element of merge_stats for rows like `like` [L] (whose shard_map varying type it takes)."""
+  like = like.astype(jnp.float32)
+  return ({k: jnp.zeros_like(like[0]) for k in STAT_KEYS}, jnp.full_like(like, -jnp.inf))
 
 
 def merge_stats(a, b):

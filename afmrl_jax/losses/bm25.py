@@ -9,8 +9,11 @@ occurrence (BM25 sums over the query's term list). The score of query i against 
 
 which is the usual sum over query terms of idf * tf * (k1 + 1) / (tf + k1 * (...)): each of the tf slots
 holding a term contributes u_jl, so the tf slots together give the saturated score. Written as a
-compare-and-sum over the K x K slot pairs it needs no vocabulary-sized arrays, and accumulated one
-query slot at a time a block costs O(Bq * Bd) memory (and O(Bq * Bd * K^2) elementwise work).
+sum over document slots, three algorithms give it (`resolve_impl`): a per-query term-count table
+[Bq, V] times the documents' weights scattered into [V, Bd] (a matmul; the default for vocabularies
+up to 8192 terms), a gather from that table (K gathers per pair), or a K x K slot comparison with no
+vocabulary-sized array (any vocabulary). Every one costs O(Bq * Bd) memory besides
+the [Bq, V] table, so a block of queries against a block of documents never needs the full matrix.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ def doc_slot_weights(doc_terms: jax.Array, idf: jax.Array, avg_doc_len, k1: floa
 
 
 def bm25_from_weights(query_terms: jax.Array, doc_terms: jax.Array, slot_weights: jax.Array) -> jax.Array:
-  """B [Bq, Bd] from query ids [Bq, K], doc ids [Bd, K] and `doc_slot_weights` [Bd, K].
+  """B [Bq, Bd] from query ids [Bq, K], doc ids [Bd, K] and `doc_slot_weights` [Bd, K] ('compare').
 
   A loop over the query slots, each adding an unrolled sum over the document slots: every step is one
   elementwise [Bq, Bd] fusion, so no [Bq, Bd, K, K] (or [Bq, Bd, K]) array is ever formed - XLA does
@@ -51,17 +54,69 @@ def bm25_from_weights(query_terms: jax.Array, doc_terms: jax.Array, slot_weights
                      for l in range(num_doc_slots))
     return total + jnp.where(term != 0, term_score, 0.0)
 
-  init = jnp.zeros((query_terms.shape[0], doc_terms.shape[0]), jnp.float32)
+  # zeros_like of an expression of both inputs: inside shard_map it carries their varying-axes type.
+  init = jnp.zeros_like(query_terms[:, :1] + doc_terms[None, :, 0], dtype=jnp.float32)
   return jax.lax.fori_loop(0, query_terms.shape[1], add_query_slot, init)
 
 
+BM25_IMPLS = ("auto", "gather", "matmul", "compare")
+# 'auto' uses the matmul while the vocabulary is small and the [Bq, V] count table stays below this.
+_AUTO_TABLE_LIMIT = 1 << 27
+_AUTO_MAX_VOCAB = 8192
+
+
+def resolve_impl(impl: str, num_queries: int, vocab_size: int) -> str:
+  """The BM25 algorithm to use ('auto': 'matmul' for vocabularies up to 8192 terms, else 'compare').
+
+  matmul:  B = counts [Bq, V] @ W [V, Bd], W the documents' slot weights scattered by term id;
+           2V flops per pair on the matrix unit (measured fastest on CPU too, see bench_agcl.py).
+  gather:  B_ij = sum_l counts_i[d_jl] * u_jl, K gathers per pair (slow on XLA:CPU at large Bd).
+  compare: the K x K slot comparison, no vocabulary-sized arrays (any vocabulary size).
+  """
+  if impl not in BM25_IMPLS:
+    raise ValueError(f"bm25: impl={impl!r}, expected one of {BM25_IMPLS}")
+  if impl != "auto":
+    return impl
+  small = vocab_size <= _AUTO_MAX_VOCAB and num_queries * vocab_size <= _AUTO_TABLE_LIMIT
+  return "matmul" if small else "compare"
+
+
+def query_term_counts(query_terms: jax.Array, vocab_size: int) -> jax.Array:
+  """How often each term occurs in each query: [Bq, V] (int8 for K < 128), padding column 0."""
+  query_terms = jnp.asarray(query_terms, jnp.int32)
+  dtype = jnp.int8 if query_terms.shape[1] < 128 else jnp.int32
+  rows = jnp.arange(query_terms.shape[0], dtype=jnp.int32)[:, None]
+  base = jnp.zeros_like(query_terms[:, :1], dtype=dtype) * jnp.zeros((1, vocab_size), dtype)
+  return base.at[rows, query_terms].add(jnp.ones_like(query_terms, dtype=dtype)).at[:, 0].set(0)
+
+
+def bm25_from_counts(counts: jax.Array, doc_terms: jax.Array, slot_weights: jax.Array,
+                     impl: str = "gather") -> jax.Array:
+  """B [Bq, Bd] from `query_term_counts` [Bq, V], doc ids [Bd, K] and `doc_slot_weights` [Bd, K]."""
+  doc_terms = jnp.asarray(doc_terms, jnp.int32)
+  if impl == "matmul":
+    vocab = counts.shape[1]
+    cols = jnp.arange(doc_terms.shape[0], dtype=jnp.int32)[None, :]
+    table = jnp.zeros((vocab, doc_terms.shape[0]), jnp.float32).at[doc_terms.T, cols].add(slot_weights.T)
+    return counts.astype(jnp.float32) @ table
+  # One gathered [Bq, Bd] term per document slot; XLA fuses the sum into one pass.
+  return sum(jnp.take(counts, doc_terms[:, l], axis=1).astype(jnp.float32) * slot_weights[None, :, l]
+             for l in range(doc_terms.shape[1]))
+
+
 def bm25_scores(query_terms: jax.Array, doc_terms: jax.Array, idf: jax.Array, avg_doc_len,
-                k1: float = 1.2, b: float = 0.75) -> jax.Array:
+                k1: float = 1.2, b: float = 0.75, impl: str = "auto") -> jax.Array:
   """BM25 scores float32 [Bq, Bd] of query term ids [Bq, K] against document term ids [Bd, K].
 
   idf: float32 [V] (idf[0] = 0, see CorpusStats); avg_doc_len: scalar, terms per corpus document.
+  impl: see `resolve_impl`; all give the same numbers (to float rounding).
   """
-  return bm25_from_weights(query_terms, doc_terms, doc_slot_weights(doc_terms, idf, avg_doc_len, k1, b))
+  idf = jnp.asarray(idf, jnp.float32)
+  weights = doc_slot_weights(doc_terms, idf, avg_doc_len, k1, b)
+  impl = resolve_impl(impl, query_terms.shape[0], idf.shape[0])
+  if impl == "compare":
+    return bm25_from_weights(query_terms, doc_terms, weights)
+  return bm25_from_counts(query_term_counts(query_terms, idf.shape[0]), doc_terms, weights, impl)
 
 
 def bm25_diagonal(query_terms: jax.Array, doc_terms: jax.Array, idf: jax.Array, avg_doc_len,

@@ -35,6 +35,9 @@ class AGCLConfig:
   symmetric: add the candidate->query direction (the same loss with the towers' roles swapped) and
     average the two.
   k1, b: BM25 parameters.
+  bm25_impl: how B is computed, same numbers either way (losses.bm25.resolve_impl): 'auto' ('matmul'
+    of a per-row [L, V] term-count table with the columns' weights for vocabularies up to 8192 terms,
+    else 'compare'), 'matmul', 'gather', 'compare' (K x K slot comparison, any vocabulary size).
 
   The published form is `AGCLConfig.published()`, plain InfoNCE `AGCLConfig.infonce()`.
   """
@@ -49,6 +52,7 @@ class AGCLConfig:
   symmetric: bool = False
   k1: float = 1.2
   b: float = 0.75
+  bm25_impl: str = "auto"
 
   def __post_init__(self):
     def bad(field, why):
@@ -65,6 +69,8 @@ class AGCLConfig:
       bad("mask", f"must be one of {MASKS}")
     if self.uniform_margin is not None and not math.isfinite(self.uniform_margin):
       bad("uniform_margin", "must be None or finite")
+    if self.bm25_impl not in ("auto", "gather", "matmul", "compare"):
+      bad("bm25_impl", "must be one of ('auto', 'gather', 'matmul', 'compare')")
     if self.k1 < 0 or not 0 <= self.b <= 1:
       bad("k1" if self.k1 < 0 else "b", "BM25 needs k1 >= 0 and 0 <= b <= 1")
 

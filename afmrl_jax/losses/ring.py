@@ -79,8 +79,8 @@ def _ring_forward(config, axis_names, tile_size, q, c, q_terms, c_terms, idf, av
     tiles = _split_tiles(_cols(blk[0], blk[1], step, axis_names, size), width)
     return jax.lax.scan(fold_tile, state, tiles)[0]
 
-  m0 = jnp.full(q.shape[:1], -jnp.inf, jnp.float32)
-  state = fold_block((m0, jnp.zeros_like(m0), blocks.empty_stats(q.shape[0])), (c, c_terms), 0)
+  m0 = jnp.full_like(q[:, 0], -jnp.inf)  # *_like: keeps q's varying type under check_vma
+  state = fold_block((m0, jnp.zeros_like(m0), blocks.empty_stats(m0)), (c, c_terms), 0)
 
   def body(carry, step):
     blk, state = carry
