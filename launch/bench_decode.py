@@ -11,7 +11,13 @@ run the same network. Reported per side: end-to-end generate time (prefill + dec
 new-tokens/s, and decode-only tokens/s from (time(N new) - time(1 new)) / (N - 1) steps.
 Prints a markdown table and writes JSON (`--json`).
 
+`--roofline` instead times our decode step alone on a bigger text decoder (default: Qwen2-VL-2B's
+decoder, bfloat16, batch 64) and reports the fraction of the memory-bandwidth roofline: the bytes
+one step must read (all parameters + the KV cache slots attended) over `--hbm_gbps` (H200: 4800),
+divided by the measured step time. Meant for an accelerator; `--preset tiny` checks it on a CPU.
+
   python launch/bench_decode.py --json /tmp/bench_decode.json
+  python launch/bench_decode.py --roofline --batch 64 --prompt_len 128 --new_tokens 128 --hbm_gbps 4800
 """
 
 from __future__ import annotations
@@ -108,6 +114,63 @@ def bench_ours(model, ids, mask, pixels, grid, new_tokens: int, repeats: int) ->
   return _time(run, repeats)
 
 
+ROOFLINE_PRESETS = {
+    # Qwen2-VL-2B's text decoder (the representation model of the paper); tied embeddings.
+    "2b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+               num_attention_heads=12, num_key_value_heads=2, mrope_section=(16, 24, 24),
+               tie_word_embeddings=True),
+    "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, mrope_section=(4, 6, 6),
+                 tie_word_embeddings=True),
+}
+
+
+def roofline(args) -> dict:
+  """Our decode step on a text decoder vs the memory-bandwidth bound (see module docstring)."""
+  from flax import nnx
+
+  from afmrl_jax import parallel
+  from afmrl_jax.models import sharding
+  from afmrl_jax.models.config import TextConfig, VLConfig
+  from afmrl_jax.models.vl_model import VLModel
+
+  text = TextConfig(**ROOFLINE_PRESETS[args.preset], eos_token_id=None)
+  config = VLConfig(model_type="qwen2_vl", text=text, vision=None, dtype=args.dtype, param_dtype=args.dtype)
+  mesh = parallel.make_mesh({"data": -1})
+  model = sharding.create_sharded(lambda: VLModel(config, rngs=nnx.Rngs(0)), mesh)
+  b, t, n = args.batch, args.prompt_len, args.new_tokens
+  rng = np.random.default_rng(args.seed)
+  batch = parallel.global_batch({"ids": rng.integers(3, text.vocab_size, (b, t)).astype(np.int32),
+                                 "mask": np.ones((b, t), np.int32)}, mesh)
+
+  def timed(new_tokens):
+    from afmrl_jax.generate import sampling
+    from afmrl_jax.generate.filters import SamplingConfig
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=new_tokens)
+    with jax.set_mesh(mesh):
+      run = lambda: jax.block_until_ready(
+          sampling.generate(model, batch["ids"], batch["mask"], rng=jax.random.key(0), config=cfg))
+      run()
+      return _time(run, args.repeats)
+
+  step_s = (timed(n) - timed(1)) / (n - 1)
+  param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  itemsize = jnp.dtype(args.dtype).itemsize
+  # Each step attends over all t + n cache slots (static shapes), k and v, every layer.
+  kv_bytes = 2 * text.num_hidden_layers * b * (t + n) * text.num_key_value_heads * text.dim_per_head * itemsize
+  bound_s = (param_bytes + kv_bytes) / (args.hbm_gbps * 1e9)
+  result = {"preset": args.preset, "dtype": args.dtype, "batch": b, "prompt_tokens": t, "new_tokens": n,
+            "device": str(jax.devices()[0].device_kind), "param_bytes": int(param_bytes),
+            "kv_bytes_per_step": int(kv_bytes), "ms_per_decode_step": 1000 * step_s,
+            "roofline_ms_per_step": 1000 * bound_s, "roofline_fraction": bound_s / step_s,
+            "decode_tokens_per_s": b / step_s, "hbm_gbps": args.hbm_gbps}
+  print("| preset | batch | ms / step | roofline ms / step | fraction of roofline | decode tokens/s |")
+  print("|---|---|---|---|---|---|")
+  print(f"| {args.preset} ({args.dtype}) | {b} | {1000 * step_s:.2f} | {1000 * bound_s:.3f} | "
+        f"{bound_s / step_s:.1%} | {b / step_s:.0f} |")
+  return result
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--batch", type=int, default=16)
@@ -117,7 +180,17 @@ def main() -> None:
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--torch_threads", type=int, default=0, help="0: torch's default")
   ap.add_argument("--json", default="", help="write the results here as JSON")
+  ap.add_argument("--roofline", action="store_true", help="our decode step vs the bandwidth bound only")
+  ap.add_argument("--preset", default="2b", choices=sorted(ROOFLINE_PRESETS))
+  ap.add_argument("--dtype", default="bfloat16")
+  ap.add_argument("--hbm_gbps", type=float, default=4800.0, help="memory bandwidth, GB/s (H200: 4800)")
   args = ap.parse_args()
+  if args.roofline:
+    results = roofline(args)
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump(results, f, indent=2)
+    return
 
   import torch
 
