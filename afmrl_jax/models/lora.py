@@ -14,7 +14,7 @@ optax mask for code that works on plain parameter pytrees.
 `merge_lora(model)` folds `scale * a @ b` into each base kernel and removes the adapters, giving a
 plain model to export (HF safetensors) or to serve.
 
-Kernels: the wrapped module must have a `kernel` parameter whose leading `in_axes` axes contract with
+Kernels: the adapted module must have a `kernel` parameter whose leading `in_axes` axes contract with
 the trailing axes of the input (nnx.Linear: kernel [in, out]; einsum projections such as
 [embed, heads, head_dim] with in_axes=1, or [heads, head_dim, embed] with in_axes=2). The adapter is
 a [in..., rank] and b [rank, out...].
@@ -53,7 +53,7 @@ class LoRAConfig:
 
   @classmethod
   def from_dict(cls, d: Any) -> "LoRAConfig":
-    """From a ConfigDict / mapping with keys rank, alpha, targets (, in_axes)."""
+    """From a ConfigDict / mapping with keys rank, alpha, targets (, in_axes: {target: n}, scope)."""
     d = dict(d)
     unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
@@ -142,19 +142,8 @@ def _matches(path: Sequence[Any], targets: Sequence[str]) -> str | None:
   return None
 
 
-def _get_child(parent: Any, key: Any) -> Any:
-  return parent[key] if isinstance(key, int) else getattr(parent, key)
-
-
-def _set_child(parent: Any, key: Any, value: Any) -> None:
-  if isinstance(key, int):
-    parent[key] = value
-  else:
-    setattr(parent, key, value)
-
-
 def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> list[str]:
-  """Wraps every target projection of `model` in place; returns the '/'-joined paths wrapped.
+  """Adapts every target projection of `model` in place; returns the '/'-joined paths adapted.
 
   Raises ValueError naming `config.lora.targets` when nothing matched (a typo would otherwise
   silently train nothing).
