@@ -153,7 +153,6 @@ def train(preset: str) -> ml_collections.ConfigDict:
   # schedule still uses num_steps, so a resumed run continues exactly where this one stopped.
   t.stop_after_steps = 0
   t.log_every = {"ci": 1, "tiny": 10}.get(preset, 20)
-  t.seed = 0
   t.check_finite = True  # stop the run on a NaN/Inf loss, naming the step and batch
   t.eval_at_end = True  # run the retrieval evaluation after the last step
   return t

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Stage-1 ablation grid on the embedded catalog, paired by seed (METHOD.md, issue 5 item 9).
+#
+#   launch/ablate_stage1.sh [OUT_DIR] [SEEDS] [ARMS]
+#   OUT_DIR  default /tmp/afmrl_ablate
+#   SEEDS    default "0 1 2 3 4"   (>= 5 for the published table)
+#   ARMS     default: every arm below
+# Environment: PRESET (default tiny), STEPS (default: the preset's), MARGIN (uniform-margin control,
+# default 1.0), EXTRA (more --config overrides for every run), PYTHON (default .venv/bin/python).
+#
+# Seeds change the model init, the batch order and the fresh views (model.param_seed,
+# pipeline.shuffle_seed); the catalog is the same for every run, so arms are compared on the same data
+# and seed k of one arm is paired with seed k of another. Finished runs (summary.json present) are
+# skipped, so the script can be stopped and restarted. At the end it prints the table
+# (launch/ablate_report.py): mean +- std per arm and the paired difference to InfoNCE.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-/tmp/afmrl_ablate}
+SEEDS=${2:-"0 1 2 3 4"}
+PRESET=${PRESET:-tiny}
+MARGIN=${MARGIN:-1.0}
+PYTHON=${PYTHON:-.venv/bin/python}
+EXTRA=${EXTRA:-}
+STEPS_FLAG=""
+if [[ -n "${STEPS:-}" ]]; then STEPS_FLAG="--config.train.num_steps=${STEPS}"; fi
+
+declare -A ARM_FLAGS=(
+  [infonce]="--config.loss.alpha=0"
+  [agcl_published]="--config.loss.alpha=1 --config.loss.bm25_norm=none --config.loss.bias_on=all"
+  [agcl]=""
+  [uniform_margin]="--config.loss.uniform_margin=${MARGIN}"
+  [agcl_mask_margin]="--config.loss.mask=margin --config.loss.delta=0.1"
+  [agcl_mask_attribute]="--config.loss.mask=attribute"
+  [agcl_family_mixed]="--config.pipeline.batching=family_mixed --config.pipeline.family_share=0.5"
+  [infonce_family_mixed]="--config.loss.alpha=0 --config.pipeline.batching=family_mixed"
+  [agcl_no_duplicates]="--config.catalog.duplicate_share=0.0"
+  [infonce_no_duplicates]="--config.loss.alpha=0 --config.catalog.duplicate_share=0.0"
+  [infonce_enriched]="--config.loss.alpha=0 --config.attributes.enrich_queries=True"
+  [agcl_enriched]="--config.attributes.enrich_queries=True"
+)
+DEFAULT_ARMS="infonce agcl agcl_published uniform_margin agcl_mask_margin agcl_mask_attribute agcl_family_mixed infonce_family_mixed agcl_no_duplicates infonce_no_duplicates infonce_enriched agcl_enriched"
+ARMS=${3:-$DEFAULT_ARMS}
+CACHE="${OUT}/data_cache"  # one catalog for every run (the no-duplicates arms build their own)
+
+for seed in ${SEEDS}; do
+  for arm in ${ARMS}; do
+    if [[ -z "${ARM_FLAGS[$arm]+x}" ]]; then echo "unknown arm '$arm'; known: ${!ARM_FLAGS[*]}" >&2; exit 2; fi
+    dir="${OUT}/${arm}/seed${seed}"
+    if [[ -f "${dir}/summary.json" ]] && grep -q '"eval"' "${dir}/summary.json"; then continue; fi
+    mkdir -p "${OUT}/${arm}"
+    echo "=== ${arm} seed ${seed} -> ${dir}"
+    # shellcheck disable=SC2086
+    "${PYTHON}" -m afmrl_jax.main --config="configs/stage1.py:${PRESET}" --workdir="${dir}" \
+      --config.catalog.cache_dir="${CACHE}" --config.model.param_seed="${seed}" \
+      --config.pipeline.shuffle_seed="${seed}" \
+      --config.eval.report=False ${STEPS_FLAG} ${ARM_FLAGS[$arm]} ${EXTRA} > "${dir}.log" 2>&1 \
+      || { echo "run failed, see ${dir}.log" >&2; tail -5 "${dir}.log" >&2; }
+  done
+done
+"${PYTHON}" launch/ablate_report.py "${OUT}" --baseline infonce --json "${OUT}/ablation.json" | tee "${OUT}/ablation.md"
