@@ -28,6 +28,7 @@ class Shape:
   window: int = 56
   fullatt: tuple[int, ...] = (1,)
   grid: tuple[int, int, int] = (1, 4, 4)
+  head_dim: int | None = None  # llama only; None = hidden // heads
 
 
 SHAPES = [
@@ -43,6 +44,7 @@ SHAPES = [
 ]
 TEXT_SHAPES = [
     Shape('llama_tied', 'llama', hidden=32, heads=4, kv_heads=2, tie=True),
+    Shape('llama_head_dim16', 'llama', hidden=32, heads=4, kv_heads=1, head_dim=16),
     Shape('qwen2_untied', 'qwen2', hidden=48, heads=6, kv_heads=2),
 ]
 
@@ -59,7 +61,8 @@ def hf_model(shape: Shape, seed: int = 0):
   if shape.kind in ('llama', 'qwen2'):
     rope = {'rope_type': 'default', 'rope_theta': 10000.0}
     if shape.kind == 'llama':
-      config = tf.LlamaConfig(**text, rope_parameters=rope, head_dim=shape.hidden // shape.heads)
+      config = tf.LlamaConfig(**text, rope_parameters=rope,
+                              head_dim=shape.head_dim or shape.hidden // shape.heads)
       cls = tf.LlamaForCausalLM
     else:
       config = tf.Qwen2Config(**text, rope_parameters=rope)

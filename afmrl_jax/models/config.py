@@ -119,8 +119,10 @@ class VLConfig:
         num_hidden_layers=t['num_hidden_layers'],
         num_attention_heads=num_heads,
         num_key_value_heads=t.get('num_key_value_heads') or num_heads,
-        # Qwen2-VL's attention ignores head_dim (always hidden // heads); Llama honours it.
-        head_dim=t.get('head_dim') if is_llama else None,
+        # Qwen2-VL's attention ignores head_dim (always hidden // heads); Llama / Qwen2 honour it.
+        # (stored as None when it equals the default, so configs compare equal after a round trip)
+        head_dim=(t.get('head_dim') if model_type in TEXT_TYPES
+                  and t.get('head_dim') not in (None, t['hidden_size'] // num_heads) else None),
         rms_norm_eps=t.get('rms_norm_eps', 1e-6),
         rope_theta=float(rope.get('rope_theta', t.get('rope_theta', default_theta))),
         mrope_section=tuple(mrope) if mrope is not None else None,
@@ -183,8 +185,12 @@ class VLConfig:
           tie_word_embeddings=t.tie_word_embeddings, bos_token_id=t.bos_token_id,
           eos_token_id=list(t.eos_token_id) if isinstance(t.eos_token_id, tuple) else t.eos_token_id,
           pad_token_id=t.pad_token_id, dtype=self.param_dtype)
+      out['head_dim'] = t.dim_per_head
       if self.model_type == 'llama':
-        out.update(head_dim=t.dim_per_head, attention_bias=t.qkv_bias, mlp_bias=t.mlp_bias)
+        out.update(attention_bias=t.qkv_bias, mlp_bias=t.mlp_bias)
+      elif (t.qkv_bias, t.o_bias, t.mlp_bias) != (True, False, False):
+        raise ValueError('VLConfig: qwen2 checkpoints have q/k/v bias only; set model_type=llama '
+                         'for other bias layouts')
       return out
     rope = {'rope_type': 'default', 'rope_theta': t.rope_theta}
     if t.mrope_section is not None:
