@@ -10,7 +10,8 @@ None when the config uses no attributes. idf: float32 [V]; avg_doc_len: scalar (
 strategy:
   'dense'       the whole [B, B] matrix on one device (reference; fine for small batches).
   'all_gather'  local rows x gathered global columns ([L, B] per device), as VLM2Vec.
-  'ring'        candidates rotate around the devices; O(L^2) memory per device, custom VJP.
+  'ring'        candidates rotate around the devices (ppermute), [L, tile] logits tiles, online
+                logsumexp, custom VJP: O(L * (tile + D)) memory per device, linear in B.
 For 'all_gather' and 'ring' the batch dimension is split over the mesh axes `axis_names`; the mesh is
 `mesh` or the one set with `jax.set_mesh`. All three give the same loss, metrics and gradients.
 Inside your own `jax.shard_map`, call `agcl_loss_local` on the local shards instead.
@@ -68,11 +69,10 @@ def agcl_loss_local(q, c, q_terms, c_terms, idf, avg_doc_len, config: AGCLConfig
   q, c = blocks.l2_normalize(q), blocks.l2_normalize(c)
   if strategy == "dense":
     direction = dense_direction
+  elif strategy == "all_gather":
+    direction = functools.partial(all_gather_direction, axis_names=tuple(axis_names))
   else:
-    if strategy == "all_gather":
-      direction = functools.partial(all_gather_direction, axis_names=tuple(axis_names))
-    else:
-      direction = functools.partial(ring_direction, axis_names=tuple(axis_names), tile_size=tile_size)
+    direction = functools.partial(ring_direction, axis_names=tuple(axis_names), tile_size=tile_size)
   per_row, sums = direction(q, c, q_terms, c_terms, idf, avg_doc_len, config)
   q2c = per_row
   if config.symmetric:
