@@ -1,9 +1,9 @@
 """Trainer options on the tiny model: LoRA-only training, bf16 compute, HF checkpoint loading."""
 
 import jax
-import pytest
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 import configs.stage1 as stage1_configs
