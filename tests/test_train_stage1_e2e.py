@@ -75,3 +75,17 @@ def test_eval_batches_use_true_product_identity(full_run, cache):
   batch = next(iter(data.eval_batches("gallery")))
   np.testing.assert_array_equal(batch["product_id"], batch["true_product_id"])
   assert batch["valid"].dtype == bool
+
+
+def test_eval_stage_reproduces_end_of_training_metrics(full_run, tmp_path):
+  """`config.stage=eval` restores the last checkpoint and gets the same retrieval metrics."""
+  import configs.eval as eval_configs
+  config, workdir, summary = full_run
+  eval_config = eval_configs.get_config("ci")
+  for section in ("catalog", "pipeline", "train", "optimizer", "checkpoint"):
+    eval_config[section] = config[section]
+  eval_config.checkpoint.restore_dir = workdir
+  out = stage1.evaluate_checkpoint(eval_config, str(tmp_path))
+  assert out["step"] == STEPS
+  for key in ("recall@1", "recall@10", "map@10", "knn_accuracy"):
+    assert out["eval"][key] == pytest.approx(summary["eval"][key], abs=1e-6), key

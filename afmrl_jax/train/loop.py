@@ -126,11 +126,10 @@ def run(*, build: Callable[[], nnx.Module], trainable: Any, mesh: Mesh, tx: opta
     trainable: nnx filter of the trainable variables.
     data: iterator of process-local batch dicts with `get_state()` / `set_state()`.
     grad_fn_factory: graphdef -> grad_fn (see make_train_step), instead of loss_fn.
-    after_init: called with the freshly created model before training (e.g. to load pretrained
-      weights in place); not called when resuming.
+    after_init: called with the freshly created model before the train state is made or restored
+      (e.g. to load pretrained weights in place: frozen weights are not checkpointed).
   """
   model = state_lib.create_sharded(build, mesh, trainable)
-  fresh = True
   shardings = state_lib.state_shardings(tx, model, mesh)
   ckpt = checkpointing.Checkpointer(checkpoint_dir or f"{workdir}/checkpoints", keep=loop.checkpoint_keep,
                                     async_save=loop.checkpoint_async) if loop.checkpoint_enabled else None
@@ -142,7 +141,6 @@ def run(*, build: Callable[[], nnx.Module], trainable: Any, mesh: Mesh, tx: opta
     state, data_state = ckpt.restore(latest, state_lib.abstract_like(state))
     if data_state is not None and hasattr(data, "set_state"):
       data.set_state(data_state)
-    fresh = False
     logging.info("Resumed from %s/%d.", ckpt.directory, latest)
   start = int(jax.device_get(state["step"]))
 
