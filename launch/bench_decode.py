@@ -17,6 +17,8 @@ one step must read (all parameters + the KV cache slots attended) over `--hbm_gb
 divided by the measured step time. Meant for an accelerator; `--preset tiny` checks it on a CPU.
 
   python launch/bench_decode.py --json /tmp/bench_decode.json
+  # both sides single-threaded (fairer on a busy machine, where 2-thread torch degrades badly):
+  XLA_FLAGS=--xla_cpu_multi_thread_eigen=false python launch/bench_decode.py --torch_threads 1
   python launch/bench_decode.py --roofline --batch 64 --prompt_len 128 --new_tokens 128 --hbm_gbps 4800
 """
 
@@ -207,7 +209,8 @@ def main() -> None:
 
   results = {"config": "bench-small", "batch": b, "prompt_tokens": int(ids.shape[1]), "new_tokens": n,
              "devices": str(jax.devices()[0].device_kind), "torch_threads": torch.get_num_threads(),
-             "cpu_count": os.cpu_count()}
+             "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+             "load_average": os.getloadavg()[0]}
   for name, fn, model in (("hf_generate", bench_hf, hf), ("afmrl_jax", bench_ours, ours)):
     total = fn(model, ids, mask, pixels, grid, n, args.repeats)
     one = fn(model, ids, mask, pixels, grid, 1, args.repeats)
@@ -220,7 +223,8 @@ def main() -> None:
                                / results["hf_generate"]["decode_tokens_per_s"])
 
   print(f"bench-small: batch {b}, prompt {ids.shape[1]} tokens (16 image), {n} new tokens, "
-        f"median of {args.repeats}")
+        f"median of {args.repeats}; torch threads {results['torch_threads']}, "
+        f"XLA_FLAGS={results['xla_flags']!r}, load average {results['load_average']:.1f}")
   print("| implementation | generate s | new tokens/s | decode-only tokens/s | ms / decode step |")
   print("|---|---|---|---|---|")
   for name in ("hf_generate", "afmrl_jax"):
