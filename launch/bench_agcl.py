@@ -2,7 +2,7 @@
 GradCache memory against the global batch, and a PyTorch (VLM2Vec-style) reference on the CPU.
 
   .venv/bin/python launch/bench_agcl.py [--sizes 1024,4096,16384,65536] [--time_budget_s 60]
-      [--json_out bench_agcl.json]
+      [--parts strategies,gradcache,torch] [--json_out bench_agcl.json]
 
 Per-device temporary memory comes from `jax.jit(...).lower(...).compile().memory_analysis()` (no
 allocation, so every size is measured). Wall-clock fwd+bwd time is measured only where the time
@@ -107,37 +107,43 @@ def bench_strategies(sizes, budget):
   return results
 
 
-def bench_gradcache(sizes, chunk=64, seq=32, hidden=1024):
-  """Compile-time memory of one encoder+loss step: GradCache vs direct autodiff (single device)."""
-  key = jax.random.key(0)
-  params = {"w1": jax.random.normal(key, (EMBED, hidden)) * 0.05, "w2": jax.random.normal(key, (hidden, EMBED)) * 0.05}
+def bench_gradcache(sizes, chunk=256, seq=32, hidden=1024):
+  """Compile-time per-device memory of one encoder+loss step on the 8-device mesh (batch sharded over
+  'data', ring loss): GradCache vs direct autodiff, and the loss step alone for reference."""
+  mesh = _mesh()
+  rng = np.random.default_rng(0)
+  params = {"w1": jnp.asarray(rng.normal(size=(EMBED, hidden)) * 0.05, jnp.float32),
+            "w2": jnp.asarray(rng.normal(size=(hidden, EMBED)) * 0.05, jnp.float32)}
 
   def encode(p, batch):  # a token-level MLP over [chunk, seq, EMBED], mean-pooled: big activations
     h = jnp.tanh(batch["x"] @ p["w1"])
     return jnp.mean(h @ p["w2"], axis=1)
 
   def loss_fn(q, c, qt, ct, idf):
-    return agcl_loss(q, c, qt, ct, idf, AVG_LEN, CONFIG)
+    return agcl_loss(q, c, qt, ct, idf, AVG_LEN, CONFIG, strategy="ring", axis_names=("data",))
 
   out = []
-  for n in sizes:
-    batch = {"x": jax.ShapeDtypeStruct((n, seq, EMBED), jnp.float32)}
-    terms = jax.ShapeDtypeStruct((n, TERMS), jnp.int32)
-    idf = jax.ShapeDtypeStruct((VOCAB,), jnp.float32)
-    emb = jax.ShapeDtypeStruct((n, EMBED), jnp.float32)
-    gc = jax.jit(grad_cache(encode, loss_fn, chunk))
-    gc_mem = gc.lower(params, (batch, batch), terms, terms, idf).compile().memory_analysis().temp_size_in_bytes
+  with jax.set_mesh(mesh):
+    sharded, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    p_spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), params)
+    for n in sizes:
+      batch = {"x": jax.ShapeDtypeStruct((n, seq, EMBED), jnp.float32, sharding=sharded)}
+      terms = jax.ShapeDtypeStruct((n, TERMS), jnp.int32, sharding=sharded)
+      emb = jax.ShapeDtypeStruct((n, EMBED), jnp.float32, sharding=sharded)
+      idf = jax.ShapeDtypeStruct((VOCAB,), jnp.float32, sharding=replicated)
+      gc = jax.jit(grad_cache(encode, loss_fn, chunk))
+      gc_mem = gc.lower(p_spec, (batch, batch), terms, terms, idf).compile().memory_analysis().temp_size_in_bytes
 
-    def direct(p, qb, cb, qt, ct, idf):
-      return jax.value_and_grad(lambda p: loss_fn(encode(p, qb), encode(p, cb), qt, ct, idf), has_aux=True)(p)
-    direct_mem = jax.jit(direct).lower(params, batch, batch, terms, terms, idf).compile().memory_analysis().temp_size_in_bytes
-    loss_only = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)).lower(
-        emb, emb, terms, terms, idf).compile().memory_analysis().temp_size_in_bytes
-    row = {"global_batch": n, "chunk": chunk, "gradcache_temp_bytes": int(gc_mem),
-           "direct_temp_bytes": int(direct_mem), "loss_only_temp_bytes": int(loss_only),
-           "gradcache_minus_loss_bytes": int(gc_mem - loss_only)}
-    out.append(row)
-    print(json.dumps(row), flush=True)
+      def direct(p, qb, cb, qt, ct, idf):
+        return jax.value_and_grad(lambda p: loss_fn(encode(p, qb), encode(p, cb), qt, ct, idf), has_aux=True)(p)
+      direct_mem = jax.jit(direct).lower(p_spec, batch, batch, terms, terms, idf).compile().memory_analysis().temp_size_in_bytes
+      loss_only = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)).lower(
+          emb, emb, terms, terms, idf).compile().memory_analysis().temp_size_in_bytes
+      row = {"global_batch": n, "chunk": chunk, "gradcache_temp_bytes": int(gc_mem),
+             "direct_temp_bytes": int(direct_mem), "loss_only_temp_bytes": int(loss_only),
+             "gradcache_minus_loss_bytes": int(gc_mem - loss_only)}
+      out.append(row)
+      print(json.dumps(row), flush=True)
   return out
 
 
@@ -206,15 +212,17 @@ def _mib(x):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--sizes", default="1024,4096,16384,65536")
-  parser.add_argument("--gradcache_sizes", default="256,1024,4096")
+  parser.add_argument("--gradcache_sizes", default="1024,4096,16384")
+  parser.add_argument("--parts", default="strategies,gradcache,torch")
   parser.add_argument("--time_budget_s", type=float, default=60.0)
   parser.add_argument("--json_out", default="")
   args = parser.parse_args()
   sizes = [int(s) for s in args.sizes.split(",")]
   assert jax.device_count() == 8, jax.devices()
-  strategies = bench_strategies(sizes, args.time_budget_s)
-  gradcache = bench_gradcache([int(s) for s in args.gradcache_sizes.split(",")])
-  torch_rows = bench_torch(sizes, args.time_budget_s, strategies)
+  parts = args.parts.split(",")
+  strategies = bench_strategies(sizes, args.time_budget_s) if "strategies" in parts else []
+  gradcache = bench_gradcache([int(s) for s in args.gradcache_sizes.split(",")]) if "gradcache" in parts else []
+  torch_rows = bench_torch(sizes, args.time_budget_s, strategies) if "torch" in parts else []
   report = {"config": {"embed": EMBED, "terms": TERMS, "vocab": VOCAB, "devices": 8, "ring_tile": 1024,
                        "cpu_load_note": "2 shared cores; other jobs ran at the same time, times are noisy",
                        "loss": str(CONFIG)},
@@ -233,8 +241,9 @@ def main():
     t = f"{r['fwd_bwd_s']:9.3f}" if "fwd_bwd_s" in r else f"{'-':>9}"
     print(f"{r['global_batch']:>6} {r['strategy']:>10} {_mib(r.get('temp_bytes_per_device'))} {ratio} {t}  "
           f"{r.get('time_skipped', r.get('skipped', ''))}")
-  print(f"\nGradCache (chunk {gradcache[0]['chunk']}) vs direct autodiff, single device, temp MiB")
-  print(f"{'N':>6} {'gradcache':>9} {'direct':>9} {'loss only':>9} {'gc-loss':>9}")
+  if gradcache:
+    print(f"\nGradCache (chunk {gradcache[0]['chunk']}, ring loss) vs direct autodiff, 8 devices, temp MiB per device")
+    print(f"{'N':>6} {'gradcache':>9} {'direct':>9} {'loss only':>9} {'gc-loss':>9}")
   for r in gradcache:
     print(f"{r['global_batch']:>6} {_mib(r['gradcache_temp_bytes'])} {_mib(r['direct_temp_bytes'])} "
           f"{_mib(r['loss_only_temp_bytes'])} {_mib(r['gradcache_minus_loss_bytes'])}")

@@ -13,9 +13,9 @@ loss_fn(encode(params, batch_1), encode(params, batch_2), ...).
 
 encode_fn(params, chunk) -> [chunk, D]; every input is a pytree of arrays with leading batch size B
 (a multiple of chunk_size); loss_fn(emb_1, ..., emb_n, *loss_args) -> (loss, aux).
-With a batch sharded over Explicit mesh axes (params on the same mesh, inside `jax.set_mesh`), each
-chunk is resharded over those axes (an all-to-all of the inputs), so every device encodes its share of
-every chunk; chunk_size must then be a multiple of the number of batch shards.
+With a batch sharded over Explicit mesh axes (params on the same mesh, inside `jax.set_mesh`), every
+chunk takes chunk_size / S rows from each of the S batch shards, sliced in place (no input is moved or
+copied), so chunk_size must be a multiple of S.
 Encoders with randomness (dropout) must derive their keys from the chunk contents so that the second
 pass sees the same masks as the first.
 """
@@ -28,43 +28,52 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 
-def _batch_axes(x):
-  """(mesh, spec) when dim 0 of x is sharded over Explicit mesh axes, else None."""
-  try:
-    sharding = jax.typeof(x).sharding
-  except Exception:  # noqa: BLE001 - typeof/sharding not available: treat as unsharded
-    return None
-  spec = getattr(sharding, "spec", None)
-  if spec is None or len(spec) == 0 or spec[0] is None:
-    return None
-  return sharding.mesh, tuple(spec) + (None,) * (x.ndim - len(spec))
+class _Layout:
+  """How a batch [B, ...] is cut into chunks: every chunk takes chunk_size / S rows from each of the
+  S shards of the batch dimension (S = 1 unless it is sharded over Explicit mesh axes), so chunks are
+  sliced in place on every device, without moving or copying the batch."""
 
+  def __init__(self, x, chunk_size: int):
+    self.batch = x.shape[0]
+    self.mesh, self.axes, self.shards = None, None, 1
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is not None and len(spec) and spec[0] is not None:
+      self.mesh, self.axes = sharding.mesh, spec[0]
+      for axis in (self.axes if isinstance(self.axes, tuple) else (self.axes,)):
+        self.shards *= self.mesh.shape[axis]
+    if chunk_size % self.shards or self.batch % chunk_size:
+      raise ValueError(f"grad_cache: batch size {self.batch} must be a multiple of chunk_size {chunk_size}, "
+                       f"itself a multiple of the {self.shards} batch shards")
+    self.per_shard = chunk_size // self.shards  # rows a chunk takes from each shard
+    self.num_chunks = self.batch // chunk_size
 
-def _split(x, chunk_size: int):
-  """[B, ...] -> [B // chunk_size, chunk_size, ...]; an Explicit batch sharding moves to dim 1, so
-  every chunk is spread over the devices."""
-  if x.shape[0] % chunk_size:
-    raise ValueError(f"grad_cache: batch size {x.shape[0]} is not a multiple of chunk_size {chunk_size}")
-  shape = (x.shape[0] // chunk_size, chunk_size) + x.shape[1:]
-  sharded = _batch_axes(x)
-  if sharded is None:
-    return x.reshape(shape)
-  mesh, spec = sharded
-  return jax.lax.reshape(x, shape, out_sharding=NamedSharding(mesh, P(None, *spec)))
+  def _reshape(self, x, shape):
+    """Reshape keeping dim 0 sharded like the batch (Explicit axes need the output sharding named)."""
+    if self.mesh is None:
+      return x.reshape(shape)
+    spec = P(self.axes, *([None] * (len(shape) - 1)))
+    return jax.lax.reshape(x, shape, out_sharding=NamedSharding(self.mesh, spec))
 
+  def view(self, x):
+    """[B, ...] -> [S, num_chunks, per_shard, ...] (dim 0 the shards)."""
+    return self._reshape(x, (self.shards, self.num_chunks, self.per_shard) + x.shape[1:])
 
-def _merge(x, like):
-  """[n, chunk, ...] -> [n * chunk, ...], sharded like `like` (the batch it came from)."""
-  shape = (x.shape[0] * x.shape[1],) + x.shape[2:]
-  sharded = _batch_axes(like)
-  if sharded is None:
-    return x.reshape(shape)
-  mesh, spec = sharded
-  return jax.lax.reshape(x, shape, out_sharding=NamedSharding(mesh, P(spec[0], *([None] * (len(shape) - 1)))))
+  def chunk(self, view, index):
+    """Chunk `index` of a view: [chunk_size, ...], sharded like the batch."""
+    part = jax.lax.dynamic_index_in_dim(view, index, axis=1, keepdims=False)  # [S, per_shard, ...]
+    return self._reshape(part, (part.shape[0] * part.shape[1],) + part.shape[2:])
 
-
-def _chunked(tree, chunk_size: int):
-  return jax.tree.map(lambda x: _split(x, chunk_size), tree)
+  def unchunk(self, stacked):
+    """Per-chunk outputs [num_chunks, chunk_size, ...] -> [B, ...] in the batch's row order."""
+    rest = stacked.shape[2:]
+    shape = (self.num_chunks, self.shards, self.per_shard) + rest
+    if self.mesh is None:
+      parts = stacked.reshape(shape)
+    else:
+      parts = jax.lax.reshape(stacked, shape, out_sharding=NamedSharding(self.mesh, P(None, self.axes)))
+    parts = jnp.swapaxes(parts, 0, 1)  # [S, num_chunks, per_shard, ...]; a copy of [B, D] only
+    return self._reshape(parts, (self.batch,) + rest)
 
 
 def grad_cache(encode_fn: Callable, loss_fn: Callable, chunk_size: int) -> Callable:
@@ -73,18 +82,25 @@ def grad_cache(encode_fn: Callable, loss_fn: Callable, chunk_size: int) -> Calla
     raise ValueError(f"grad_cache: chunk_size must be positive, got {chunk_size}")
 
   def embed(params, batch):
-    def body(_, chunk):
+    layout = _Layout(jax.tree.leaves(batch)[0], chunk_size)
+    views = jax.tree.map(layout.view, batch)
+
+    def body(_, index):
+      chunk = jax.tree.map(lambda v: layout.chunk(v, index), views)
       return None, jax.lax.stop_gradient(encode_fn(params, chunk))
-    _, emb = jax.lax.scan(body, None, _chunked(batch, chunk_size))
-    return _merge(emb, jax.tree.leaves(batch)[0])
+    _, emb = jax.lax.scan(body, None, jnp.arange(layout.num_chunks))
+    return layout.unchunk(emb)
 
   def backprop(params, batch, emb_grad, grads):
-    def body(acc, xs):
-      chunk, g = xs
+    layout = _Layout(jax.tree.leaves(batch)[0], chunk_size)
+    views, grad_view = jax.tree.map(layout.view, batch), layout.view(emb_grad)
+
+    def body(acc, index):
+      chunk = jax.tree.map(lambda v: layout.chunk(v, index), views)
       _, pull = jax.vjp(lambda p: encode_fn(p, chunk), params)
-      (chunk_grads,) = pull(g.astype(jnp.result_type(g)))
+      (chunk_grads,) = pull(layout.chunk(grad_view, index))
       return jax.tree.map(jnp.add, acc, chunk_grads), None
-    grads, _ = jax.lax.scan(body, grads, (_chunked(batch, chunk_size), _chunked(emb_grad, chunk_size)))
+    grads, _ = jax.lax.scan(body, grads, jnp.arange(layout.num_chunks))
     return grads
 
   def step(params, inputs, *loss_args):
