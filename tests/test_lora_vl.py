@@ -8,6 +8,8 @@ import torch
 from flax import nnx
 
 from afmrl_jax import parallel
+from afmrl_jax.generate import sampling
+from afmrl_jax.generate.filters import SamplingConfig
 from afmrl_jax.models import hf_checkpoint, lora, sharding
 from afmrl_jax.models.vl_model import VLModel
 from tests import test_models_hf_helpers as H
@@ -54,15 +56,21 @@ def test_lora_vlmodel_import_merge_export_reload(hf_dir, tmp_path):
   lora_logits = np.asarray(_forward(model, ids, mask, pixels))
   assert np.abs(lora_logits - base_logits).max() > 1e-3
 
-  # A fresh LoRA model filled from the HF directory: base weights load, adapters keep their values.
-  fresh = VLModel(config, rngs=nnx.Rngs(7))
+  # An abstract model + LoRA filled from the HF directory: base weights load, adapters keep their values.
+  fresh = nnx.eval_shape(lambda: VLModel(config, rngs=nnx.Rngs(7)))
   lora.apply_lora(fresh, CONFIG, rngs=nnx.Rngs(3))
   hf_checkpoint.load_hf_weights(fresh, hf_dir)
   np.testing.assert_array_equal(np.asarray(_forward(fresh, ids, mask, pixels)), base_logits)
 
+  gen_cfg = SamplingConfig(temperature=0.0, max_new_tokens=6)
+  gen = lambda m: sampling.generate(m, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels), SHAPE.grid,
+                                    config=gen_cfg)
+  lora_tokens = np.asarray(gen(model).tokens)  # the KV-cache sampler drives a LoRA model too
+
   lora.merge_lora(model)
   assert not jax.tree.leaves(nnx.state(model, nnx.LoRAParam))
   np.testing.assert_allclose(np.asarray(_forward(model, ids, mask, pixels)), lora_logits, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(gen(model).tokens), lora_tokens)
 
   out_dir = str(tmp_path / "merged")
   hf_checkpoint.save_hf_checkpoint(model, out_dir)
