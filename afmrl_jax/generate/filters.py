@@ -88,29 +88,40 @@ def filter_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
   return top_p_filter(top_k_filter(logits, config.top_k), config.top_p)
 
 
-def sample_categorical(rng: jax.Array, logits: jax.Array) -> jax.Array:
-  """One draw per row from softmax(logits) by inverse CDF: logits [B, n] (-inf allowed) -> [B] int32.
+def draw_uniforms(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Uniforms in (0, 1) for `sample_categorical` (never exactly 0, so a zero-probability first
+  entry cannot be drawn)."""
+  return jax.random.uniform(rng, shape, jnp.float32, minval=jnp.finfo(jnp.float32).tiny)
 
-  One uniform number per row instead of `jax.random.categorical`'s n Gumbel draws: the random-bit
-  generation dominated the CPU decode step at an 8k vocabulary (and grows with the vocabulary).
+
+def sample_categorical(u: jax.Array, logits: jax.Array) -> jax.Array:
+  """One draw per row from softmax(logits) by inverse CDF.
+
+  One uniform per row (`u` [B, 1] from `draw_uniforms`) instead of `jax.random.categorical`'s n
+  Gumbel draws: random-bit generation dominated the CPU decode step at an 8k vocabulary, and the
+  decode loop can draw all its uniforms before the loop.
+  logits [B, n] (-inf allowed) -> [B] int32.
   """
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   cdf = jnp.cumsum(probs, axis=-1)
-  u = jax.random.uniform(rng, logits.shape[:-1] + (1,), jnp.float32, minval=jnp.finfo(jnp.float32).tiny)
   idx = jnp.sum(cdf < u * cdf[..., -1:], axis=-1)
   return jnp.minimum(idx, logits.shape[-1] - 1).astype(jnp.int32)
 
 
-def choose_tokens(rng: jax.Array, logits: jax.Array, config: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+def choose_tokens(rng: jax.Array | None, logits: jax.Array, config: SamplingConfig,
+                  u: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Picks one token per row and its log-probability.
 
   Args:
-    rng: PRNG key (unused for greedy).
+    rng: PRNG key (unused for greedy, or when `u` is given).
     logits: [batch, vocab] next-token logits.
     config: SamplingConfig.
+    u: optional [batch, 1] uniforms from `draw_uniforms` (instead of `rng`).
   Returns:
     tokens [batch] int32, logprobs [batch] float32 under log_softmax(logits / temperature).
   """
+  if u is None and not config.greedy:
+    u = draw_uniforms(rng, logits.shape[:-1] + (1,))
   scaled = logits.astype(jnp.float32) / config.logprob_temperature
   logp_all = jax.nn.log_softmax(scaled, axis=-1)
   if config.greedy:
@@ -121,9 +132,9 @@ def choose_tokens(rng: jax.Array, logits: jax.Array, config: SamplingConfig) -> 
     if config.top_p < 1.0:
       keep = _nucleus_keep_count(vals, config.top_p)
       vals = jnp.where(jnp.arange(vals.shape[-1]) < keep, vals, NEG_INF)
-    choice = sample_categorical(rng, vals)
+    choice = sample_categorical(u, vals)
     tokens = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
   else:
-    tokens = sample_categorical(rng, top_p_filter(scaled, config.top_p))
+    tokens = sample_categorical(u, top_p_filter(scaled, config.top_p))
   tokens = tokens.astype(jnp.int32)
   return tokens, jnp.take_along_axis(logp_all, tokens[:, None], axis=-1)[:, 0]

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from afmrl_jax.generate.filters import SamplingConfig, choose_tokens
+from afmrl_jax.generate.filters import SamplingConfig, choose_tokens, draw_uniforms
 
 
 class GenerationOutput(NamedTuple):
@@ -43,8 +43,12 @@ def decode_loop(decode_fn: Callable[[Any, jax.Array], tuple[jax.Array, Any]], st
   n = config.max_new_tokens
   eos = jnp.asarray(config.eos_ids or (-1,), jnp.int32)
 
-  def pick(step, logits, done, rng, tokens, logprobs, lengths):
-    tok, lp = choose_tokens(jax.random.fold_in(rng, step), logits, config)
+  # Every step's random numbers are drawn up front: no PRNG work inside the compiled step.
+  uniforms = None if config.greedy else draw_uniforms(rng, (n, batch, 1))
+
+  def pick(step, logits, done, tokens, logprobs, lengths):
+    u = None if uniforms is None else jax.lax.dynamic_index_in_dim(uniforms, step, keepdims=False)
+    tok, lp = choose_tokens(None, logits, config, u)
     tok = jnp.where(done, config.pad_id, tok)
     lp = jnp.where(done, 0.0, lp)
     tokens = tokens.at[:, step].set(tok)
@@ -57,7 +61,7 @@ def decode_loop(decode_fn: Callable[[Any, jax.Array], tuple[jax.Array, Any]], st
   logprobs = constrain(jnp.zeros((batch, n), jnp.float32))
   lengths = jnp.zeros((batch,), jnp.int32)
   done = jnp.zeros((batch,), bool)
-  tok, done, tokens, logprobs, lengths = pick(0, first_logits, done, rng, tokens, logprobs, lengths)
+  tok, done, tokens, logprobs, lengths = pick(0, first_logits, done, tokens, logprobs, lengths)
 
   def cond(carry):
     step, _, done, *_ = carry
@@ -66,7 +70,7 @@ def decode_loop(decode_fn: Callable[[Any, jax.Array], tuple[jax.Array, Any]], st
   def body(carry):
     step, tok, done, state, tokens, logprobs, lengths = carry
     logits, state = decode_fn(state, tok)
-    tok, done, tokens, logprobs, lengths = pick(step, logits, done, rng, tokens, logprobs, lengths)
+    tok, done, tokens, logprobs, lengths = pick(step, logits, done, tokens, logprobs, lengths)
     return step + 1, tok, done, state, tokens, logprobs, lengths
 
   carry = (jnp.asarray(1, jnp.int32), tok, done, state, tokens, logprobs, lengths)
