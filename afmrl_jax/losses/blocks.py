@@ -76,10 +76,14 @@ def block_bm25(rows: Rows, cols: Cols, idf, avg_doc_len, config: AGCLConfig) -> 
   return jax.lax.stop_gradient(raw)
 
 
+def _self_ratio(raw: jax.Array, b_self: jax.Array) -> jax.Array:
+  """B_ij / B_ii, 0 where B_ii = 0 (a query sharing nothing with its own positive)."""
+  return jnp.where(b_self > 0, raw / jnp.where(b_self > 0, b_self, 1.0), 0.0)
+
+
 def _bias_from_bm25(raw: jax.Array, b_self: jax.Array, is_pos: jax.Array, config: AGCLConfig) -> jax.Array:
   if config.bm25_norm == "self":
-    ratio = jnp.where(b_self > 0, raw / jnp.where(b_self > 0, b_self, 1.0), 0.0)
-    normed = 2.0 * jnp.clip(ratio, 0.0, 1.0)
+    normed = 2.0 * jnp.clip(_self_ratio(raw, b_self), 0.0, 1.0)
   else:
     normed = raw
   bias = config.alpha * jnp.tanh(normed)
@@ -135,9 +139,7 @@ def _mask(rows: Rows, cols: Cols, sim, raw, config: AGCLConfig) -> jax.Array:
   same = jnp.all(rows.fingerprint[:, None, :] == col_fp[None, :, :], axis=-1)
   same &= jnp.any(rows.terms != 0, axis=-1)[:, None]
   if config.mask_threshold is not None:
-    b_self = rows.b_self[:, None]
-    ratio = jnp.where(b_self > 0, raw / jnp.where(b_self > 0, b_self, 1.0), 0.0)
-    same |= ratio > config.mask_threshold
+    same |= _self_ratio(raw, rows.b_self[:, None]) > config.mask_threshold
   return same
 
 
