@@ -94,18 +94,52 @@ def draw_uniforms(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return jax.random.uniform(rng, shape, jnp.float32, minval=jnp.finfo(jnp.float32).tiny)
 
 
+SAMPLE_BLOCK = 128  # vocabulary entries per block of the two-level inverse CDF
+
+
+def _inverse_cdf(u: jax.Array, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """One draw per row from softmax(logits) by a two-level inverse CDF; also the log normaliser.
+
+  A full-vocabulary cumulative sum costs several passes over `[B, V]` on a CPU (XLA builds it
+  from a tree of reduce-windows). Instead: one pass of `exp` + per-block sums (blocks of
+  `SAMPLE_BLOCK`), a cumulative sum over the few block totals to find the block holding
+  `u * total`, then a cumulative sum inside that one block only. The same distribution as a flat
+  cumulative sum (up to float rounding at the boundaries). Zero-probability blocks and entries
+  (-inf logits) are never returned.
+
+  logits [B, n] (-inf allowed, at least one finite per row), u [B, 1] -> (tokens [B] int32,
+  logsumexp(logits) [B]).
+  """
+  b, n = logits.shape
+  x = logits.astype(jnp.float32)
+  m = jnp.max(x, axis=-1, keepdims=True)
+  bs = min(SAMPLE_BLOCK, n)
+  nb = -(-n // bs)
+  if nb * bs != n:
+    x = jnp.pad(x, ((0, 0), (0, nb * bs - n)), constant_values=NEG_INF)
+  blocks = x.reshape(b, nb, bs)
+  block_mass = jnp.sum(jnp.exp(blocks - m[..., None]), axis=-1)  # [B, nb]
+  cum = jnp.cumsum(block_mass, axis=-1)
+  target = u * cum[:, -1:]
+  last_block = jnp.max(jnp.where(block_mass > 0, jnp.arange(nb), 0), axis=-1)
+  j = jnp.minimum(jnp.sum(cum < target, axis=-1), last_block)  # [B]
+  before = jnp.take_along_axis(cum - block_mass, j[:, None], axis=-1)  # mass of blocks < j, [B, 1]
+  mass = jnp.exp(jnp.take_along_axis(blocks, j[:, None, None], axis=1)[:, 0] - m)  # [B, bs]
+  inside = jnp.sum(before + jnp.cumsum(mass, axis=-1) < target, axis=-1)
+  last = jnp.max(jnp.where(mass > 0, jnp.arange(bs), 0), axis=-1)
+  tokens = j * bs + jnp.minimum(inside, last)
+  return tokens.astype(jnp.int32), m[:, 0] + jnp.log(cum[:, -1])
+
+
 def sample_categorical(u: jax.Array, logits: jax.Array) -> jax.Array:
   """One draw per row from softmax(logits) by inverse CDF.
 
   One uniform per row (`u` [B, 1] from `draw_uniforms`) instead of `jax.random.categorical`'s n
   Gumbel draws: random-bit generation dominated the CPU decode step at an 8k vocabulary, and the
-  decode loop can draw all its uniforms before the loop.
+  decode loop can draw all its uniforms before the loop. See `_inverse_cdf`.
   logits [B, n] (-inf allowed) -> [B] int32.
   """
-  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  cdf = jnp.cumsum(probs, axis=-1)
-  idx = jnp.sum(cdf < u * cdf[..., -1:], axis=-1)
-  return jnp.minimum(idx, logits.shape[-1] - 1).astype(jnp.int32)
+  return _inverse_cdf(u, logits)[0]
 
 
 def choose_tokens(rng: jax.Array | None, logits: jax.Array, config: SamplingConfig,
@@ -123,7 +157,7 @@ def choose_tokens(rng: jax.Array | None, logits: jax.Array, config: SamplingConf
   if u is None and not config.greedy:
     u = draw_uniforms(rng, logits.shape[:-1] + (1,))
   scaled = logits.astype(jnp.float32) / config.logprob_temperature
-  logp_all = jax.nn.log_softmax(scaled, axis=-1)
+  log_norm = None  # logsumexp(scaled) [B], when a draw already computed it
   if config.greedy:
     tokens = jnp.argmax(scaled, axis=-1)
   elif 0 < config.top_k < logits.shape[-1]:
@@ -134,7 +168,12 @@ def choose_tokens(rng: jax.Array | None, logits: jax.Array, config: SamplingConf
       vals = jnp.where(jnp.arange(vals.shape[-1]) < keep, vals, NEG_INF)
     choice = sample_categorical(u, vals)
     tokens = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
-  else:
+  elif config.top_p < 1.0:
     tokens = sample_categorical(u, top_p_filter(scaled, config.top_p))
+  else:  # the sampled distribution is the unfiltered one: its normaliser is the logprobs' too
+    tokens, log_norm = _inverse_cdf(u, scaled)
+  if log_norm is None:
+    log_norm = jax.nn.logsumexp(scaled, axis=-1)
   tokens = tokens.astype(jnp.int32)
-  return tokens, jnp.take_along_axis(logp_all, tokens[:, None], axis=-1)[:, 0]
+  # Only the chosen entries: no [B, V] log_softmax.
+  return tokens, jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0] - log_norm

@@ -47,9 +47,9 @@ def prefill(model, input_ids: jax.Array, attention_mask: jax.Array, pixel_values
 
 def decode_step(model, cache: KVCache, tokens: jax.Array) -> tuple[jax.Array, KVCache]:
   """One token per row: tokens [B] -> (next logits [B, V], cache). Positions come from the cache."""
-  pos = cache.next_position[:, None]  # [B, 1]
-  if model.config.text.mrope_section is not None:
-    pos = jnp.broadcast_to(pos[None], (3,) + pos.shape)  # text tokens: same position on t, h, w
+  # [B, 1]: a text token has the same position on M-RoPE's t, h, w axes (the decoder takes [B, T]
+  # ids as exactly that, without building the per-axis tables).
+  pos = cache.next_position[:, None]
   hidden, cache = model(tokens[:, None], None, position_ids=pos, cache=cache)
   return model.logits(hidden[:, 0]), _constrain_cache(cache)
 

@@ -14,7 +14,8 @@ from flax import nnx
 
 from afmrl_jax.models import rope
 from afmrl_jax.models.config import TextConfig
-from afmrl_jax.models.layers import INIT_STD, GatedMLP, RMSNorm, attention, dense
+from afmrl_jax.models.layers import (INIT_STD, GatedMLP, RMSNorm, attention, can_fuse, decode_attention,
+                                     dense, fused_dense)
 from afmrl_jax.models.sharding import constrain, param, spec_for
 
 
@@ -81,9 +82,14 @@ class Attention(nnx.Module):
     Returns (`[B, T, E]`, (k, v) with the new keys/values written, or None).
     """
     b, t, _ = x.shape
-    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    projections = (self.q_proj, self.k_proj, self.v_proj)
+    if layer_cache is not None and can_fuse(*projections):  # inference: one matmul for q, k, v
+      q, k, v = fused_dense(x, projections)
+    else:
+      q, k, v = (p(x) for p in projections)
+    q = q.reshape(b, t, self.num_heads, self.head_dim)
+    k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
     q = constrain(rope.apply_rope(q, cos, sin), 'batch', 'seq', 'heads', None)
     k = rope.apply_rope(k, cos, sin)
     new = None
@@ -92,6 +98,9 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
       v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
       new = (k, v)
+      if t == 1:  # decoding: attend over the cache where it lies
+        out = decode_attention(q, k, v, allowed, self.head_dim ** -0.5)
+        return self.o_proj(out.reshape(b, t, -1)), new
       k, v = k.astype(q.dtype), v.astype(q.dtype)
     k = constrain(k, 'batch', 'seq', 'kv_heads', None)
     v = constrain(v, 'batch', 'seq', 'kv_heads', None)
@@ -111,7 +120,7 @@ class DecoderLayer(nnx.Module):
   def __call__(self, x, cos, sin, allowed, layer_cache):
     h, new = self.self_attn(self.input_layernorm(x), cos, sin, allowed, layer_cache)
     x = x + h
-    x = x + self.mlp(self.post_attention_layernorm(x))
+    x = x + self.mlp(self.post_attention_layernorm(x), fused=layer_cache is not None)
     return constrain(x, 'batch', 'seq', None), new
 
 
@@ -152,7 +161,10 @@ class TextDecoder(nnx.Module):
     cfg = self.config
     b, t, _ = inputs_embeds.shape
     mask = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
-    cos, sin = rope.text_cos_sin(position_ids, cfg.dim_per_head, cfg.rope_theta, cfg.mrope_section)
+    # `[B, T]` positions mean the same position on all M-RoPE axes, where M-RoPE equals plain RoPE
+    # exactly: skip the per-axis frequency selection (decoding passes such positions every step).
+    mrope_section = cfg.mrope_section if position_ids.ndim == 3 else None
+    cos, sin = rope.text_cos_sin(position_ids, cfg.dim_per_head, cfg.rope_theta, mrope_section)
     if cache is None:
       causal = jnp.tril(jnp.ones((t, t), bool))
       allowed = causal[None] & mask.astype(bool)[:, None, :]

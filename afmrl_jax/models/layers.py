@@ -2,12 +2,16 @@
 RMSNorm / LayerNorm with HF numerics, SwiGLU and GELU MLPs, masked dot-product attention.
 
 Projections are plain `nnx.Linear` (kernel `[in, out]`, the transpose of HF's `weight`), so LoRA
-and checkpoint code can treat every projection alike.
+and checkpoint code can treat every projection alike. For inference, `fused_dense` runs several
+projections of one input (q/k/v, gate/up) as a single matmul over their concatenated kernels, and
+`decode_attention` attends one new token per row over a KV cache in the cache's own layout: on a
+CPU the decode step is dominated by the number of small kernels it launches, not by arithmetic.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from afmrl_jax.models.sharding import linear_metadata, param
@@ -66,6 +70,40 @@ def activation(name: str):
   raise ValueError(f'models.layers: unsupported activation {name!r}')
 
 
+def can_fuse(*projections: nnx.Module) -> bool:
+  """Whether `fused_dense` may compute these projections as one matmul.
+
+  Only plain `nnx.Linear`s with the same dtype, precision and bias use (a LoRA-adapted projection
+  adds its own low-rank term), and not under a mesh with a `tensor` axis: concatenating
+  tensor-parallel kernels would re-shard them.
+  """
+  first = projections[0]
+  key = lambda p: (p.dtype, p.precision, p.use_bias, p.dot_general, p.preferred_element_type)
+  if any(type(p) is not nnx.Linear or key(p) != key(first) for p in projections):
+    return False
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh.empty or mesh.shape.get('tensor', 1) == 1
+
+
+def fused_dense(x: jax.Array, projections) -> list[jax.Array]:
+  """`[p(x) for p in projections]` as one matmul over the kernels concatenated along `out`.
+
+  x `[..., in]` -> list of `[..., out_i]`. The parameters keep their own names and layout (HF
+  import/export, LoRA); the concatenation is loop-invariant inside a decode loop, where XLA hoists
+  it out. Same promotion and dot as `nnx.Linear.__call__` (check `can_fuse` first).
+  """
+  first = projections[0]
+  kernel = jnp.concatenate([p.kernel[...] for p in projections], axis=1)
+  bias = jnp.concatenate([p.bias[...] for p in projections]) if first.use_bias else None
+  x, kernel, bias = first.promote_dtype((x, kernel, bias), dtype=first.dtype)
+  kw = {} if first.preferred_element_type is None else {'preferred_element_type': first.preferred_element_type}
+  y = first.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=first.precision, **kw)
+  if bias is not None:
+    y = y + bias
+  sizes = [p.kernel.shape[1] for p in projections]
+  return jnp.split(y, list(np.cumsum(sizes)[:-1]), axis=-1)
+
+
 class GatedMLP(nnx.Module):
   """SwiGLU: `down(act(gate(x)) * up(x))` (HF Qwen2MLP / LlamaMLP / Qwen2.5-VL vision MLP)."""
 
@@ -77,8 +115,13 @@ class GatedMLP(nnx.Module):
     self.down_proj = dense(hidden, dim, axes[::-1], **kw)
     self.act = activation(act)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+  def __call__(self, x: jax.Array, *, fused: bool = False) -> jax.Array:
+    """x `[..., dim]` -> `[..., dim]`; `fused`: gate and up as one matmul when `can_fuse` allows."""
+    if fused and can_fuse(self.gate_proj, self.up_proj):
+      gate, up = fused_dense(x, (self.gate_proj, self.up_proj))
+    else:
+      gate, up = self.gate_proj(x), self.up_proj(x)
+    return self.down_proj(self.act(gate) * up)
 
 
 class PlainMLP(nnx.Module):
@@ -115,3 +158,28 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | Non
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum('bkgsl,blkd->bskgd', probs, v)
   return out.reshape(b, s, h, d)
+
+
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
+                     scale: float) -> jax.Array:
+  """`attention` for one query per row over a cache, in the cache's own `[B, L, KVH, D]` layout.
+
+  The dot-general form makes XLA transpose the whole cache of every layer at every decode step;
+  broadcast-multiply-and-reduce reads it in place (one pass for the logits, one for the output).
+  Math in float32.
+
+  Args:
+    q: `[B, 1, H, D]`; k, v: `[B, L, KVH, D]`; allowed: bool `[B, 1, L]` (True = may attend).
+  Returns:
+    `[B, 1, H, D]` in q's dtype.
+  """
+  b, s, h, d = q.shape
+  if s != 1:
+    raise ValueError(f'models.layers.decode_attention: one query per row, got q of shape {q.shape}')
+  kvh = k.shape[2]
+  qg = q.reshape(b, 1, kvh, h // kvh, d).astype(jnp.float32)
+  logits = jnp.sum(qg * k[:, :, :, None, :].astype(jnp.float32), axis=-1) * scale  # [B, L, KVH, G]
+  logits = jnp.where(allowed[:, 0, :, None, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=1)
+  out = jnp.sum(probs[..., None] * v[:, :, :, None, :].astype(jnp.float32), axis=1)  # [B, KVH, G, D]
+  return out.reshape(b, 1, h, d).astype(q.dtype)
