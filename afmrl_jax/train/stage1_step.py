@@ -8,7 +8,9 @@ Two ways to get gradients, same numbers:
 * `make_loss_fn`: plain autodiff through both towers (activations of the whole batch kept);
 * `make_gradcache_grad_fn`: GradCache (`losses.grad_cache`): embed in chunks without activations,
   gradient of the loss w.r.t. the embeddings, re-run chunk by chunk. Chunks are taken *across* the
-  batch shards (each chunk holds `chunk` rows of every device) so every device works on every chunk.
+  batch shards (each chunk holds `chunk` rows of every device) so every device works on every chunk:
+  `grad_cache` slices that way by itself on Explicit-axis meshes; on our Auto-axis mesh the rows are
+  interleaved first (`interleave_shards`, a per-device layout change) so its contiguous chunks do it.
 """
 
 from __future__ import annotations
