@@ -8,7 +8,10 @@ sides generate exactly 32 tokens per row).
 
 Random HF weights are saved to a temporary directory and imported into our model, so both sides
 run the same network. Reported per side: end-to-end generate time (prefill + decode), its
-new-tokens/s, and decode-only tokens/s from (time(N new) - time(1 new)) / (N - 1) steps.
+new-tokens/s, and decode-only tokens/s from (time(N new) - time(1 new)) / (N - 1) steps (medians
+over `--repeats` rounds). Every round runs all four measurements (HF and ours, N and 1 new
+tokens) back to back, so a shared machine's changing load hits both sides alike; the speed-ups
+are reported as ratios of the medians and as the median of the per-round ratios.
 Prints a markdown table and writes JSON (`--json`).
 
 `--roofline` instead times our decode step alone on a bigger text decoder (default: Qwen2-VL-2B's
@@ -83,7 +86,8 @@ def _time(fn, repeats: int) -> float:
   return statistics.median(times)
 
 
-def bench_hf(model, ids, mask, pixels, grid, new_tokens: int, repeats: int) -> float:
+def hf_runner(model, ids, mask, pixels, grid, new_tokens: int):
+  """A callable running HF `generate` once (sampling exactly `new_tokens` tokens per row)."""
   import torch
 
   kw = dict(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
@@ -96,11 +100,11 @@ def bench_hf(model, ids, mask, pixels, grid, new_tokens: int, repeats: int) -> f
       out = model.generate(**kw, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
                            temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0)
     assert out.shape[1] == ids.shape[1] + new_tokens
-  run()  # warm-up
-  return _time(run, repeats)
+  return run
 
 
-def bench_ours(model, ids, mask, pixels, grid, new_tokens: int, repeats: int) -> float:
+def ours_runner(model, ids, mask, pixels, grid, new_tokens: int):
+  """A callable running our `generate` once (compiled on first call)."""
   from afmrl_jax.generate import sampling
   from afmrl_jax.generate.filters import SamplingConfig
 
@@ -112,8 +116,21 @@ def bench_ours(model, ids, mask, pixels, grid, new_tokens: int, repeats: int) ->
     out = sampling.generate(model, *args, grid, rng=key, config=cfg)
     jax.block_until_ready(out)
     assert out.tokens.shape == (ids.shape[0], new_tokens)
-  run()  # compile
-  return _time(run, repeats)
+  return run
+
+
+def bench_interleaved(runners: dict, repeats: int) -> dict:
+  """Times every runner once per round, round after round, so that all of them see the same
+  (shared-machine) load; one warm-up call each first. Returns {name: [seconds per round]}."""
+  for run in runners.values():
+    run()
+  times = {name: [] for name in runners}
+  for _ in range(repeats):
+    for name, run in runners.items():
+      t0 = time.perf_counter()
+      run()
+      times[name].append(time.perf_counter() - t0)
+  return times
 
 
 ROOFLINE_PRESETS = {
@@ -211,9 +228,11 @@ def main() -> None:
              "devices": str(jax.devices()[0].device_kind), "torch_threads": torch.get_num_threads(),
              "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
              "load_average": os.getloadavg()[0]}
-  for name, fn, model in (("hf_generate", bench_hf, hf), ("afmrl_jax", bench_ours, ours)):
-    total = fn(model, ids, mask, pixels, grid, n, args.repeats)
-    one = fn(model, ids, mask, pixels, grid, 1, args.repeats)
+  sides = (("hf_generate", hf_runner, hf), ("afmrl_jax", ours_runner, ours))
+  runners = {(name, k): make(model, ids, mask, pixels, grid, k) for name, make, model in sides for k in (n, 1)}
+  times = bench_interleaved(runners, args.repeats)
+  for name, _, _ in sides:
+    total, one = statistics.median(times[name, n]), statistics.median(times[name, 1])
     decode_s = max(total - one, 1e-9)
     results[name] = {"generate_s": total, "prefill_plus_1_s": one,
                      "tokens_per_s": b * n / total, "decode_tokens_per_s": b * (n - 1) / decode_s,
@@ -221,6 +240,13 @@ def main() -> None:
   results["speedup_end_to_end"] = results["afmrl_jax"]["tokens_per_s"] / results["hf_generate"]["tokens_per_s"]
   results["speedup_decode"] = (results["afmrl_jax"]["decode_tokens_per_s"]
                                / results["hf_generate"]["decode_tokens_per_s"])
+  # The same ratios within each round (both sides measured back to back), then their median:
+  # less sensitive to load that changes over the run than the ratio of medians.
+  decode = {name: np.array(times[name, n]) - np.array(times[name, 1]) for name, _, _ in sides}
+  results["speedup_decode_paired_median"] = float(np.median(decode["hf_generate"] / np.maximum(decode["afmrl_jax"], 1e-9)))
+  results["speedup_end_to_end_paired_median"] = float(
+      np.median(np.array(times["hf_generate", n]) / np.array(times["afmrl_jax", n])))
+  results["load_average_end"] = os.getloadavg()[0]
 
   print(f"bench-small: batch {b}, prompt {ids.shape[1]} tokens (16 image), {n} new tokens, "
         f"median of {args.repeats}; torch threads {results['torch_threads']}, "
@@ -231,7 +257,10 @@ def main() -> None:
     r = results[name]
     print(f"| {name} | {r['generate_s']:.3f} | {r['tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.0f} | "
           f"{r['ms_per_decode_step']:.2f} |")
-  print(f"speed-up: end-to-end {results['speedup_end_to_end']:.2f}x, decode-only {results['speedup_decode']:.2f}x")
+  print(f"speed-up (ratio of medians): end-to-end {results['speedup_end_to_end']:.2f}x, "
+        f"decode-only {results['speedup_decode']:.2f}x; median of per-round ratios: end-to-end "
+        f"{results['speedup_end_to_end_paired_median']:.2f}x, decode-only {results['speedup_decode_paired_median']:.2f}x; "
+        f"load average at the end {results['load_average_end']:.1f}")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(results, f, indent=2)
