@@ -111,7 +111,7 @@ def make(config: ml_collections.ConfigDict, workdir: str) -> Stage1Data:
 
   def train_iter():
     ds = pipeline.train_dataset(train_table, tokenizer, stats, train_cfg, fresh_view_config=fresh,
-                                attributes_by_listing=generated)
+                                attributes_by_listing=generated, terms_by_listing=generated)
     return iter(ds)
 
   tables: dict[str, Any] = {}
@@ -121,7 +121,7 @@ def make(config: ml_collections.ConfigDict, workdir: str) -> Stage1Data:
       tables[split] = ListingTable.from_catalog(catalog, split)
     side = "candidate" if split == "gallery" else "query"
     ds = pipeline.eval_dataset(tables[split], tokenizer, stats, eval_cfg, side=side,
-                               attributes_by_listing=generated)
+                               attributes_by_listing=generated, terms_by_listing=generated)
     for batch in ds:
       batch = dict(batch)
       # Evaluation's identity is the *true* product (relisted duplicates are hits, METHOD.md).
