@@ -40,6 +40,7 @@ def catalog(preset: str) -> ml_collections.ConfigDict:
   c.families_per_category = {"ci": 6, "tiny": 40}.get(preset, c.families_per_category)
   c.image_size = {"ci": 56, "tiny": 56, "bench-small": 112}.get(preset, 448)
   c.manifest = ""
+  c.skip_bad_rows = False  # with a manifest: skip (count and report) bad rows instead of stopping
   c.cache_dir = ""
   return c
 

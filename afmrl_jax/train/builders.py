@@ -23,7 +23,7 @@ def catalog_config(config: ml_collections.ConfigDict):
   """`config.catalog` -> `data.catalog.CatalogConfig` (validated)."""
   from afmrl_jax.data.catalog import CatalogConfig
   section = config.catalog.to_dict()
-  extra = {"manifest", "cache_dir"}
+  extra = {"manifest", "skip_bad_rows", "cache_dir"}
   unknown = set(section) - _fields(CatalogConfig) - extra
   if unknown:
     raise ValueError(f"unknown field(s) {sorted(unknown)} (CatalogConfig has {sorted(_fields(CatalogConfig))})")

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
 from afmrl_jax.train import builders
 
@@ -78,7 +79,10 @@ def _load_catalog(config, workdir: str):
   cache = config.catalog.cache_dir or os.path.join(workdir, "data_cache")
   hf_tok = config.model.tokenizer or config.model.hf_checkpoint
   if config.catalog.manifest:
-    catalog = manifest.catalog_from_manifest(config.catalog.manifest, config.catalog.image_size)
+    catalog = manifest.catalog_from_manifest(config.catalog.manifest, config.catalog.image_size,
+                                             skip_bad_rows=config.catalog.skip_bad_rows)
+    if catalog.report is not None and catalog.report.skipped:
+      logging.warning("%s", catalog.report.summary())
     train = catalog.split("train")
     if hf_tok:
       tokenizer = tokenizer_lib.load_tokenizer(hf_tok)
