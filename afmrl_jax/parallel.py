@@ -83,17 +83,35 @@ def logical_rules() -> contextlib.AbstractContextManager:
   return nnx.logical_axis_rules(LOGICAL_RULES)
 
 
-def logical_to_spec(names: Sequence[str | None]) -> PartitionSpec:
-  """Maps logical axis names of one array to a PartitionSpec (each mesh axis used at most once)."""
-  table = dict(LOGICAL_RULES)
+def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int] | None = None,
+                    mesh: Mesh | jax.sharding.AbstractMesh | None = None,
+                    rules=LOGICAL_RULES) -> PartitionSpec:
+  """Maps the logical axis names of one array to a PartitionSpec.
+
+  Each mesh axis is used at most once. Given `shape` and `mesh`, a mesh axis that is not in the mesh or
+  does not divide its dimension is dropped for that dimension (a 2-head vision tower on a 4-way
+  `tensor` axis is replicated there instead of failing), so one rules table serves every model size.
+  """
+  if not names:
+    return PartitionSpec()
+  table = dict(rules)
+  dims = shape if shape is not None else (None,) * len(names)
   used: set[str] = set()
   spec = []
-  for name in names:
+  for dim, name in zip(dims, names):
     target = table.get(name) if name is not None else None
-    axes = (target,) if isinstance(target, str) else tuple(target or ())
-    axes = tuple(a for a in axes if a not in used)
-    used.update(axes)
-    spec.append(axes[0] if len(axes) == 1 else (axes or None))
+    kept: list[str] = []
+    for axis in (target,) if isinstance(target, str) else tuple(target or ()):
+      if axis in used:
+        continue
+      if mesh is not None:
+        if axis not in mesh.shape:
+          continue
+        if dim is not None and dim % (int(np.prod([mesh.shape[a] for a in kept])) * mesh.shape[axis]):
+          continue
+      kept.append(axis)
+    used.update(kept)
+    spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
   return PartitionSpec(*spec)
 
 

@@ -2,13 +2,11 @@
 
 Parameters carry logical axis names in their nnx `out_sharding` metadata (created with
 `eager_sharding=False`, so a model also builds with no mesh at all). These helpers turn the names
-into concrete shardings for one mesh. Unlike `parallel.logical_to_spec` they drop a mesh axis from a
-dimension it does not divide (a 2-head vision tower on a 4-way `tensor` axis is replicated there
-instead of failing), so one rules table serves every model size.
+into concrete shardings for one mesh (`parallel.logical_to_spec`, which drops a mesh axis from a
+dimension it does not divide).
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,7 +14,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from afmrl_jax.parallel import LOGICAL_RULES
+from afmrl_jax.parallel import LOGICAL_RULES, logical_to_spec
 
 
 def param(value: jax.Array, *names: str | None) -> nnx.Param:
@@ -34,24 +32,7 @@ def linear_metadata(*names: str | None) -> dict[str, Any]:
 def spec_for(logical_axes: Sequence[str | None] | None, shape: Sequence[int],
              mesh: Mesh | jax.sharding.AbstractMesh, rules=LOGICAL_RULES) -> PartitionSpec:
   """PartitionSpec for one array; mesh axes that do not divide (or are already used) are dropped."""
-  if not logical_axes:
-    return PartitionSpec()
-  table = dict(rules)
-  used: set[str] = set()
-  spec = []
-  for dim, name in zip(shape, logical_axes):
-    target = table.get(name) if name is not None else None
-    axes = (target,) if isinstance(target, str) else tuple(target or ())
-    kept: list[str] = []
-    for axis in axes:
-      if axis in used or axis not in mesh.shape:
-        continue
-      if dim % (math.prod(mesh.shape[a] for a in kept) * mesh.shape[axis]):
-        continue
-      kept.append(axis)
-    used.update(kept)
-    spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
-  return PartitionSpec(*spec)
+  return logical_to_spec(logical_axes, shape, mesh, rules)
 
 
 def _spec_of_variable(v: nnx.Variable, mesh, rules) -> PartitionSpec:
