@@ -31,6 +31,7 @@ declare -A ARM_FLAGS=(
   [uniform_margin]="--config.loss.uniform_margin=${MARGIN}"
   [agcl_mask_margin]="--config.loss.mask=margin --config.loss.delta=0.1"
   [agcl_mask_attribute]="--config.loss.mask=attribute"
+  [agcl_mask_positive]="--config.loss.mask=positive --config.loss.delta=0.9"
   [agcl_family_mixed]="--config.pipeline.batching=family_mixed --config.pipeline.family_share=0.5"
   [infonce_family_mixed]="--config.loss.alpha=0 --config.pipeline.batching=family_mixed"
   [agcl_no_duplicates]="--config.catalog.duplicate_share=0.0"
@@ -38,7 +39,7 @@ declare -A ARM_FLAGS=(
   [infonce_enriched]="--config.loss.alpha=0 --config.attributes.enrich_queries=True"
   [agcl_enriched]="--config.attributes.enrich_queries=True"
 )
-DEFAULT_ARMS="infonce agcl agcl_published uniform_margin agcl_mask_margin agcl_mask_attribute agcl_family_mixed infonce_family_mixed agcl_no_duplicates infonce_no_duplicates infonce_enriched agcl_enriched"
+DEFAULT_ARMS="infonce agcl agcl_published uniform_margin agcl_mask_margin agcl_mask_attribute agcl_mask_positive agcl_family_mixed infonce_family_mixed agcl_no_duplicates infonce_no_duplicates infonce_enriched agcl_enriched"
 ARMS=${3:-$DEFAULT_ARMS}
 CACHE="${OUT}/data_cache"  # one catalog for every run (the no-duplicates arms build their own)
 
