@@ -3,7 +3,8 @@
 `--config` is an ml_collections config file (`get_config(arg)`; the part after ':' picks a preset) and
 any field can be overridden as `--config.section.field=value`. `config.stage` selects what runs:
 `stage1` (AGCL training, then evaluation) or `eval` (evaluation of a trained workdir); `sft`,
-`generate`, `stage2` and `cit` are planned. The config is validated before anything compiles.
+`generate`, `stage2` and `cit` are planned. The config is validated before anything compiles; a renamed
+or unknown `--config.` key is refused with one line naming the right one.
 """
 
 from __future__ import annotations
@@ -22,15 +23,34 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, log
 
 def run(config, workdir: str) -> dict:
   """Validates `config` and runs its stage; returns the stage's summary dict."""
-  from afmrl_jax.train import validate as validate_lib
-  validate_lib.validate(config, workdir)
-  if config.stage == "stage1":
-    from afmrl_jax.train import stage1
-    return stage1.train_and_evaluate(config, workdir)
-  if config.stage == "eval":
-    from afmrl_jax.train import stage1
-    return stage1.evaluate_checkpoint(config, workdir)
-  raise validate_lib.ConfigError([f"config.stage={config.stage!r} has no runner."])  # validate() guards
+  from afmrl_jax.train import stage1
+  from afmrl_jax.train.validate import validate
+  run_config = validate(config, workdir)
+  stages = {"stage1": stage1.train_and_evaluate, "eval": stage1.evaluate_checkpoint}
+  return stages[run_config.stage](run_config, workdir)
+
+
+def bad_override(argv: list[str]) -> str | None:
+  """The one-line refusal of the first `--config.a.b=v` whose key the config does not have, or None.
+
+  Checked before absl parses the flags, whose own error for an unknown key is a traceback.
+  """
+  from afmrl_jax.train import schema
+  known = set(_dotted(schema.defaults()))
+  for arg in argv:
+    if arg.startswith("--config.") and "=" in arg:
+      key = arg[len("--config."):].split("=", 1)[0]
+      if key not in known:
+        return schema.unknown_field(key, sorted(known))
+  return None
+
+
+def _dotted(tree, prefix: str = ""):
+  for key, value in tree.items():
+    path = f"{prefix}{key}"
+    yield path
+    if hasattr(value, "items"):
+      yield from _dotted(value, path + ".")
 
 
 def main(argv):
@@ -44,7 +64,7 @@ def main(argv):
   from afmrl_jax import parallel
   if parallel.maybe_initialize_distributed():
     logging.info("Initialised multi-host JAX.")
-  from afmrl_jax.train.validate import ConfigError
+  from afmrl_jax.train.schema import ConfigError
   try:
     summary = run(config, _WORKDIR.value or "")
   except ConfigError as e:
@@ -56,6 +76,10 @@ def main(argv):
 
 
 def entry():
+  problem = bad_override(sys.argv[1:])
+  if problem:
+    print(problem, file=sys.stderr)
+    sys.exit(2)
   flags.mark_flag_as_required("config")
   app.run(main)
 

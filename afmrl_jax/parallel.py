@@ -11,6 +11,7 @@ The global batch is split over (`data`, `fsdp`). Parameters carry *logical* axis
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 
@@ -42,17 +43,27 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+@dataclasses.dataclass(frozen=True)
+class MeshShape:
+  """Sizes of the mesh axes; one of them may be -1 (the rest of the devices)."""
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+
+def resolve_mesh_shape(shape: Mapping[str, int] | MeshShape, num_devices: int) -> tuple[int, ...]:
   """Fills a single -1 entry so the product equals `num_devices`.
 
   Args:
-    shape: {'data': d, 'fsdp': f, 'tensor': t}, at most one of them -1.
+    shape: {'data': d, 'fsdp': f, 'tensor': t} or a MeshShape, at most one of them -1.
     num_devices: devices to cover.
   Returns:
     (data, fsdp, tensor) sizes.
   Raises:
     ValueError naming the `mesh` config fields when the shape cannot cover the devices.
   """
+  if isinstance(shape, MeshShape):
+    shape = dataclasses.asdict(shape)
   unknown = [name for name in MESH_AXES if shape.get(name, 1) == -1]
   if len(unknown) > 1:
     raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(shape)}.")
@@ -71,7 +82,7 @@ def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> tuple[int,
   return tuple(sizes[name] for name in MESH_AXES)
 
 
-def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(shape: Mapping[str, int] | MeshShape | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds the (`data`, `fsdp`, `tensor`) mesh; `shape` defaults to all devices on `data`."""
   devices = list(devices if devices is not None else jax.devices())
   sizes = resolve_mesh_shape(shape or {"data": -1}, len(devices))

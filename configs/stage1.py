@@ -26,7 +26,6 @@ def get_config(arg=None):
   config = common.base(preset, stage="stage1")
   if preset == "qwen2vl-2b":
     # FSDP over every device; activations of the 2B model need GradCache at batch 1024.
-    config.mesh = common.mesh()
     config.mesh.data = 1
     config.mesh.fsdp = -1
   return config

@@ -25,18 +25,18 @@ STEPS_FLAG=""
 if [[ -n "${STEPS:-}" ]]; then STEPS_FLAG="--config.train.num_steps=${STEPS}"; fi
 
 declare -A ARM_FLAGS=(
-  [infonce]="--config.loss.alpha=0"
-  [agcl_published]="--config.loss.alpha=1 --config.loss.bm25_norm=none --config.loss.bias_on=all"
+  [infonce]="--config.loss.bias_scale=0"
+  [agcl_published]="--config.loss.bias_scale=1 --config.loss.bm25_norm=none --config.loss.bias_on=all"
   [agcl]=""
   [uniform_margin]="--config.loss.uniform_margin=${MARGIN}"
   [agcl_mask_margin]="--config.loss.mask=margin --config.loss.delta=0.1"
   [agcl_mask_attribute]="--config.loss.mask=attribute"
   [agcl_mask_positive]="--config.loss.mask=positive --config.loss.delta=0.9"
   [agcl_family_mixed]="--config.pipeline.batching=family_mixed --config.pipeline.family_share=0.5"
-  [infonce_family_mixed]="--config.loss.alpha=0 --config.pipeline.batching=family_mixed"
+  [infonce_family_mixed]="--config.loss.bias_scale=0 --config.pipeline.batching=family_mixed"
   [agcl_no_duplicates]="--config.catalog.duplicate_share=0.0"
-  [infonce_no_duplicates]="--config.loss.alpha=0 --config.catalog.duplicate_share=0.0"
-  [infonce_enriched]="--config.loss.alpha=0 --config.attributes.enrich_queries=True"
+  [infonce_no_duplicates]="--config.loss.bias_scale=0 --config.catalog.duplicate_share=0.0"
+  [infonce_enriched]="--config.loss.bias_scale=0 --config.attributes.enrich_queries=True"
   [agcl_enriched]="--config.attributes.enrich_queries=True"
 )
 DEFAULT_ARMS="infonce agcl agcl_published uniform_margin agcl_mask_margin agcl_mask_attribute agcl_mask_positive agcl_family_mixed infonce_family_mixed agcl_no_duplicates infonce_no_duplicates infonce_enriched agcl_enriched"

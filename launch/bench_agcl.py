@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from afmrl_jax.losses import AGCLConfig, agcl_loss, grad_cache  # noqa: E402
 
 EMBED, TERMS, VOCAB, AVG_LEN = 256, 16, 2000, 12.0
-CONFIG = AGCLConfig()  # the default: self-normalised BM25 bias on negatives, alpha 4, tau 0.05
+CONFIG = AGCLConfig()  # the default: self-normalised BM25 bias on negatives, bias scale 4, tau 0.05
 
 
 def _mesh():
@@ -168,7 +168,7 @@ def _torch_step(torch, q, c, qt, ct, idf):
     bm25 = counts @ table
     diag = torch.diagonal(bm25)
     ratio = torch.where(diag[:, None] > 0, bm25 / diag.clamp_min(1e-30)[:, None], 0.0)
-    bias = CONFIG.alpha * torch.tanh(2 * ratio.clamp(0, 1))
+    bias = CONFIG.bias_scale * torch.tanh(2 * ratio.clamp(0, 1))
     bias.fill_diagonal_(0.0)
     mask = torch.zeros_like(bias, dtype=torch.bool)  # mask 'none' (the default); applied as VLM2Vec would
   logits = (logits + bias).masked_fill(mask, float("-inf"))

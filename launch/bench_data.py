@@ -58,7 +58,7 @@ def main() -> None:
   stats = CorpusStats.from_texts([l.teacher_attributes for l in train])
   table = ListingTable.from_catalog(cat, "train")
   for name, extra in (("pipeline", {}), ("pipeline_fresh_views", {"fresh_views": True}),
-                      ("pipeline_family_mixed", {"sampling": "family_mixed"})):
+                      ("pipeline_family_mixed", {"batching": "family_mixed"})):
     pcfg = pipeline.PipelineConfig(batch_size=args.batch_size, image_size=args.image_size, num_threads=args.threads,
                                    text_attributes="teacher", **extra)
     it = iter(pipeline.train_dataset(table, tok, stats, pcfg, shard_options=grain.sharding.NoSharding(),

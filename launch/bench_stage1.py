@@ -41,10 +41,11 @@ PAD, V_START, V_END, IMAGE = 0, 8189, 8190, 8191
 
 def model_config(preset: str):
   import configs.stage1 as stage1_configs
-  from afmrl_jax.train import builders
+  from afmrl_jax.train import builders, schema
   config = stage1_configs.get_config(preset)
   config.model.arch.vocab_size = VOCAB
-  arch = builders.hf_arch_dict(config)
+  config = schema.parse(config)
+  arch = builders.hf_arch_dict(config.model)
   arch.update(image_token_id=IMAGE, vision_start_token_id=V_START, vision_end_token_id=V_END,
               pad_token_id=PAD)
   from afmrl_jax.models.config import VLConfig

@@ -11,7 +11,7 @@ from afmrl_jax.data import image_patches, pipeline, prompts, tokenizer
 from afmrl_jax.data.table import ListingTable
 
 CFG = catalog_lib.CatalogConfig(seed=5, families_per_category=4, listings_per_product=3, num_workers=0)
-PCFG = pipeline.PipelineConfig(batch_size=8, max_text_len=48, max_terms=16, text_attributes="teacher",
+PCFG = pipeline.PipelineConfig(batch_size=8, eval_batch_size=8, max_text_len=48, max_terms=16, text_attributes="teacher",
                                num_threads=1)
 ONE = grain.sharding.NoSharding()
 
@@ -116,7 +116,7 @@ def test_process_shards_cover_global_batches_exactly_once(env, count):
 
 def test_family_mixed_batches_hold_whole_families(env):
   cat, tok, stats, table = env
-  cfg = pipeline.PipelineConfig(**{**PCFG.__dict__, "batch_size": 16, "sampling": "family_mixed",
+  cfg = pipeline.PipelineConfig(**{**PCFG.__dict__, "batch_size": 16, "batching": "family_mixed",
                                    "family_share": 0.5})
   family_products = collections.defaultdict(set)
   for l in cat.split("train"):

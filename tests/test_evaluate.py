@@ -4,14 +4,14 @@ computed directly (brute-force argsort + plain loops in this file)."""
 import json
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 
 from afmrl_jax.retrieval import load_retriever
 from afmrl_jax.retrieval import metrics as M
 from afmrl_jax.train import report
-from afmrl_jax.train.evaluate import evaluate, resolve_eval_config
+from afmrl_jax.fields import InvalidFields
+from afmrl_jax.train.evaluate import EvalConfig, evaluate
 
 D = 16
 NUM_PRODUCTS = 40
@@ -134,10 +134,10 @@ def test_evaluate_writes_report_and_matches_direct_metrics(tmp_path, retriever):
     for step in range(0, 100, 5):
       f.write(json.dumps({"step": step, "loss": 3.0 / (1 + step)}) + "\n")
     f.write(json.dumps({"step": 100, "eval": {"recall@1": 0.5}}) + "\n")
-  config = ml_collections.ConfigDict(dict(eval=dict(retriever=retriever, num_report_queries=6)))
+  config = EvalConfig(retriever=retriever, num_report_queries=6)
   metrics = evaluate(_embed_fn, _batches(_split("gallery")),
                      _batches(_split("query"), with_display=False), workdir, config,
-                     listings=_display_listings())
+                     listings=_display_listings(), train_metrics_path=os.path.join(workdir, "metrics.jsonl"))
   expected, ranked, qe, _ = _reference()
   assert 0.2 < expected["recall@1"] < 0.95  # the synthetic task is neither trivial nor hopeless
   out = os.path.join(workdir, "eval")
@@ -177,10 +177,8 @@ def test_evaluate_writes_report_and_matches_direct_metrics(tmp_path, retriever):
   assert "colour: red" in page and "title of" in page
 
 
-def test_trainer_style_config_step_folder_and_no_report(tmp_path):
-  # The trainer's section names (`index`, `ks`) and its own fields (`enabled`, `checkpoint_dir`) are accepted.
-  config = ml_collections.ConfigDict(dict(eval=dict(enabled=True, index="exact", ks=(1, 5), map_k=10,
-                                                    checkpoint_dir="", report=False)))
+def test_step_folder_and_no_report(tmp_path):
+  config = EvalConfig(retriever="exact", recall_ks=(1, 5), map_k=10, report=False)
   # Gallery fed in reverse order: evaluation sorts it by listing id, so every metric (k-means included)
   # is the same as for the ascending order the reference uses.
   metrics = evaluate(_embed_fn, _batches(_split("gallery")[::-1], with_display=False),
@@ -195,7 +193,7 @@ def test_trainer_style_config_step_folder_and_no_report(tmp_path):
 def test_cluster_sample_and_jax_exact_backend(tmp_path):
   """k-means runs on a seeded sample of `cluster_sample` gallery rows (sorted, as documented); the
   jax exact backend ranks like the reference."""
-  config = dict(retriever="exact", exact_backend="jax", cluster_sample=50, seed=3, report=False)
+  config = EvalConfig(retriever="exact", exact_backend="jax", cluster_sample=50, seed=3, report=False)
   metrics = evaluate(_embed_fn, _batches(_split("gallery")), _batches(_split("query")), str(tmp_path), config)
   expected, *_ = _reference()
   for name in ("recall@1", "recall@10", "group_recall@5", "map@10", "knn_accuracy"):
@@ -208,23 +206,23 @@ def test_cluster_sample_and_jax_exact_backend(tmp_path):
 
 
 def test_config_and_input_errors(tmp_path):
-  with pytest.raises(ValueError, match="config.eval.bogus"):
-    resolve_eval_config({"eval": {"bogus": 1}})
-  with pytest.raises(ValueError, match="config.eval.retriever"):
-    resolve_eval_config({"retriever": "faiss"})
-  with pytest.raises(ValueError, match="config.eval.exact_backend"):
-    resolve_eval_config({"exact_backend": "torch"})
-  with pytest.raises(ValueError, match="config.eval.recall_ks"):
-    resolve_eval_config({"recall_ks": (0, 5)})
+  with pytest.raises(TypeError, match="bogus"):
+    EvalConfig(bogus=1)
+  with pytest.raises(InvalidFields, match="EvalConfig.retriever='faiss' is not one of"):
+    EvalConfig(retriever="faiss")
+  with pytest.raises(InvalidFields, match="EvalConfig.exact_backend='torch' is not one of"):
+    EvalConfig(exact_backend="torch")
+  with pytest.raises(InvalidFields, match="EvalConfig.recall_ks=.0, 5. must be a non-empty list"):
+    EvalConfig(recall_ks=(0, 5))
   gallery = list(_batches(_split("gallery")))
   bad = [{k: v for k, v in b.items() if k != "category_id"} for b in gallery]
   with pytest.raises(KeyError, match="category_id"):
-    evaluate(_embed_fn, bad, gallery, str(tmp_path), {})
+    evaluate(_embed_fn, bad, gallery, str(tmp_path))
   with pytest.raises(ValueError, match=r"expected \[B, D\]"):
-    evaluate(lambda b: np.zeros((3, D)), gallery, gallery, str(tmp_path), {})
+    evaluate(lambda b: np.zeros((3, D)), gallery, gallery, str(tmp_path))
   with pytest.raises(ValueError, match="no batches"):
-    evaluate(_embed_fn, [], gallery, str(tmp_path), {})
+    evaluate(_embed_fn, [], gallery, str(tmp_path))
   not_a_dir = tmp_path / "file"
   not_a_dir.write_text("x")
   with pytest.raises(OSError, match="cannot create the output folder"):
-    evaluate(_embed_fn, gallery, gallery, str(not_a_dir), {"retriever": "exact"})
+    evaluate(_embed_fn, gallery, gallery, str(not_a_dir), EvalConfig(retriever="exact"))

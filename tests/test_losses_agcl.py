@@ -62,7 +62,7 @@ CONFIGS = [
                                              (False, True))
 ] + [
     AGCLConfig.published(),
-    AGCLConfig(bias_on="all", alpha=2.0),
+    AGCLConfig(bias_on="all", bias_scale=2.0),
     AGCLConfig(uniform_margin=1.5, symmetric=True),
     AGCLConfig.infonce(tau=0.1, symmetric=True),
 ]
@@ -74,7 +74,7 @@ def _jax_loss(config):
   return jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True))
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.mask}-{c.bm25_norm}-{c.bias_on}-sym{int(c.symmetric)}-a{c.alpha}-u{c.uniform_margin}")
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.mask}-{c.bm25_norm}-{c.bias_on}-sym{int(c.symmetric)}-a{c.bias_scale}-u{c.uniform_margin}")
 def test_dense_matches_numpy(config):
   q, c, qt, ct, idf, avg = _inputs(zlib.crc32(repr(config).encode()) % 1000)
   (loss, metrics), (gq, gc) = _jax_loss(config)(q, c, qt, ct, idf, avg)
@@ -111,9 +111,9 @@ def test_infonce_equals_optax_cross_entropy():
 
 def test_default_is_measured_best_form():
   config = AGCLConfig()
-  assert (config.bm25_norm, config.bias_on, config.alpha, config.tau, config.mask) == ("self", "negatives", 4.0, 0.05, "none")
+  assert (config.bm25_norm, config.bias_on, config.bias_scale, config.tau, config.mask) == ("self", "negatives", 4.0, 0.05, "none")
   published = AGCLConfig.published()
-  assert (published.bm25_norm, published.bias_on, published.alpha) == ("none", "all", 1.0)
+  assert (published.bm25_norm, published.bias_on, published.bias_scale) == ("none", "all", 1.0)
 
 
 @pytest.mark.parametrize("field,value", [("tau", 0.0), ("bm25_norm", "bad"), ("bias_on", "x"), ("mask", "y"), ("b", 2.0)])

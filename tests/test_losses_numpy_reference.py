@@ -36,7 +36,7 @@ def np_agcl_direction(q, c, q_terms, c_terms, idf, avg_doc_len, cfg):
   n = len(q)
   eye = np.eye(n, dtype=bool)
   s = qn @ cn.T
-  needs_bm25 = (cfg.uniform_margin is None and cfg.alpha != 0) or cfg.mask == "attribute"
+  needs_bm25 = (cfg.uniform_margin is None and cfg.bias_scale != 0) or cfg.mask == "attribute"
   raw = np_bm25(q_terms, c_terms, idf, avg_doc_len, cfg.k1, cfg.b) if needs_bm25 else None
   ratio = None
   if raw is not None:
@@ -47,11 +47,11 @@ def np_agcl_direction(q, c, q_terms, c_terms, idf, avg_doc_len, cfg):
         ratio[i] = raw[i] / diag[i]
   if cfg.uniform_margin is not None:
     bias = np.where(eye, 0.0, cfg.uniform_margin)
-  elif cfg.alpha == 0:
+  elif cfg.bias_scale == 0:
     bias = np.zeros((n, n))
   else:
     normed = raw if cfg.bm25_norm == "none" else 2 * np.clip(ratio, 0, 1)
-    bias = cfg.alpha * np.tanh(normed)
+    bias = cfg.bias_scale * np.tanh(normed)
     if cfg.bias_on == "negatives":
       bias[eye] = 0.0
   mask = np.zeros((n, n), bool)

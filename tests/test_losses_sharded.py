@@ -48,7 +48,7 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.mask}-{c.bm25_norm}-{c.bias_on}-sym{int(c.symmetric)}-a{c.alpha}")
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.mask}-{c.bm25_norm}-{c.bias_on}-sym{int(c.symmetric)}-a{c.bias_scale}")
 def test_strategies_agree(config):
   assert jax.device_count() == 8
   mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(EXPLICIT, EXPLICIT))

@@ -13,7 +13,7 @@ GENERATED = "colour: red; pattern: stripes"
 def test_generated_attributes_replace_teacher_terms(tmp_path):
   config = stage1_configs.get_config("ci")
   config.catalog.cache_dir = str(tmp_path / "cache")
-  catalog, _, stats = stage1_data._load_catalog(config, str(tmp_path / "w0"))
+  catalog, _, stats = stage1_data.load_catalog(config, str(tmp_path / "w0"))
   teacher_batch = next(stage1_data.make(config, str(tmp_path / "w0")).train_iter())
   # The teacher strings vary from row to row.
   assert not (teacher_batch["query_terms"] == teacher_batch["query_terms"][0]).all()

@@ -12,13 +12,13 @@ import threading
 import grain
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 
 from afmrl_jax import parallel
+from afmrl_jax.train import checkpointing
 from afmrl_jax.train import loop as loop_lib
 from afmrl_jax.train import state as state_lib
 
@@ -59,19 +59,24 @@ def loss_fn(model, batch):
 
 
 def opt_config(**kw):
-  c = ml_collections.ConfigDict(dict(learning_rate=3e-2, warmup_steps=3, min_lr_ratio=0.1, b1=0.9, b2=0.98,
-                                     eps=1e-8, weight_decay=0.01, grad_clip=1.0))
-  c.update(kw)
-  return c
+  return state_lib.OptimizerConfig(**{**dict(learning_rate=3e-2, warmup_steps=3, min_lr_ratio=0.1, b1=0.9,
+                                             b2=0.98, eps=1e-8, weight_decay=0.01, grad_clip=1.0), **kw})
 
 
 def train(workdir, num_steps=12, stop_after=0, every=4, mesh_shape=None, loss=loss_fn, data=None):
+  """What a stage does: model, state, step, checkpointer (resume), loop."""
   mesh = parallel.make_mesh(mesh_shape or {"data": 2, "fsdp": 2, "tensor": 2})
+  model = state_lib.create_sharded(build, mesh, nnx.Param)
   tx = state_lib.make_optimizer(opt_config(), num_steps)
-  cfg = loop_lib.LoopConfig(num_steps=num_steps, stop_after_steps=stop_after, log_every=1,
-                            checkpoint_every=every, checkpoint_keep=2, examples_per_step=16)
-  return loop_lib.run(build=build, trainable=nnx.Param, mesh=mesh, tx=tx, data=data or data_iter(),
-                      workdir=str(workdir), loop=cfg, loss_fn=loss)
+  shardings = state_lib.state_shardings(tx, model, mesh)
+  step_fn = loop_lib.make_train_step(model.graphdef, tx, loss_fn=loss)
+  data = data or data_iter()
+  checkpointer = checkpointing.Checkpointer.for_workdir(str(workdir), checkpointing.CheckpointOptions(
+      every=every, keep=2))
+  state, _ = checkpointer.restore_latest(state_lib.init_train_state(tx, model, mesh, shardings), data)
+  options = loop_lib.TrainOptions(num_steps=num_steps, stop_after_steps=stop_after, log_every=1)
+  return loop_lib.run(step_fn, state, model.rest, data, mesh=mesh, shardings=(shardings, model.rest_shardings),
+                      options=options, workdir=str(workdir), examples_per_step=16, checkpointer=checkpointer)
 
 
 def params_np(result):

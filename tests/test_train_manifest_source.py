@@ -28,9 +28,9 @@ def test_bad_manifest_row_stops_or_is_skipped(manifest_with_a_bad_row, tmp_path)
   config = stage1_configs.get_config("ci")
   config.catalog.manifest = path
   with pytest.raises(manifest.ManifestError, match=r"row 2.*'title'"):
-    stage1_data._load_catalog(config, str(tmp_path / "w"))
+    stage1_data.load_catalog(config, str(tmp_path / "w"))
   config.catalog.skip_bad_rows = True
-  catalog, _, stats = stage1_data._load_catalog(config, str(tmp_path / "w"))
+  catalog, _, stats = stage1_data.load_catalog(config, str(tmp_path / "w"))
   assert len(catalog) == num_rows - 1
   assert [row for row, _ in catalog.report.skipped] == [2]
   assert stats.num_docs > 0

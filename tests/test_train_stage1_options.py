@@ -1,5 +1,7 @@
 """Trainer options on the tiny model: LoRA-only training, bf16 compute, HF checkpoint loading."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,18 +12,20 @@ import configs.stage1 as stage1_configs
 from afmrl_jax import parallel
 from afmrl_jax.losses import AGCLConfig
 from afmrl_jax.models import hf_checkpoint
-from afmrl_jax.train import builders, stage1, stage1_step
+from afmrl_jax.train import builders, schema, stage1_step
 from afmrl_jax.train import loop as loop_lib
 from afmrl_jax.train import state as state_lib
 from tests.test_train_stage1_step import GRID, IDF, make_batch, mesh_of, tiny_vl
 
 
-def _config(**lora):
+def _config(warmup_steps=None, **lora):
   config = stage1_configs.get_config("ci")
   config.lora.enabled = bool(lora)
   for k, v in lora.items():
     config.lora[k] = v
-  return config
+  if warmup_steps is not None:
+    config.optimizer.warmup_steps = warmup_steps
+  return schema.parse(config)
 
 
 def _one_step(config, vl, mesh):
@@ -41,8 +45,7 @@ def _one_step(config, vl, mesh):
 
 
 def test_lora_trains_only_adapters():
-  config = _config(rank=4, targets=("q_proj", "v_proj"))
-  config.optimizer.warmup_steps = 0
+  config = _config(warmup_steps=0, rank=4, targets=("q_proj", "v_proj"))
   mesh = mesh_of({"data": 1, "fsdp": 1, "tensor": 1})
   model, before, state, metrics = _one_step(config, tiny_vl(), mesh)
   names = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(state["params"])}
@@ -77,11 +80,11 @@ def test_hf_checkpoint_weights_are_loaded(tmp_path):
     source = VLModel(tiny_vl(), rngs=nnx.Rngs(7))
   hf_checkpoint.save_hf_checkpoint(source, str(tmp_path))
   config = _config(rank=4)
-  config.model.hf_checkpoint = str(tmp_path)
+  config = dataclasses.replace(config, model=dataclasses.replace(config.model, hf_checkpoint=str(tmp_path)))
   mesh = mesh_of({"data": 1, "fsdp": 2, "tensor": 2})
   build = builders.model_constructor(config, builders.vl_config(config))
   model = state_lib.create_sharded(build, mesh, builders.trainable_filter(config))
-  stage1._after_init(config, mesh)(model)
+  builders.load_hf_weights(model, config, mesh)
   loaded = dict(nnx.to_flat_state(nnx.state(model.merge(), nnx.Param)))
   want = list(nnx.to_flat_state(nnx.state(source, nnx.Param)))
   assert len(want) > 20

@@ -12,7 +12,7 @@ _EXPORTS = {
     "load_tokenizer": "tokenizer", "default_tokenizer": "tokenizer",
     "ListingTable": "table",
     "PipelineConfig": "pipeline", "train_dataset": "pipeline", "eval_dataset": "pipeline",
-    "image_grid_thw": "pipeline", "batch_side": "pipeline",
+    "image_grid_thw": "pipeline",
     "ManifestError": "manifest", "read_manifest": "manifest", "write_manifest": "manifest",
     "catalog_from_manifest": "manifest",
 }

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from afmrl_jax.data import render, schema, text
+from afmrl_jax.fields import bounded, check, non_negative, positive
 
 SPLITS = ("train", "gallery", "query", "heldout")
 # rng stream tags: one independent stream per kind of draw.
@@ -37,35 +38,30 @@ class CatalogConfig:
   """Knobs of the synthetic catalog. Everything but `num_workers` changes the content."""
   seed: int = 0
   categories: tuple[str, ...] = schema.CATEGORIES
-  families_per_category: int = 250
-  siblings_per_family: int = 4  # products per family (capped by the varying key's number of values)
-  listings_per_product: int = 4  # >= 2: a query needs another listing of its product
-  image_size: int = 64  # 32..448
-  detail_scale: float = 1.0  # size of distinguishing details (0.5 hard .. 2 easy)
-  augment_strength: float = 1.0  # view augmentation (0 = clean centred photos)
-  teacher_drop_rate: float = 0.1
-  teacher_wrong_rate: float = 0.05
-  duplicate_share: float = 0.1  # share of products relisted under a new product id
-  title_reveal_share: float = 0.5  # probability that the title mentions a given attribute
-  title_noise_rate: float = 0.5  # probability of seller noise words in a title
-  train_fraction: float = 0.7  # of families; the rest after heldout are evaluation (query + gallery)
-  heldout_fraction: float = 0.1
-  num_workers: int = 2  # render processes (0 = in this process); does not change the result
+  families_per_category: int = positive(250)
+  siblings_per_family: int = bounded(4, 2)  # products per family (capped by the varying key's values)
+  listings_per_product: int = bounded(4, 2)  # >= 2: a query needs another listing of its product
+  image_size: int = bounded(64, 32, 448)
+  detail_scale: float = positive(1.0)  # size of distinguishing details (0.5 hard .. 2 easy)
+  augment_strength: float = non_negative(1.0)  # view augmentation (0 = clean centred photos)
+  teacher_drop_rate: float = bounded(0.1, 0.0, 1.0)
+  teacher_wrong_rate: float = bounded(0.05, 0.0, 1.0)
+  duplicate_share: float = bounded(0.1, 0.0, 1.0)  # share of products relisted under a new product id
+  title_reveal_share: float = bounded(0.5, 0.0, 1.0)  # probability that the title mentions an attribute
+  title_noise_rate: float = bounded(0.5, 0.0, 1.0)  # probability of seller noise words in a title
+  train_fraction: float = bounded(0.7, 0.0, 1.0)  # of families; the rest after heldout are evaluation
+  heldout_fraction: float = bounded(0.1, 0.0, 1.0)
+  num_workers: int = non_negative(2)  # render processes (0 = in this process); does not change the result
 
-  def validate(self) -> None:
-    bad = [c for c in self.categories if c not in schema.SCHEMA]
-    if bad:
-      raise ValueError(f"CatalogConfig.categories: unknown {bad}; known: {', '.join(schema.CATEGORIES)}")
-    if self.listings_per_product < 2:
-      raise ValueError("CatalogConfig.listings_per_product must be >= 2 (queries need another listing)")
-    if self.siblings_per_family < 2:
-      raise ValueError("CatalogConfig.siblings_per_family must be >= 2 (siblings are the hard negatives)")
-    if not 32 <= self.image_size <= 448:
-      raise ValueError(f"CatalogConfig.image_size must be in [32, 448], got {self.image_size}")
-    if not (0 <= self.heldout_fraction and 0 < self.train_fraction and
-            self.train_fraction + self.heldout_fraction < 1):
-      raise ValueError("CatalogConfig: need train_fraction > 0, heldout_fraction >= 0 and their sum < 1 "
-                       "(the rest are evaluation families)")
+  def __post_init__(self):
+    object.__setattr__(self, "categories", tuple(self.categories))
+    extra = []
+    unknown = [c for c in self.categories if c not in schema.SCHEMA]
+    if unknown:
+      extra.append(("categories", f"names unknown categories {unknown}; known: {', '.join(schema.CATEGORIES)}"))
+    if not self.train_fraction + self.heldout_fraction < 1:
+      extra.append(("train_fraction", "plus heldout_fraction must be < 1 (the rest are evaluation families)"))
+    check(self, extra)
 
   def content_dict(self) -> dict:
     d = dataclasses.asdict(self)
@@ -235,7 +231,6 @@ def _render_task(args) -> np.ndarray:
 
 def generate_catalog(config: CatalogConfig = CatalogConfig()) -> Catalog:
   """Builds the catalog (metadata in this process, images in `config.num_workers` processes)."""
-  config.validate()
   cfg = config
   products: dict[int, Product] = {}
   metas, tasks = [], []

@@ -33,41 +33,37 @@ from PIL import Image
 from afmrl_jax.data import catalog as catalog_lib
 from afmrl_jax.data import image_patches, prompts
 from afmrl_jax.data.table import ListingTable
+from afmrl_jax.fields import Checked, bounded, choice, non_negative, positive
 
 _S_PLAN, _S_CAND, _S_FAMILY = 101, 102, 103
 PAIR_MODES = ("listing", "image_text")
-SAMPLINGS = ("random", "family_mixed")
+BATCHINGS = ("random", "family_mixed")
 ATTRIBUTE_SOURCES = ("none", "teacher", "true")
 
 
 @dataclasses.dataclass(frozen=True)
-class PipelineConfig:
-  batch_size: int = 32  # global batch (all processes together)
-  image_size: int = 64  # images are resized to this square before patching (static patch count)
-  max_text_len: int = 64  # T, tokens per prompt including the image tokens
-  max_terms: int = 32  # K, BM25 terms per attribute string
-  pair_mode: str = "listing"
-  sampling: str = "random"
-  family_share: float = 0.5  # family_mixed: share of each batch made of whole sibling families
+class PipelineConfig(Checked):
+  """How listings become batches. `image_size`, `text_attributes` and `term_source` are set by the
+  trainer from other config sections (the catalog's image size, the attribute options)."""
+  batch_size: int = positive(32)  # global training batch (all processes together)
+  eval_batch_size: int = positive(64)  # global batch of the evaluation passes
+  image_size: int = positive(64)  # images are resized to this square before patching (static patch count)
+  max_text_len: int = positive(64)  # T, tokens per prompt including the image tokens
+  max_terms: int = positive(32)  # K, BM25 terms per attribute string
+  pair_mode: str = choice("listing", PAIR_MODES)
+  batching: str = choice("random", BATCHINGS)
+  family_share: float = bounded(0.5, 0.0, 1.0)  # family_mixed: share of each batch made of whole families
   fresh_views: bool = False  # render new views of training products each epoch (synthetic catalog only)
-  text_attributes: str = "none"  # attributes appended to the prompt text: none | teacher | true
-  term_source: str = "teacher"  # attribute string that gives the BM25 terms: teacher | true
-  seed: int = 0
-  num_epochs: int = 1_000_000  # length of the training stream (effectively endless by default)
+  text_attributes: str = choice("none", ATTRIBUTE_SOURCES)  # attributes appended to the prompt text
+  term_source: str = choice("teacher", ATTRIBUTE_SOURCES[1:])  # attribute string that gives the BM25 terms
+  seed: int = 0  # order, candidate choice and fresh views are functions of (seed, epoch, position)
+  num_epochs: int = positive(1_000_000)  # length of the training stream (effectively endless by default)
   query_instruction: str = prompts.QUERY_INSTRUCTION
   candidate_instruction: str = prompts.CANDIDATE_INSTRUCTION
-  num_threads: int = 2  # grain read threads
-  prefetch_buffer_size: int = 4
-  worker_processes: int = 0  # >0: grain mp_prefetch processes (same batches, same iterator state)
+  num_threads: int = positive(2)  # grain read threads (the order of batches does not depend on it)
+  prefetch_buffer_size: int = non_negative(4)
+  worker_processes: int = non_negative(0)  # >0: grain mp_prefetch processes (same batches and state)
 
-  def validate(self) -> None:
-    for name, value, allowed in (("pair_mode", self.pair_mode, PAIR_MODES), ("sampling", self.sampling, SAMPLINGS),
-                                 ("text_attributes", self.text_attributes, ATTRIBUTE_SOURCES),
-                                 ("term_source", self.term_source, ATTRIBUTE_SOURCES[1:])):
-      if value not in allowed:
-        raise ValueError(f"PipelineConfig.{name} must be one of {', '.join(allowed)}, got {value!r}")
-    if not 0 <= self.family_share <= 1:
-      raise ValueError(f"PipelineConfig.family_share must be in [0, 1], got {self.family_share}")
 
 
 def image_grid_thw(config: PipelineConfig) -> np.ndarray:
@@ -77,11 +73,6 @@ def image_grid_thw(config: PipelineConfig) -> np.ndarray:
 
 def num_patches(config: PipelineConfig) -> int:
   return int(np.prod(image_grid_thw(config)))
-
-
-def batch_side(batch: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-  """{'input_ids', 'attention_mask', 'pixel_values'} of one side (`query` / `candidate`) of a batch."""
-  return {k: batch[f"{prefix}_{k}"] for k in ("input_ids", "attention_mask", "pixel_values")}
 
 
 def _shard(shard_options, batch_size: int) -> tuple[int, int, int]:
@@ -136,7 +127,7 @@ class _Plan:
       raise ValueError(f"split {table.name!r} has {len(table)} listings, fewer than one global batch "
                        f"({config.batch_size})")
     self._cache: dict[int, np.ndarray] = {}
-    if config.sampling == "family_mixed":
+    if config.batching == "family_mixed":
       fam = table.family_id
       self.families = [np.flatnonzero(fam == f) for f in np.unique(fam)]
 
@@ -154,7 +145,7 @@ class _Plan:
     cfg, n_b, b = self.config, self.batches_per_epoch, self.config.batch_size
     rng = np.random.default_rng([cfg.seed, _S_PLAN, e])
     perm = rng.permutation(len(self.table))
-    if cfg.sampling == "random":
+    if cfg.batching == "random":
       return perm[:n_b * b].reshape(n_b, b)
     # family_mixed: the first `f` slots of each batch hold whole families (one listing per product),
     # the rest are random listings.
@@ -195,7 +186,6 @@ def train_dataset(table: ListingTable, tokenizer, stats, config: PipelineConfig 
   iterator. `fresh_view_config` (the catalog's config) is needed for `fresh_views`; `attributes_by_listing`
   replaces the attribute strings of the prompt text (e.g. generated attributes in CIT) and
   `terms_by_listing` those that give the BM25 terms (listing_id -> `key: value; ...`)."""
-  config.validate()
   if config.fresh_views and fresh_view_config is None:
     raise ValueError("PipelineConfig.fresh_views needs fresh_view_config (the synthetic CatalogConfig)")
   p, _, local_b = _shard(shard_options, config.batch_size)
@@ -269,13 +259,12 @@ def eval_dataset(table: ListingTable, tokenizer, stats, config: PipelineConfig =
                  terms_by_listing: Mapping[int, str] | None = None) -> grain.IterDataset:
   """One pass over `table` in order: process-local batches of `input_ids, attention_mask, pixel_values,
   terms`, the id columns and `valid` (0 for padding rows, which repeat row 0)."""
-  config.validate()
   if side not in ("query", "candidate"):
     raise ValueError(f"eval_dataset side must be 'query' or 'candidate', got {side!r}")
-  p, _, local_b = _shard(shard_options, config.batch_size)
+  p, _, local_b = _shard(shard_options, config.eval_batch_size)
   enc = _Encoder(tokenizer, stats, config)
   instruction = config.query_instruction if side == "query" else config.candidate_instruction
-  b = config.batch_size
+  b = config.eval_batch_size
   n_global = -(-len(table) // b)
 
   def element(k: int) -> dict:

@@ -43,7 +43,7 @@ def _fill_terms(terms, batch, config: AGCLConfig, name: str):
     return jnp.asarray(terms, jnp.int32)
   if config.needs_bm25:
     raise ValueError(f"agcl_loss: {name} is None but the config needs attribute terms "
-                     f"(alpha={config.alpha}, uniform_margin={config.uniform_margin}, mask={config.mask!r})")
+                     f"(bias_scale={config.bias_scale}, uniform_margin={config.uniform_margin}, mask={config.mask!r})")
   return jnp.zeros((batch, 1), jnp.int32)
 
 

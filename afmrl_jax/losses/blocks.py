@@ -86,7 +86,7 @@ def _bias_from_bm25(raw: jax.Array, b_self: jax.Array, is_pos: jax.Array, config
     normed = 2.0 * jnp.clip(_self_ratio(raw, b_self), 0.0, 1.0)
   else:
     normed = raw
-  bias = config.alpha * jnp.tanh(normed)
+  bias = config.bias_scale * jnp.tanh(normed)
   return jnp.where(is_pos, 0.0, bias) if config.bias_on == "negatives" else bias
 
 
@@ -115,7 +115,7 @@ def block_logits(rows: Rows, cols: Cols, idf, avg_doc_len, config: AGCLConfig,
     raw = block_bm25(rows, cols, idf, avg_doc_len, config)
   if config.uniform_margin is not None:
     bias = jnp.where(is_pos, 0.0, jnp.float32(config.uniform_margin))
-  elif config.alpha != 0.0:
+  elif config.bias_scale != 0.0:
     bias = _bias_from_bm25(raw, rows.b_self[:, None], is_pos, config)
   else:
     bias = jnp.zeros_like(sim)

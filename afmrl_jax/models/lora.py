@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from afmrl_jax.fields import check, positive
+
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -45,11 +47,18 @@ class LoRAConfig:
   scope: only modules under this '/'-joined path prefix (e.g. 'language_model' to leave the
   vision tower's MLPs alone); '' = the whole model.
   """
-  rank: int = 8
+  rank: int = positive(8)
   alpha: float = 16.0
   targets: tuple[str, ...] = DEFAULT_TARGETS
   in_axes: tuple[tuple[str, int], ...] = ()
   scope: str = ""
+
+  def __post_init__(self):
+    object.__setattr__(self, "targets", tuple(self.targets))
+    if isinstance(self.in_axes, dict):
+      object.__setattr__(self, "in_axes", tuple((str(k), int(v)) for k, v in self.in_axes.items()))
+    empty = [("targets", "is empty; name the projections to adapt (e.g. q_proj, v_proj)")] if not self.targets else []
+    check(self, empty)
 
   @classmethod
   def from_dict(cls, d: Any) -> "LoRAConfig":
@@ -58,10 +67,6 @@ class LoRAConfig:
     unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
       raise ValueError(f"config.lora: unknown field(s) {sorted(unknown)}; known: rank, alpha, targets, in_axes, scope.")
-    if "targets" in d:
-      d["targets"] = tuple(d["targets"])
-    if "in_axes" in d:
-      d["in_axes"] = tuple((str(k), int(v)) for k, v in dict(d["in_axes"]).items())
     return cls(**d)
 
 

@@ -13,7 +13,7 @@ def make_retriever(kind: str = "scann", **options: Any):
   if kind == "exact":
     from afmrl_jax.retrieval.exact import ExactRetriever
     return ExactRetriever(**options)
-  raise ValueError(f"config.eval.retriever must be 'scann' or 'exact', got {kind!r}.")
+  raise ValueError(f"make_retriever: kind must be 'scann' or 'exact', got {kind!r}.")
 
 
 def load_retriever(directory: str):

@@ -1,61 +1,23 @@
-"""From the run config to the library objects: catalog config, loss config, model config and constructor.
-
-Each function reads one section of the ConfigDict and returns the dataclass of the package that owns
-it, so the packages never see a ConfigDict and an unknown or bad field fails here, named.
-"""
+"""The model of a run: its HF-style architecture dict, `VLConfig`, a seeded sharded-ready constructor
+(+ LoRA), the trainable filter, and loading a local HF checkpoint into the created model."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
 from collections.abc import Callable
 from typing import Any
 
-import ml_collections
 
-
-def _fields(cls) -> set[str]:
-  return {f.name for f in dataclasses.fields(cls)}
-
-
-def catalog_config(config: ml_collections.ConfigDict):
-  """`config.catalog` -> `data.catalog.CatalogConfig` (validated)."""
-  from afmrl_jax.data.catalog import CatalogConfig
-  section = config.catalog.to_dict()
-  extra = {"manifest", "skip_bad_rows", "cache_dir"}
-  unknown = set(section) - _fields(CatalogConfig) - extra
-  if unknown:
-    raise ValueError(f"unknown field(s) {sorted(unknown)} (CatalogConfig has {sorted(_fields(CatalogConfig))})")
-  kwargs = {k: v for k, v in section.items() if k not in extra}
-  if "categories" in kwargs:
-    kwargs["categories"] = tuple(kwargs["categories"])
-  cat = CatalogConfig(**kwargs)
-  cat.validate()
-  return cat
-
-
-def agcl_config(config: ml_collections.ConfigDict):
-  """`config.loss` -> `losses.config.AGCLConfig`; 0 stands for None in `uniform_margin`/`mask_threshold`."""
-  from afmrl_jax.losses.config import AGCLConfig
-  section = config.loss.to_dict()
-  section.pop("strategy", None)
-  unknown = set(section) - _fields(AGCLConfig)
-  if unknown:
-    raise ValueError(f"unknown field(s) {sorted(unknown)} (AGCLConfig has {sorted(_fields(AGCLConfig))})")
-  for key in ("uniform_margin", "mask_threshold"):
-    if key in section and not section[key]:
-      section[key] = None
-  return AGCLConfig(**section)
-
-
-def lora_config(config: ml_collections.ConfigDict):
-  """`config.lora` -> `models.lora.LoRAConfig`, or None when LoRA is off."""
-  if not config.lora.enabled:
-    return None
-  from afmrl_jax.models.lora import LoRAConfig
-  section = {k: v for k, v in config.lora.to_dict().items() if k != "enabled"}
-  return LoRAConfig.from_dict(section)
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+  """The representation model: an HF checkpoint, or a random init of `arch` (HF `config.json` fields)."""
+  hf_checkpoint: str = ""  # local directory with config.json + *.safetensors; '' = random init from `arch`
+  tokenizer: str = ""  # local HF tokenizer directory; '' = the embedded tokenizer trained on the catalog
+  param_seed: int = 0
+  arch: dict = dataclasses.field(default_factory=dict)  # Qwen2VLConfig fields, `vision_config` nested
 
 
 SPECIAL_TOKENS = {
@@ -65,13 +27,13 @@ SPECIAL_TOKENS = {
 }
 
 
-def hf_arch_dict(config: ml_collections.ConfigDict, tokenizer: Any = None) -> dict[str, Any]:
-  """The HF-style `config.json` dict of the model: the checkpoint's, or `config.model.arch` completed
-  with the tokenizer's vocabulary size and special-token ids."""
-  if config.model.hf_checkpoint:
-    with open(os.path.join(config.model.hf_checkpoint, "config.json"), encoding="utf-8") as f:
+def hf_arch_dict(model: ModelOptions, tokenizer: Any = None) -> dict[str, Any]:
+  """The HF-style `config.json` dict of the model: the checkpoint's, or `model.arch` completed with the
+  tokenizer's vocabulary size and special-token ids."""
+  if model.hf_checkpoint:
+    with open(os.path.join(model.hf_checkpoint, "config.json"), encoding="utf-8") as f:
       return json.load(f)
-  arch = config.model.arch.to_dict()
+  arch = copy.deepcopy(dict(model.arch))
   if tokenizer is not None:
     if not arch.get("vocab_size"):
       arch["vocab_size"] = len(tokenizer)
@@ -89,22 +51,24 @@ def hf_arch_dict(config: ml_collections.ConfigDict, tokenizer: Any = None) -> di
   return arch
 
 
-def vl_config(config: ml_collections.ConfigDict, tokenizer: Any = None):
-  """The model's `models.config.VLConfig` (compute dtype from `config.dtype`, params float32)."""
+def vl_config(run: Any, tokenizer: Any = None):
+  """The model's `models.config.VLConfig` (compute dtype `run.dtype`, params float32)."""
   from afmrl_jax.models.config import VLConfig
-  return VLConfig.from_hf_dict(hf_arch_dict(config, tokenizer), dtype=config.dtype, param_dtype="float32")
+  return VLConfig.from_hf_dict(hf_arch_dict(run.model, tokenizer), dtype=run.dtype, param_dtype="float32")
 
 
-def model_constructor(config: ml_collections.ConfigDict, vl: Any) -> Callable[[], Any]:
+def model_constructor(run: Any, vl: Any) -> Callable[[], Any]:
   """A zero-argument, deterministic constructor of the representation model (+ LoRA adapters).
 
-  Random init from `config.model.param_seed`; real weights are loaded afterwards by the trainer
-  (`load_pretrained`) onto the already sharded parameters.
+  Random init from `run.model.param_seed`; real weights are loaded afterwards (`load_hf_weights`) onto
+  the already sharded parameters.
   """
   from flax import nnx
+  from afmrl_jax.fields import narrow
+  from afmrl_jax.models.lora import LoRAConfig
   from afmrl_jax.models.vl_model import VLModel
-  lora = lora_config(config)
-  seed = int(config.model.param_seed)
+  lora = narrow(run.lora, LoRAConfig) if run.lora.enabled else None
+  seed = int(run.model.param_seed)
 
   def build():
     model = VLModel(vl, rngs=nnx.Rngs(seed))
@@ -116,6 +80,19 @@ def model_constructor(config: ml_collections.ConfigDict, vl: Any) -> Callable[[]
   return build
 
 
-def trainable_filter(config: ml_collections.ConfigDict) -> Any:
+def trainable_filter(run: Any) -> Any:
+  """`nnx.LoRAParam` with LoRA on, else every `nnx.Param`."""
   from afmrl_jax.models.lora import trainable_filter as lora_filter
-  return lora_filter(bool(config.lora.enabled))
+  return lora_filter(bool(run.lora.enabled))
+
+
+def load_hf_weights(model: Any, run: Any, mesh: Any) -> None:
+  """Loads `run.model.hf_checkpoint` into the created sharded model (`train.state.ShardedModel`), in place:
+  each device reads only its own slice."""
+  import jax
+  from flax import nnx
+  from afmrl_jax.models.hf_checkpoint import load_hf_weights as load
+  module = model.merge()
+  with jax.set_mesh(mesh):
+    load(module, run.model.hf_checkpoint, mesh)
+  _, model.params, model.rest = nnx.split(module, trainable_filter(run), ...)

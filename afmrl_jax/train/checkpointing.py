@@ -9,15 +9,42 @@ Saves are asynchronous; `close()` waits for the last one, so a process never exi
 from __future__ import annotations
 
 import base64
-import os
 import contextlib
+import dataclasses
+import os
 import signal
 import threading
 from collections.abc import Iterator
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+from afmrl_jax.fields import Checked, positive
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointOptions(Checked):
+  """When to save, how many to keep, where to resume from."""
+  enabled: bool = True
+  every: int = positive(100)  # steps between saves (the last step and every stop also save)
+  keep: int = positive(3)
+  async_save: bool = True
+  resume: bool = True  # resume from the latest checkpoint in the workdir
+  restore_dir: str = ""  # eval stage: the training workdir to load from; '' = this workdir
+
+
+def checkpoint_dir(path: str) -> str:
+  """The checkpoint folder of a workdir (`<path>/checkpoints`), or `path` itself when it is one."""
+  path = os.path.normpath(path)
+  return path if os.path.basename(path) == "checkpoints" else os.path.join(path, "checkpoints")
+
+
+def has_checkpoint(path: str) -> bool:
+  """Whether the workdir (or checkpoint folder) `path` holds at least one saved step."""
+  folder = checkpoint_dir(path)
+  return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
 
 
 def _encode_data_state(state: Any) -> Any:
@@ -36,13 +63,21 @@ def _decode_data_state(state: Any) -> Any:
 class Checkpointer:
   """Keeps the last `keep` checkpoints under `directory`; async saves, resume from the latest."""
 
-  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, every: int = 100):
     self.directory = directory
+    self.every = every
     self._manager = ocp.CheckpointManager(
         directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True),
     )
+
+  @classmethod
+  def for_workdir(cls, workdir: str, options: CheckpointOptions) -> "Checkpointer | None":
+    """The run's checkpointer under `<workdir>/checkpoints`; None when checkpoints are disabled."""
+    if not options.enabled:
+      return None
+    return cls(checkpoint_dir(workdir), keep=options.keep, async_save=options.async_save, every=options.every)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -71,6 +106,19 @@ class Checkpointer:
       items["data"] = ocp.args.JsonRestore()
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"], (_decode_data_state(restored["data"]) if has_data else None)
+
+  def restore_latest(self, state: dict[str, Any], data: Any = None) -> tuple[dict[str, Any], int | None]:
+    """(latest state, its step) restored onto the shardings of `state`, or (state, None) when there is
+    no checkpoint. The data iterator `data` (grain `set_state`) is moved to the saved position."""
+    step = self.latest_step()
+    if step is None:
+      return state, None
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    restored, data_state = self.restore(step, abstract)
+    if data_state is not None and hasattr(data, "set_state"):
+      data.set_state(data_state)
+    logging.info("Resumed from %s/%d.", self.directory, step)
+    return restored, step
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

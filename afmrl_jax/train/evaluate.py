@@ -7,7 +7,7 @@ Identity is the *true* product id (relisted duplicates of one product are hits);
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from afmrl_jax.fields import check, choice, non_negative, positive
 from afmrl_jax.retrieval import make_retriever
 from afmrl_jax.retrieval import metrics as M
 from afmrl_jax.train import report
@@ -24,71 +25,41 @@ ID_KEYS = ("listing_id", "product_id", "category_id")
 DISPLAY_KEYS = ("title", "attributes", "category", "image")
 THUMB = 96  # longest side of the images kept for the HTML page, pixels
 
-# Names the trainer's config section may use for the same field (configs/common.py: eval_section).
-_ALIASES = {"index": "retriever", "ks": "recall_ks"}
-# Fields of `config.eval` that belong to the trainer and are ignored here.
-_TRAINER_FIELDS = ("enabled", "checkpoint_dir", "batch_size")
+RETRIEVERS = ("scann", "exact")
+EXACT_BACKENDS = ("auto", "numpy", "jax")
 
 
-def default_eval_config() -> dict[str, Any]:
-  """The `config.eval` fields read here and their defaults (plain dict; wrap in a ConfigDict)."""
-  return dict(
-      retriever="scann",  # 'scann' (the index stage 2 uses) or 'exact' (blockwise inner product)
-      exact_backend="auto",  # exact search on 'numpy', 'jax' or 'auto' (jax when it runs on a GPU/TPU)
-      recall_ks=(1, 5, 10),  # instance Recall@K and group Recall@K shown in the table
-      curve_ks=(1, 2, 3, 5, 10, 20, 50),  # Recall@K vs K plot (also returned as metrics)
-      map_k=10,  # mAP@K with category relevance
-      knn_k=10,  # neighbours voting in kNN category classification
-      num_clusters=0,  # k-means clusters over gallery embeddings; 0 = number of categories
-      cluster_sample=20000,  # k-means on at most this many gallery rows (a seeded sample; 0 = all)
-      seed=0,  # k-means and the choice of report queries
-      exclude_self=True,  # a query's own listing in the gallery is neither a hit nor a rank
-      scann_brute_force_below=20000,  # gallery rows; below it ScaNN scores exhaustively
-      scann_num_leaves=0,  # 0 = about sqrt(gallery rows)
-      scann_leaves_to_search=0,  # 0 = a third of the leaves (at least 8)
-      scann_reorder=0,  # 0 = max(100, 4 * searched k)
-      save_index=True,  # write the index under <output_dir>/index (reload: retrieval.load_retriever)
-      report=True,  # markdown table, PNG plots and the HTML page (metrics.json is always written)
-      output_dir="eval",  # relative to the workdir
-      num_report_queries=12,
-      report_top=5,
-      train_metrics_file="metrics.jsonl",  # relative to the workdir; the loss curve's source
-  )
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """What the retrieval evaluation computes and writes."""
+  retriever: str = choice("scann", RETRIEVERS)  # 'scann' (the index stage 2 uses) or 'exact' (inner product)
+  exact_backend: str = choice("auto", EXACT_BACKENDS)  # exact search; 'auto' = jax on a GPU/TPU, else numpy
+  recall_ks: tuple[int, ...] = (1, 5, 10)  # instance Recall@K and group Recall@K shown in the table
+  curve_ks: tuple[int, ...] = (1, 2, 3, 5, 10, 20, 50)  # Recall@K vs K plot (also returned as metrics)
+  map_k: int = positive(10)  # mAP@K with category relevance
+  knn_k: int = positive(10)  # neighbours voting in kNN category classification
+  num_clusters: int = non_negative(0)  # k-means clusters over gallery embeddings; 0 = number of categories
+  cluster_sample: int = non_negative(20000)  # k-means on at most this many gallery rows (seeded; 0 = all)
+  seed: int = 0  # k-means and the choice of report queries
+  exclude_self: bool = True  # a query's own listing in the gallery is neither a hit nor a rank
+  scann_brute_force_below: int = non_negative(20000)  # gallery rows; below it ScaNN scores exhaustively
+  scann_num_leaves: int = non_negative(0)  # 0 = about sqrt(gallery rows)
+  scann_leaves_to_search: int = non_negative(0)  # 0 = a third of the leaves (at least 8)
+  scann_reorder: int = non_negative(0)  # 0 = max(100, 4 * searched k)
+  save_index: bool = True  # write the index under <output_dir>/index (reload: retrieval.load_retriever)
+  report: bool = True  # markdown table, PNG plots and the HTML page (metrics.json is always written)
+  output_dir: str = "eval"  # relative to the workdir
+  num_report_queries: int = non_negative(12)
+  report_top: int = positive(5)
 
-
-def resolve_eval_config(config: Any) -> dict[str, Any]:
-  """Defaults overlaid with `config.eval` (or `config` itself when it has no `eval` field).
-
-  Raises ValueError naming `config.eval.<field>` for an unknown field or a bad value.
-  """
-  section = config
-  if hasattr(config, "eval") and not callable(getattr(config, "eval")):
-    section = config.eval
-  elif isinstance(config, Mapping) and "eval" in config:
-    section = config["eval"]
-  items = section.to_dict() if hasattr(section, "to_dict") else dict(section or {})
-  cfg = default_eval_config()
-  for key, value in items.items():
-    key = _ALIASES.get(key, key)
-    if key in _TRAINER_FIELDS:
-      continue
-    if key not in cfg:
-      raise ValueError(f"config.eval.{key}: unknown evaluation field; known: {sorted(cfg)}.")
-    cfg[key] = value
-  if cfg["retriever"] not in ("scann", "exact"):
-    raise ValueError("config.eval.retriever (or .index) must be 'scann' or 'exact', "
-                     f"got {cfg['retriever']!r}.")
-  if cfg["exact_backend"] not in ("auto", "numpy", "jax"):
-    raise ValueError("config.eval.exact_backend must be 'auto', 'numpy' or 'jax', "
-                     f"got {cfg['exact_backend']!r}.")
-  for key in ("recall_ks", "curve_ks"):
-    cfg[key] = tuple(int(k) for k in cfg[key])
-    if not cfg[key] or min(cfg[key]) < 1:
-      raise ValueError(f"config.eval.{key} must be a non-empty list of positive ints, got {cfg[key]}.")
-  for key in ("map_k", "knn_k", "report_top"):
-    if int(cfg[key]) < 1:
-      raise ValueError(f"config.eval.{key} must be >= 1, got {cfg[key]}.")
-  return cfg
+  def __post_init__(self):
+    extra = []
+    for name in ("recall_ks", "curve_ks"):
+      ks = tuple(int(k) for k in getattr(self, name))
+      object.__setattr__(self, name, ks)
+      if not ks or min(ks) < 1:
+        extra.append((name, "must be a non-empty list of positive ints"))
+    check(self, extra)
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -167,12 +138,12 @@ def _reorder(side: dict[str, Any], order: np.ndarray) -> dict[str, Any]:
 
 
 def compute_metrics(query: dict[str, Any], gallery: dict[str, Any], ranked_rows: np.ndarray,
-                    cfg: dict[str, Any]) -> dict[str, float]:
+                    cfg: EvalConfig) -> dict[str, float]:
   """All metrics from gallery row indices ranked per query ([Q, K], self already excluded)."""
   k_avail = ranked_rows.shape[1]
   q_pid, q_cat = query["product_id"], query["category_id"]
-  q_ids = query["listing_id"] if cfg["exclude_self"] else None
-  g_ids = gallery["listing_id"] if cfg["exclude_self"] else None
+  q_ids = query["listing_id"] if cfg.exclude_self else None
+  g_ids = gallery["listing_id"] if cfg.exclude_self else None
   product_pos = M.count_positives(q_pid, gallery["product_id"], q_ids, g_ids)
   category_pos = M.count_positives(q_cat, gallery["category_id"], q_ids, g_ids)
   product_hits = M.relevance(gallery["product_id"][ranked_rows], q_pid)
@@ -180,35 +151,35 @@ def compute_metrics(query: dict[str, Any], gallery: dict[str, Any], ranked_rows:
   category_hits = M.relevance(category_labels, q_cat)
 
   out: dict[str, float] = {}
-  for k in sorted(set(cfg["recall_ks"]) | set(cfg["curve_ks"])):
+  for k in sorted(set(cfg.recall_ks) | set(cfg.curve_ks)):
     if k <= k_avail:
       out[f"recall@{k}"] = M.recall_at_k(product_hits, k, product_pos)
       out[f"group_recall@{k}"] = M.group_recall_at_k(product_hits, product_pos, k)
-  map_k = min(cfg["map_k"], k_avail)
+  map_k = min(cfg.map_k, k_avail)
   out[f"map@{map_k}"] = M.map_at_k(category_hits, category_pos, map_k)
-  out["knn_accuracy"] = M.knn_accuracy(category_labels, q_cat, min(cfg["knn_k"], k_avail))
+  out["knn_accuracy"] = M.knn_accuracy(category_labels, q_cat, min(cfg.knn_k, k_avail))
   out["centroid_accuracy"] = M.nearest_centroid_accuracy(
       query["embeddings"], q_cat, gallery["embeddings"], gallery["category_id"])
   rows = np.arange(len(gallery["category_id"]))
-  if 0 < cfg["cluster_sample"] < len(rows):  # k-means cost grows with N; a sample estimates the scores
-    rows = np.sort(np.random.default_rng(cfg["seed"]).choice(rows, cfg["cluster_sample"], replace=False))
+  if 0 < cfg.cluster_sample < len(rows):  # k-means cost grows with N; a sample estimates the scores
+    rows = np.sort(np.random.default_rng(cfg.seed).choice(rows, cfg.cluster_sample, replace=False))
   out.update(M.kmeans_clustering_scores(gallery["embeddings"][rows], gallery["category_id"][rows],
-                                        cfg["num_clusters"], cfg["seed"]))
+                                        cfg.num_clusters, cfg.seed))
   out["num_queries"] = float(len(q_pid))
   out["num_gallery"] = float(len(gallery["product_id"]))
   out["num_queries_without_positive"] = float(np.sum(product_pos == 0))
   return out
 
 
-def _retriever_options(cfg: dict[str, Any]) -> dict[str, Any]:
-  if cfg["retriever"] == "exact":
-    backend = cfg["exact_backend"]
+def _retriever_options(cfg: EvalConfig) -> dict[str, Any]:
+  if cfg.retriever == "exact":
+    backend = cfg.exact_backend
     if backend == "auto":
       jax = sys.modules.get("jax")
       backend = "jax" if jax is not None and jax.default_backend() != "cpu" else "numpy"
     return dict(backend=backend)
-  return dict(brute_force_below=cfg["scann_brute_force_below"], num_leaves=cfg["scann_num_leaves"],
-              leaves_to_search=cfg["scann_leaves_to_search"], reorder=cfg["scann_reorder"])
+  return dict(brute_force_below=cfg.scann_brute_force_below, num_leaves=cfg.scann_num_leaves,
+              leaves_to_search=cfg.scann_leaves_to_search, reorder=cfg.scann_reorder)
 
 
 def evaluate(
@@ -216,10 +187,11 @@ def evaluate(
     gallery_batches: Iterable[Batch],
     query_batches: Iterable[Batch],
     workdir: str,
-    config: Any,
+    cfg: EvalConfig = EvalConfig(),
     *,
     listings: Mapping[int, Any] | None = None,
     step: int | None = None,
+    train_metrics_path: str | None = None,
 ) -> dict[str, float]:
   """Embeds, indexes and scores; writes the report under `workdir/<eval.output_dir>`.
 
@@ -230,13 +202,13 @@ def evaluate(
       `image` ([B, H, W, 3] uint8).
     query_batches: likewise for the queries.
     workdir: run directory.
-    config: run ConfigDict with an `eval` field, or the eval config itself (see `default_eval_config`).
+    cfg: what to compute and write.
     listings: optional listing_id -> Listing-like record for display fields absent from the batches.
     step: training step; when given, outputs go to `<output_dir>/step_<step>`.
+    train_metrics_path: the training run's metrics JSONL, for the loss curve of the report.
   Returns:
     Flat dict of float metrics (see docs/interfaces.md), identical on every process.
   """
-  cfg = resolve_eval_config(config)
   gallery = _gather_across_processes(embed_all(embed_fn, gallery_batches, "gallery"))
   query = _gather_across_processes(embed_all(embed_fn, query_batches, "query"))
   # Canonical gallery order (by listing id): k-means and tie-breaking must not depend on how the
@@ -246,36 +218,37 @@ def evaluate(
     raise ValueError(f"evaluate: gallery width {gallery['embeddings'].shape[1]} != query width "
                      f"{query['embeddings'].shape[1]}.")
   n = len(gallery["listing_id"])
-  want = max(cfg["recall_ks"] + cfg["curve_ks"] + (cfg["map_k"], cfg["knn_k"], cfg["report_top"]))
-  k = min(want, n - 1 if cfg["exclude_self"] and n > 1 else n)
-  search_k = min(k + 1, n) if cfg["exclude_self"] else k
+  want = max(cfg.recall_ks + cfg.curve_ks + (cfg.map_k, cfg.knn_k, cfg.report_top))
+  k = min(want, n - 1 if cfg.exclude_self and n > 1 else n)
+  search_k = min(k + 1, n) if cfg.exclude_self else k
 
-  retriever = make_retriever(cfg["retriever"], **_retriever_options(cfg))
+  retriever = make_retriever(cfg.retriever, **_retriever_options(cfg))
   retriever.build(gallery["embeddings"], np.arange(n, dtype=np.int64))
   rows, scores = retriever.search(query["embeddings"], search_k)
-  if cfg["exclude_self"]:
+  if cfg.exclude_self:
     _, rows, scores = M.exclude_self(gallery["listing_id"][rows], query["listing_id"], k, rows, scores)
   metrics = compute_metrics(query, gallery, rows, cfg)
 
   jax = sys.modules.get("jax")
   if jax is not None and jax.process_index() != 0:
     return metrics
-  out_dir = os.path.join(workdir, cfg["output_dir"])
+  out_dir = os.path.join(workdir, cfg.output_dir)
   if step is not None:
     out_dir = os.path.join(out_dir, f"step_{int(step)}")
   try:
     os.makedirs(out_dir, exist_ok=True)
   except OSError as e:
     raise OSError(f"evaluate: cannot create the output folder {out_dir} ({e}); check --workdir.") from e
-  if cfg["save_index"]:
+  if cfg.save_index:
     retriever.save(os.path.join(out_dir, "index"))
   np.savez(os.path.join(out_dir, "gallery_embeddings.npz"), embeddings=gallery["embeddings"],
            **{key: gallery[key] for key in ID_KEYS})
   report.write_metrics_json(os.path.join(out_dir, "metrics.json"), metrics,
-                            info=dict(step=step, retriever=cfg["retriever"],
-                                      retriever_mode=getattr(retriever, "mode", "exact"), config=cfg))
-  if cfg["report"]:
+                            info=dict(step=step, retriever=cfg.retriever,
+                                      retriever_mode=getattr(retriever, "mode", "exact"),
+                                      config=dataclasses.asdict(cfg)))
+  if cfg.report:
     report.write_report(out_dir, metrics, cfg, query=query, gallery=gallery, ranked_rows=rows,
                         scores=scores, listings=listings,
-                        train_metrics_path=os.path.join(workdir, cfg["train_metrics_file"]))
+                        train_metrics_path=train_metrics_path)
   return metrics

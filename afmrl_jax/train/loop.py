@@ -1,17 +1,15 @@
-"""The generic training loop: sharded state, one jitted step, checkpoints, resume, clean stops, logs.
+"""The training loop every stage shares: one jitted step, logs, checkpoints, clean stops.
 
-Stage trainers supply a model constructor, a loss `loss_fn(model, batch) -> (loss, metrics)` (or a
-`grad_fn` with the same contract that returns gradients itself, e.g. GradCache) and a data iterator
-with grain's `get_state()` / `set_state()`. Everything else is here, once:
+A stage builds the pieces and hands them over explicitly (see `train/stage1.py`):
 
-* state `{'step', 'params', 'opt_state'}` created sharded (`train.state`), restored from the latest
-  checkpoint when one exists (with the data iterator's position, so the resumed run sees exactly the
-  batches the uninterrupted one would);
-* one `jax.jit` step with explicit in/out shardings and the state donated, compiled once (its
-  `cost_analysis()` gives the FLOPs for MFU);
-* a NaN/Inf loss stops the run naming the step and the batch (its listing ids), checked at every log
-  boundary and before every checkpoint so a bad state is never saved;
-* SIGTERM/SIGINT, or `stop_after_steps`, save a checkpoint and return cleanly.
+    step_fn = make_train_step(model.graphdef, tx, loss_fn=loss_fn)      # or grad_fn= (GradCache)
+    state, _ = checkpointer.restore_latest(init_state, train_iter)      # resume, data position too
+    result = run(step_fn, state, model.rest, train_iter, mesh=mesh, shardings=shardings, ...)
+
+`run` jits the step once with explicit in/out shardings and the state donated (its `cost_analysis()`
+gives the FLOPs for MFU), then per step: next batch -> global arrays -> step -> at log and checkpoint
+boundaries fetch the pending metrics (a NaN/Inf loss stops the run naming the step and the batch, so a
+bad state is never saved) -> save. SIGTERM/SIGINT or `stop_after_steps` save and return cleanly.
 """
 
 from __future__ import annotations
@@ -29,36 +27,32 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from afmrl_jax import parallel
+from afmrl_jax.fields import Checked, non_negative, positive
 from afmrl_jax.train import checkpointing
 from afmrl_jax.train import logging as train_logging
-from afmrl_jax.train import state as state_lib
 
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or Inf; the message names the step and the batch."""
 
 
-@dataclasses.dataclass
-class LoopConfig:
-  """What the loop needs to know; stage trainers fill it from their ConfigDict."""
-  num_steps: int
-  stop_after_steps: int = 0  # stop (with a checkpoint) after this many steps of this process; 0 = off
-  log_every: int = 10
-  checkpoint_every: int = 100
-  checkpoint_keep: int = 3
-  checkpoint_async: bool = True
-  checkpoint_enabled: bool = True
-  resume: bool = True
-  check_finite: bool = True
-  examples_per_step: int = 1
-  metrics_file: str = "metrics.jsonl"
+@dataclasses.dataclass(frozen=True)
+class TrainOptions(Checked):
+  """The run's length, logging and stopping rules."""
+  num_steps: int = positive(400)
+  # Stop this process after this many steps (checkpointing first), as if interrupted; 0 = off. The
+  # schedule still uses num_steps, so a resumed run continues exactly where this one stopped.
+  stop_after_steps: int = non_negative(0)
+  log_every: int = positive(10)
+  check_finite: bool = True  # stop the run on a NaN/Inf loss, naming the step and batch
+  eval_at_end: bool = True  # the stage evaluates after the last step
+  metrics_file: str = "metrics.jsonl"  # per-step metrics, relative to the workdir
 
 
 @dataclasses.dataclass
 class LoopResult:
   """What a finished (or stopped) run hands back."""
-  model: state_lib.ShardedModel  # with the final trainable params merged in
-  state: dict[str, Any]
+  state: dict[str, Any]  # the train state after the last completed step
   step: int  # completed steps
   losses: dict[int, float]  # step (1-based, completed) -> loss, for the steps this process ran
   stopped_early: bool
@@ -69,16 +63,10 @@ class LoopResult:
 
 def _device_batch(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """The numeric arrays of a host batch (strings and display fields stay on the host)."""
-  out = {}
-  for key, value in batch.items():
-    arr = np.asarray(value)
-    if arr.dtype.kind in "biuf":
-      out[key] = arr
-  return out
+  return {key: np.asarray(value) for key, value in batch.items() if np.asarray(value).dtype.kind in "biuf"}
 
 
-def _describe_batch(batch: Mapping[str, Any]) -> str:
-  ids = batch.get("listing_id")
+def _describe_batch(ids: Any) -> str:
   if ids is None:
     return "(no listing ids in the batch)"
   ids = np.asarray(ids).ravel()
@@ -114,115 +102,97 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation,
   return step
 
 
-def run(*, build: Callable[[], nnx.Module], trainable: Any, mesh: Mesh, tx: optax.GradientTransformation,
-        data: Iterator, workdir: str, loop: LoopConfig, loss_fn: Callable | None = None,
-        grad_fn_factory: Callable[[Any], Callable] | None = None,
-        after_init: Callable[[state_lib.ShardedModel], None] | None = None,
-        checkpoint_dir: str | None = None) -> LoopResult:
-  """Trains until `loop.num_steps` (or a stop); see the module docstring.
+class _PendingMetrics:
+  """Device metrics of the steps since the last boundary: fetched together, checked, logged."""
+
+  def __init__(self, logger: train_logging.MetricsLogger, check_finite: bool, checkpoint_dir: str):
+    self.logger, self.check_finite, self.checkpoint_dir = logger, check_finite, checkpoint_dir
+    self.losses: dict[int, float] = {}
+    self._rows: list[tuple[int, Any, Any]] = []  # (step, device metrics, listing ids of its batch)
+
+  def add(self, step: int, metrics: Any, listing_ids: Any) -> None:
+    self._rows.append((step, metrics, listing_ids))
+
+  def flush(self, log_last: bool) -> None:
+    """Fetches the pending metrics; raises NonFiniteLossError on a NaN/Inf loss."""
+    if not self._rows:
+      return
+    host = jax.device_get([m for _, m, _ in self._rows])
+    for (step, _, ids), m in zip(self._rows, host):
+      loss = float(m["loss"])
+      if self.check_finite and not np.isfinite(loss):
+        raise NonFiniteLossError(f"The loss became {loss} at step {step} (batch of step {step}: "
+                                 f"{_describe_batch(ids)}); the last good checkpoint is in {self.checkpoint_dir}.")
+      self.losses[step] = loss
+    if log_last:
+      self.logger.log(self._rows[-1][0], host[-1])
+    self._rows.clear()
+
+
+def run(step_fn: Callable, state: dict[str, Any], rest: Any, data: Iterator, *, mesh: Mesh,
+        shardings: tuple[Any, Any], options: TrainOptions, workdir: str, examples_per_step: int,
+        checkpointer: checkpointing.Checkpointer | None = None) -> LoopResult:
+  """Trains from `state['step']` to `options.num_steps` (or a stop); see the module docstring.
 
   Args:
-    build: zero-argument model constructor (deterministic).
-    trainable: nnx filter of the trainable variables.
+    step_fn: step(state, rest, batch) -> (state, metrics with 'loss'), from `make_train_step`.
+    state: the train state (fresh or restored), sharded like `shardings[0]`; donated.
+    rest: the frozen model variables, sharded like `shardings[1]`.
     data: iterator of process-local batch dicts with `get_state()` / `set_state()`.
-    grad_fn_factory: graphdef -> grad_fn (see make_train_step), instead of loss_fn.
-    after_init: called with the freshly created model before the train state is made or restored
-      (e.g. to load pretrained weights in place: frozen weights are not checkpointed).
+    shardings: (train-state shardings, frozen-variable shardings).
+    checkpointer: saves every `checkpointer.every` steps, at the end and on a stop; None = no saves.
   """
-  model = state_lib.create_sharded(build, mesh, trainable)
-  shardings = state_lib.state_shardings(tx, model, mesh)
-  ckpt = checkpointing.Checkpointer(checkpoint_dir or f"{workdir}/checkpoints", keep=loop.checkpoint_keep,
-                                    async_save=loop.checkpoint_async) if loop.checkpoint_enabled else None
-  latest = ckpt.latest_step() if (ckpt is not None and loop.resume) else None
-  if after_init is not None:
-    after_init(model)
-  state = state_lib.init_train_state(tx, model, mesh, shardings)
-  if latest is not None:
-    state, data_state = ckpt.restore(latest, state_lib.abstract_like(state))
-    if data_state is not None and hasattr(data, "set_state"):
-      data.set_state(data_state)
-    logging.info("Resumed from %s/%d.", ckpt.directory, latest)
-  start = int(jax.device_get(state["step"]))
-
-  grad_fn = grad_fn_factory(model.graphdef) if grad_fn_factory is not None else None
-  step_fn = make_train_step(model.graphdef, tx, loss_fn=loss_fn, grad_fn=grad_fn)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  jitted = jax.jit(step_fn, in_shardings=(shardings, model.rest_shardings, None),
-                   out_shardings=(shardings, replicated), donate_argnums=(0,))
-
-  logger = train_logging.MetricsLogger(workdir, loop.num_steps, loop.examples_per_step,
-                                       metrics_file=loop.metrics_file, resumed_step=start)
-  losses: dict[int, float] = {}
-  pending: list[tuple[int, Any, dict[str, Any]]] = []  # (step, device metrics, host batch) since last check
-  compiled = None
-  flops = None
-  stop_reason = ""
-  step = start
-  t_start = None
-  steps_timed = 0
-
-  def check_pending(log_last: bool) -> None:
-    """Fetches the metrics of the steps since the last check; raises on a non-finite loss."""
-    if not pending:
-      return
-    host = jax.device_get([m for _, m, _ in pending])
-    for (s, _, batch), m in zip(pending, host):
-      loss = float(m["loss"])
-      if loop.check_finite and not np.isfinite(loss):
-        raise NonFiniteLossError(
-            f"The loss became {loss} at step {s} (batch of step {s}: {_describe_batch(batch)}); "
-            f"the last good checkpoint is in {ckpt.directory if ckpt else '(checkpoints disabled)'}.")
-      losses[s] = loss
-    if log_last:
-      logger.log(pending[-1][0], host[-1])
-    pending.clear()
+  state_sh, rest_sh = shardings
+  jitted = jax.jit(step_fn, in_shardings=(state_sh, rest_sh, None),
+                   out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())), donate_argnums=(0,))
+  start = step = int(jax.device_get(state["step"]))
+  logger = train_logging.MetricsLogger(workdir, options.num_steps, examples_per_step,
+                                       metrics_file=options.metrics_file, resumed_step=start)
+  pending = _PendingMetrics(logger, options.check_finite,
+                            checkpointer.directory if checkpointer else "(checkpoints disabled)")
+  compiled, flops, stop_reason, t_start = None, None, "", None
 
   def save(at: int) -> None:
-    if ckpt is None:
-      return
-    data_state = data.get_state() if hasattr(data, "get_state") else None
-    ckpt.save(at, state, data_state)
+    if checkpointer is not None:
+      checkpointer.save(at, state, data.get_state() if hasattr(data, "get_state") else None)
 
   try:
     with checkpointing.stop_on_signals() as stop_request, jax.set_mesh(mesh), parallel.logical_rules():
-      while step < loop.num_steps:
+      while step < options.num_steps:
         host_batch = next(data)
         batch = parallel.global_batch(_device_batch(host_batch), mesh)
-        if compiled is None:
-          compiled = jitted.lower(state, model.rest, batch).compile()
-          flops = train_logging.compiled_flops(compiled)
-          logger.flops = flops
-        state, metrics = compiled(state, model.rest, batch)
+        if compiled is None:  # compile once; the cost analysis gives the FLOPs per step
+          compiled = jitted.lower(state, rest, batch).compile()
+          flops = logger.flops = train_logging.compiled_flops(compiled)
+        state, metrics = compiled(state, rest, batch)
         step += 1
-        pending.append((step, metrics, {"listing_id": host_batch.get("listing_id")}))
-        if step == start + 1:
-          # The first step includes compilation: time from its end.
+        pending.add(step, metrics, host_batch.get("listing_id"))
+        if step == start + 1:  # time from the end of the first step (it includes compilation)
           jax.block_until_ready(metrics)
           t_start = time.perf_counter()
           logger.start(step)
-        else:
-          steps_timed += 1
-        boundary = step % loop.log_every == 0 or step == loop.num_steps
-        by_request = bool(stop_request)
-        by_budget = loop.stop_after_steps and step - start >= loop.stop_after_steps
-        checkpoint_now = step % loop.checkpoint_every == 0 or step == loop.num_steps or by_request or by_budget
-        if boundary or checkpoint_now:
-          check_pending(log_last=boundary)
-        if checkpoint_now:
+
+        log_now = step % options.log_every == 0 or step == options.num_steps
+        by_budget = bool(options.stop_after_steps) and step - start >= options.stop_after_steps
+        stop_now = bool(stop_request) or (by_budget and step < options.num_steps)
+        save_now = stop_now or step == options.num_steps or bool(
+            checkpointer and step % checkpointer.every == 0)
+        if log_now or save_now:
+          pending.flush(log_last=log_now)
+        if save_now:
           save(step)
-        if by_request or (by_budget and step < loop.num_steps):
-          stop_reason = stop_request.signal_name if by_request else f"stop_after_steps={loop.stop_after_steps}"
+        if stop_now:
+          stop_reason = stop_request.signal_name if stop_request else f"stop_after_steps={options.stop_after_steps}"
           logging.warning("Stopping at step %d (%s); resume by running the same command again.", step,
                           stop_reason)
           break
-      check_pending(log_last=False)
+      pending.flush(log_last=False)
   finally:
     logger.close()
-    if ckpt is not None:
-      ckpt.close()
+    if checkpointer is not None:
+      checkpointer.close()
+  timed = step - start - 1
   elapsed = time.perf_counter() - t_start if t_start is not None else 0.0
-  model.params = state["params"]
-  return LoopResult(
-      model=model, state=state, step=step, losses=losses, stopped_early=bool(stop_reason),
-      stop_reason=stop_reason, flops_per_step_per_device=flops,
-      steps_per_s=(steps_timed / elapsed) if elapsed > 0 and steps_timed else None)
+  return LoopResult(state=state, step=step, losses=pending.losses, stopped_early=bool(stop_reason),
+                    stop_reason=stop_reason, flops_per_step_per_device=flops,
+                    steps_per_s=timed / elapsed if elapsed > 0 and timed > 0 else None)

@@ -110,13 +110,13 @@ def plot_recall_curve(metrics: Mapping[str, float], path: str) -> bool:
   return True
 
 
-def load_train_losses(path: str) -> tuple[np.ndarray, np.ndarray] | None:
+def load_train_losses(path: str | None) -> tuple[np.ndarray, np.ndarray] | None:
   """(steps, losses) from a JSON-lines (or JSON list) file of {"step", "loss", ...} rows.
 
   Rows without a finite `loss` (e.g. eval scalars) are skipped; after a resume a step may appear twice
   and the last row wins. None when the file is missing or holds no loss.
   """
-  if not os.path.isfile(path):
+  if not path or not os.path.isfile(path):
     return None
   with open(path) as f:
     text = f.read()
@@ -136,7 +136,7 @@ def load_train_losses(path: str) -> tuple[np.ndarray, np.ndarray] | None:
   return steps, np.array([by_step[s] for s in steps])
 
 
-def plot_loss_curve(train_metrics_path: str, path: str) -> bool:
+def plot_loss_curve(train_metrics_path: str | None, path: str) -> bool:
   """Training loss against step (raw and a moving average). False when there is no loss to plot."""
   data = load_train_losses(train_metrics_path)
   if data is None:
@@ -302,15 +302,15 @@ def queries_html(metrics: Mapping[str, float], table_md: str, plots: Mapping[str
   return "\n".join(out)
 
 
-def write_report(out_dir: str, metrics: Mapping[str, float], cfg: Mapping[str, Any], *, query: dict[str, Any],
+def write_report(out_dir: str, metrics: Mapping[str, float], cfg: Any, *, query: dict[str, Any],
                  gallery: dict[str, Any], ranked_rows: np.ndarray, scores: np.ndarray,
-                 listings: Mapping[int, Any] | None, train_metrics_path: str) -> dict[str, str]:
+                 listings: Mapping[int, Any] | None, train_metrics_path: str | None) -> dict[str, str]:
   """Writes metrics.md, recall_at_k.png, loss_curve.png (if a loss exists) and queries.html.
 
   Returns {name: path} of what was written.
   """
   written = {}
-  table_md = markdown_table(metrics, tuple(cfg["recall_ks"]))
+  table_md = markdown_table(metrics, tuple(cfg.recall_ks))
   written["metrics.md"] = os.path.join(out_dir, "metrics.md")
   with open(written["metrics.md"], "w") as f:
     f.write("# Retrieval evaluation\n\n" + table_md)
@@ -322,9 +322,9 @@ def write_report(out_dir: str, metrics: Mapping[str, float], cfg: Mapping[str, A
   if plot_loss_curve(train_metrics_path, path):
     plots["loss_curve.png"] = written["loss_curve.png"] = path
   first_hit = gallery["product_id"][ranked_rows[:, 0]] == query["product_id"]
-  chosen = choose_queries(first_hit, int(cfg["num_report_queries"]), int(cfg["seed"]))
+  chosen = choose_queries(first_hit, int(cfg.num_report_queries), int(cfg.seed))
   page = queries_html(metrics, table_md, plots, query, gallery, ranked_rows, scores, listings, chosen,
-                      int(cfg["report_top"]), bool(cfg["exclude_self"]))
+                      int(cfg.report_top), bool(cfg.exclude_self))
   written["queries.html"] = os.path.join(out_dir, "queries.html")
   with open(written["queries.html"], "w") as f:
     f.write(page)

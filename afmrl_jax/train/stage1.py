@@ -1,16 +1,9 @@
-"""Stage 1: AGCL representation learning, then retrieval evaluation (METHOD.md).
+"""Stage 1: AGCL representation learning, then retrieval evaluation (docs/method.md).
 
     python -m afmrl_jax.main --config=configs/stage1.py:tiny --workdir=/tmp/stage1
 
-`train_and_evaluate(config, workdir)`:
-  1. data: the catalog (generated once and cached in the workdir, or read from a manifest), the
-     tokenizer (trained on the catalog, or a local HF one), BM25 corpus statistics of the attribute
-     source, and the grain pipelines (`stage1_data`);
-  2. model: Qwen2-VL architecture (+ LoRA), parameters created sharded, HF weights loaded when
-     `model.hf_checkpoint` is set;
-  3. `train.loop.run`: the jitted AGCL step (or GradCache), orbax checkpoints, resume, logs;
-  4. `train.evaluate.evaluate` on the query/gallery splits, report under `<workdir>/eval`.
-`evaluate_checkpoint(config, workdir)` is the `eval` stage: restore the latest checkpoint and do 4.
+`train_and_evaluate(run, workdir)` is the `stage1` stage and `evaluate_checkpoint(run, workdir)` the
+`eval` stage; both take a `schema.Run` (or the ConfigDict it parses from).
 """
 
 from __future__ import annotations
@@ -21,99 +14,96 @@ import time
 from typing import Any
 
 import jax
-import ml_collections
 from absl import logging
-from flax import nnx
 
 from afmrl_jax import parallel
+from afmrl_jax.fields import narrow
+from afmrl_jax.losses.config import AGCLConfig
 from afmrl_jax.train import builders
 from afmrl_jax.train import checkpointing
 from afmrl_jax.train import loop as loop_lib
+from afmrl_jax.train import schema
 from afmrl_jax.train import stage1_data
 from afmrl_jax.train import stage1_step
 from afmrl_jax.train import state as state_lib
 
 
-def _mesh(config) -> jax.sharding.Mesh:
-  return parallel.make_mesh(dict(config.mesh))
+def create_model(run: schema.Run, data: stage1_data.Stage1Data, mesh) -> state_lib.ShardedModel:
+  """The representation model, created sharded (+ LoRA), with the HF checkpoint's weights if one is set."""
+  build = builders.model_constructor(run, builders.vl_config(run, data.tokenizer))
+  model = state_lib.create_sharded(build, mesh, builders.trainable_filter(run))
+  if run.model.hf_checkpoint:
+    builders.load_hf_weights(model, run, mesh)
+  return model
 
 
-def _batch_shards(mesh) -> int:
-  return mesh.shape["data"] * mesh.shape["fsdp"]
-
-
-def _after_init(config, mesh):
-  """Loads the HF checkpoint's weights into the freshly created (sharded) model, if one is set."""
-  if not config.model.hf_checkpoint:
-    return None
-
-  def load(model: state_lib.ShardedModel) -> None:
-    from afmrl_jax.models.hf_checkpoint import load_hf_weights
-    module = model.merge()
-    with jax.set_mesh(mesh):
-      load_hf_weights(module, config.model.hf_checkpoint, mesh)
-    _, model.params, model.rest = nnx.split(module, builders.trainable_filter(config), ...)
-
-  return load
-
-
-def _write_config(config, workdir: str) -> None:
+def _write_json(path: str, payload: dict[str, Any]) -> None:
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      json.dump(config.to_dict(), f, indent=1, sort_keys=True, default=str)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(payload, f, indent=1, sort_keys=True, default=str)
 
 
-def model_parts(config, data: stage1_data.Stage1Data, mesh):
-  """(model constructor, trainable filter, after_init) for this config."""
-  vl = builders.vl_config(config, data.tokenizer)
-  return builders.model_constructor(config, vl), builders.trainable_filter(config), _after_init(config, mesh)
+def train(run: schema.Run | Any, workdir: str, data: stage1_data.Stage1Data | None = None, mesh=None
+          ) -> tuple[loop_lib.LoopResult, state_lib.ShardedModel, stage1_data.Stage1Data]:
+  """Runs (or resumes) stage-1 training; returns the loop result, the trained model and the data."""
+  run = schema.parse(run)
+  _write_json(os.path.join(workdir, "config.json"), run.to_dict())
 
+  # Mesh: (data, fsdp, tensor); the batch is split over data x fsdp.
+  mesh = mesh or parallel.make_mesh(run.mesh)
 
-def train(config: ml_collections.ConfigDict, workdir: str, data: stage1_data.Stage1Data | None = None,
-          mesh=None) -> tuple[loop_lib.LoopResult, stage1_data.Stage1Data]:
-  """Runs (or resumes) the training loop; returns the loop result and the data it used."""
-  mesh = mesh or _mesh(config)
-  data = data or stage1_data.make(config, workdir)
-  build, trainable, after_init = model_parts(config, data, mesh)
-  tx = state_lib.make_optimizer(config.optimizer, config.train.num_steps)
-  agcl = stage1_step.make_agcl(builders.agcl_config(config), config.loss.strategy, data.idf, data.avg_doc_len)
-  loss_fn, grad_fn_factory = None, None
-  if config.gradcache.enabled:
-    chunk, shards = config.gradcache.chunk, _batch_shards(mesh)
-    grad_fn_factory = lambda graphdef: stage1_step.make_gradcache_grad_fn(graphdef, agcl, data.grid, chunk,
-                                                                          shards)
+  # Data: catalog, tokenizer, BM25 statistics, grain pipelines (iterator state is checkpointed).
+  data = data or stage1_data.make(run, workdir)
+  train_iter = data.train_iter()
+
+  # Model and sharding: parameters created on their shards; frozen weights live in `model.rest`.
+  model = create_model(run, data, mesh)
+  tx = state_lib.make_optimizer(run.optimizer, run.train.num_steps)
+  shardings = state_lib.state_shardings(tx, model, mesh)
+
+  # Step: AGCL over the whole global batch, by plain autodiff or GradCache.
+  agcl = stage1_step.make_agcl(narrow(run.loss, AGCLConfig), run.loss.strategy, data.idf, data.avg_doc_len)
+  if run.gradcache.enabled:
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    grad_fn = stage1_step.make_gradcache_grad_fn(model.graphdef, agcl, data.image_grid_thw,
+                                                 run.gradcache.chunk, batch_shards)
+    step_fn = loop_lib.make_train_step(model.graphdef, tx, grad_fn=grad_fn)
   else:
-    loss_fn = stage1_step.make_loss_fn(agcl, data.grid)
-  loop = loop_lib.LoopConfig(
-      num_steps=config.train.num_steps, stop_after_steps=config.train.stop_after_steps,
-      log_every=config.train.log_every, checkpoint_every=config.checkpoint.every,
-      checkpoint_keep=config.checkpoint.keep, checkpoint_async=config.checkpoint.async_save,
-      checkpoint_enabled=config.checkpoint.enabled, resume=config.checkpoint.resume,
-      check_finite=config.train.check_finite, examples_per_step=config.pipeline.batch_size,
-      metrics_file=config.eval.train_metrics_file)
-  _write_config(config, workdir)
-  result = loop_lib.run(build=build, trainable=trainable, mesh=mesh, tx=tx, data=data.train_iter(),
-                        workdir=workdir, loop=loop, loss_fn=loss_fn, grad_fn_factory=grad_fn_factory,
-                        after_init=after_init)
-  return result, data
+    step_fn = loop_lib.make_train_step(model.graphdef, tx,
+                                       loss_fn=stage1_step.make_loss_fn(agcl, data.image_grid_thw))
+
+  # Checkpoint: resume the train state and the data position from the latest save.
+  checkpointer = checkpointing.Checkpointer.for_workdir(workdir, run.checkpoint)
+  state = state_lib.init_train_state(tx, model, mesh, shardings)
+  if checkpointer is not None and run.checkpoint.resume:
+    state, _ = checkpointer.restore_latest(state, train_iter)
+
+  # Loop.
+  result = loop_lib.run(step_fn, state, model.rest, train_iter, mesh=mesh,
+                        shardings=(shardings, model.rest_shardings), options=run.train, workdir=workdir,
+                        examples_per_step=run.pipeline.batch_size, checkpointer=checkpointer)
+  model.params = result.state["params"]
+  return result, model, data
 
 
-def run_evaluation(config, workdir: str, model: state_lib.ShardedModel, data: stage1_data.Stage1Data, mesh,
-                   step: int | None) -> dict[str, float]:
+def run_evaluation(run: schema.Run, workdir: str, model: state_lib.ShardedModel,
+                   data: stage1_data.Stage1Data, mesh, step: int | None) -> dict[str, float]:
   """Embeds the query and gallery splits with `model` and scores them (`train.evaluate`)."""
   from afmrl_jax.train.evaluate import evaluate
-  embed_fn = stage1_step.make_embed_fn((model.graphdef, model.params, model.rest), mesh, data.grid,
-                                       config.pipeline.eval_batch_size)
-  return evaluate(embed_fn, data.eval_batches("gallery"), data.eval_batches("query"), workdir, config,
-                  listings=data.listings_by_id(), step=step)
+  embed_fn = stage1_step.make_embed_fn((model.graphdef, model.params, model.rest), mesh, data.image_grid_thw,
+                                       run.pipeline.eval_batch_size)
+  return evaluate(embed_fn, data.eval_batches("gallery"), data.eval_batches("query"), workdir, run.eval,
+                  listings=data.listings_by_id(), step=step,
+                  train_metrics_path=os.path.join(workdir, run.train.metrics_file))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
   """The `stage1` stage; returns a JSON-able summary (also written to `<workdir>/summary.json`)."""
   t0 = time.perf_counter()
-  mesh = _mesh(config)
-  result, data = train(config, workdir, mesh=mesh)
+  run = schema.parse(run)
+  mesh = parallel.make_mesh(run.mesh)
+  result, model, data = train(run, workdir, mesh=mesh)
   summary: dict[str, Any] = {
       "step": result.step,
       "stopped_early": result.stopped_early,
@@ -121,51 +111,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "first_loss": result.losses[min(result.losses)] if result.losses else None,
       "last_loss": result.losses[max(result.losses)] if result.losses else None,
       "steps_per_s": result.steps_per_s,
-      "examples_per_s": (result.steps_per_s or 0.0) * config.pipeline.batch_size or None,
+      "examples_per_s": (result.steps_per_s or 0.0) * run.pipeline.batch_size or None,
       "flops_per_step_per_device": result.flops_per_step_per_device,
-      "num_trainable_params": state_lib.count_params(result.model.params),
+      "num_trainable_params": state_lib.count_params(model.params),
   }
-  if config.train.eval_at_end and not result.stopped_early:
-    summary["eval"] = run_evaluation(config, workdir, result.model, data, mesh, step=None)
+  if run.train.eval_at_end and not result.stopped_early:
+    summary["eval"] = run_evaluation(run, workdir, model, data, mesh, step=None)
   summary["wall_s"] = time.perf_counter() - t0
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=1, sort_keys=True, default=str)
+  _write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
 
 
-def restore_model(config, checkpoint_dir: str, data: stage1_data.Stage1Data, mesh
+def restore_model(run: schema.Run, checkpoint_dir: str, data: stage1_data.Stage1Data, mesh
                   ) -> tuple[state_lib.ShardedModel, int]:
   """The model with the trainable params of the latest checkpoint in `checkpoint_dir`."""
-  build, trainable, after_init = model_parts(config, data, mesh)
-  model = state_lib.create_sharded(build, mesh, trainable)
-  if after_init is not None:
-    after_init(model)
-  tx = state_lib.make_optimizer(config.optimizer, config.train.num_steps)
-  shardings = state_lib.state_shardings(tx, model, mesh)
-  abstract = jax.eval_shape(lambda p: {"step": jax.numpy.zeros((), jax.numpy.int32), "params": p,
-                                       "opt_state": tx.init(p)}, model.params)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  ckpt = checkpointing.Checkpointer(checkpoint_dir, keep=config.checkpoint.keep, async_save=False)
+  model = create_model(run, data, mesh)
+  tx = state_lib.make_optimizer(run.optimizer, run.train.num_steps)
+  checkpointer = checkpointing.Checkpointer(checkpoint_dir, keep=run.checkpoint.keep, async_save=False)
   try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"No checkpoint in {checkpoint_dir}; train first (config.stage=stage1).")
-    state, _ = ckpt.restore(step, abstract)
+    state, step = checkpointer.restore_latest(state_lib.train_state_shapes(tx, model, mesh))
   finally:
-    ckpt.close()
+    checkpointer.close()
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint in {checkpoint_dir}; train first (config.stage=stage1).")
   model.params = state["params"]
   return model, step
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def evaluate_checkpoint(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
   """The `eval` stage: latest checkpoint of `checkpoint.restore_dir` (default: the workdir)."""
-  mesh = _mesh(config)
-  source = config.checkpoint.restore_dir or workdir
-  ckpt_dir = source if os.path.basename(os.path.normpath(source)) == "checkpoints" else os.path.join(
-      source, "checkpoints")
-  data = stage1_data.make(config, workdir)
-  model, step = restore_model(config, ckpt_dir, data, mesh)
+  run = schema.parse(run)
+  mesh = parallel.make_mesh(run.mesh)
+  ckpt_dir = checkpointing.checkpoint_dir(run.checkpoint.restore_dir or workdir)
+  data = stage1_data.make(run, workdir)
+  model, step = restore_model(run, ckpt_dir, data, mesh)
   logging.info("Evaluating %s step %d.", ckpt_dir, step)
-  metrics = run_evaluation(config, workdir, model, data, mesh, step=step)
+  metrics = run_evaluation(run, workdir, model, data, mesh, step=step)
   return {"step": step, "checkpoint_dir": ckpt_dir, "eval": metrics}

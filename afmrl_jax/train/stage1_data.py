@@ -1,15 +1,13 @@
 """Stage-1 data from the run config: catalog, tokenizer, BM25 statistics, training and evaluation pipelines.
 
-`make(config, workdir) -> Stage1Data`. The embedded synthetic catalog (with its tokenizer and corpus
+`make(run, workdir) -> Stage1Data`. The embedded synthetic catalog (with its tokenizer and corpus
 statistics) is generated once into `catalog.cache_dir` (default `<workdir>/data_cache`) and loaded on
 later runs; an on-disk manifest (`catalog.manifest`) is read instead when set.
 
-Attributes: `attributes.source` is `teacher` (the catalog's teacher strings, default), `true` (the
-ground-truth product attributes: an oracle for ablations) or a generated-attributes JSONL file (one
-`{"listing_id": int, "attributes": str}` per line). `attributes.enrich_queries` appends them to the prompt
-text (both towers, training and evaluation). The BM25 terms of AGCL come from the teacher (or true)
-strings; a generated file changes the prompt text only (see the report: the pipeline's term source has no
-per-listing override yet).
+Attributes (`AttributeOptions`): `source` is `teacher` (the catalog's teacher strings, default), `true`
+(the ground-truth product attributes: an oracle for ablations) or a generated-attributes JSONL file (one
+`{"listing_id": int, "attributes": str}` per line), which gives both the BM25 terms of AGCL and, with
+`enrich_queries`, the text appended to the prompts (both towers, training and evaluation).
 """
 
 from __future__ import annotations
@@ -20,19 +18,26 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-import jax
-import ml_collections
 import numpy as np
 from absl import logging
 
-from afmrl_jax.train import builders
+from afmrl_jax.fields import narrow
+
+
+@dataclasses.dataclass(frozen=True)
+class AttributeOptions:
+  """Where the attribute strings come from, and whether they join the prompt text."""
+  # 'teacher' (the catalog's teacher attributes) | 'true' (ground truth: an oracle for ablations) |
+  # path to a generated-attributes JSONL ({"listing_id": int, "attributes": str} per line)
+  source: str = "teacher"
+  enrich_queries: bool = False  # append the attributes to the query (and candidate) text
 
 
 @dataclasses.dataclass
 class Stage1Data:
   """Everything stage 1 reads. `train_iter()` is a fresh checkpointable iterator (get/set_state)."""
   tokenizer: Any
-  grid: tuple[int, int, int]
+  image_grid_thw: tuple[int, int, int]
   idf: np.ndarray
   avg_doc_len: float
   train_iter: Callable[[], Iterator]
@@ -56,31 +61,32 @@ def read_generated_attributes(path: str) -> dict[int, str]:
   return out
 
 
-def pipeline_config(config: ml_collections.ConfigDict, *, batch_size: int | None = None):
-  """`config.pipeline` (+ catalog image size, attribute options) -> `data.pipeline.PipelineConfig`."""
-  from afmrl_jax.data.pipeline import PipelineConfig
-  p = config.pipeline
-  source = config.attributes.source
-  text_attributes = "none"
-  if config.attributes.enrich_queries:
-    text_attributes = "true" if source == "true" else "teacher"  # a generated file overrides per listing
-  return PipelineConfig(
-      batch_size=batch_size or p.batch_size, image_size=config.catalog.image_size,
-      max_text_len=p.max_text_len, max_terms=p.max_terms, pair_mode=p.pair_mode, sampling=p.batching,
-      family_share=p.family_share, fresh_views=p.fresh_views, text_attributes=text_attributes,
-      term_source="true" if source == "true" else "teacher", seed=p.shuffle_seed,
-      num_threads=max(1, p.num_workers))
+def pipeline_config(run: Any):
+  """`run.pipeline` completed with what other sections decide: the image size and the attribute strings."""
+  source = run.attributes.source
+  named = "true" if source == "true" else "teacher"  # a generated file overrides per listing
+  return dataclasses.replace(run.pipeline, image_size=run.catalog.image_size,
+                             text_attributes=named if run.attributes.enrich_queries else "none",
+                             term_source=named)
 
 
-def _load_catalog(config, workdir: str):
-  """(catalog, tokenizer, corpus stats)."""
+def synthetic_catalog_config(run: Any):
+  """The synthetic catalog's own config (`data.catalog.CatalogConfig`) from `run.catalog`."""
+  from afmrl_jax.data.catalog import CatalogConfig
+  return narrow(run.catalog, CatalogConfig)
+
+
+def load_catalog(run: Any, workdir: str):
+  """(catalog, tokenizer, BM25 corpus stats) of `run` (a `schema.Run` or its ConfigDict)."""
   from afmrl_jax.attributes.bm25 import CorpusStats
   from afmrl_jax.data import defaults, manifest, tokenizer as tokenizer_lib
-  cache = config.catalog.cache_dir or os.path.join(workdir, "data_cache")
-  hf_tok = config.model.tokenizer or config.model.hf_checkpoint
-  if config.catalog.manifest:
-    catalog = manifest.catalog_from_manifest(config.catalog.manifest, config.catalog.image_size,
-                                             skip_bad_rows=config.catalog.skip_bad_rows)
+  from afmrl_jax.train import schema
+  run = schema.parse(run)
+  cache = run.catalog.cache_dir or os.path.join(workdir, "data_cache")
+  hf_tok = run.model.tokenizer or run.model.hf_checkpoint
+  if run.catalog.manifest:
+    catalog = manifest.catalog_from_manifest(run.catalog.manifest, run.catalog.image_size,
+                                             skip_bad_rows=run.catalog.skip_bad_rows)
     if catalog.report is not None and catalog.report.skipped:
       logging.warning("%s", catalog.report.summary())
     train = catalog.split("train")
@@ -91,30 +97,32 @@ def _load_catalog(config, workdir: str):
       tokenizer = tokenizer_lib.default_tokenizer(texts, os.path.join(cache, "manifest_tokenizer"))
     stats = CorpusStats.from_texts([l.teacher_attributes for l in train])
     return catalog, tokenizer, stats
-  data = defaults.default_catalog(cache, builders.catalog_config(config))
+  data = defaults.default_catalog(cache, synthetic_catalog_config(run))
   tokenizer = tokenizer_lib.load_tokenizer(hf_tok) if hf_tok else data.tokenizer
   stats = data.stats
-  if config.attributes.source == "true":
+  if run.attributes.source == "true":
     stats = CorpusStats.from_texts([l.product_attributes for l in data.catalog.split("train")])
   return data.catalog, tokenizer, stats
 
 
-def make(config: ml_collections.ConfigDict, workdir: str) -> Stage1Data:
+def make(run: Any, workdir: str) -> Stage1Data:
+  """The catalog, tokenizer, BM25 statistics and pipelines of `run` (a `schema.Run` or its ConfigDict)."""
   from afmrl_jax.data import pipeline
   from afmrl_jax.data.table import ListingTable
-  catalog, tokenizer, stats = _load_catalog(config, workdir)
-  source = config.attributes.source
+  from afmrl_jax.train import schema
+  run = schema.parse(run)
+  catalog, tokenizer, stats = load_catalog(run, workdir)
+  source = run.attributes.source
   generated = read_generated_attributes(source) if source not in ("teacher", "true") else None
-  train_cfg = pipeline_config(config)
-  eval_cfg = pipeline_config(config, batch_size=config.pipeline.eval_batch_size)
+  pipe = pipeline_config(run)
   train_table = ListingTable.from_catalog(catalog, "train")
-  grid = tuple(int(g) for g in pipeline.image_grid_thw(train_cfg))
-  fresh = builders.catalog_config(config) if (config.pipeline.fresh_views and not config.catalog.manifest) else None
-  if config.pipeline.fresh_views and fresh is None:
+  image_grid_thw = tuple(int(g) for g in pipeline.image_grid_thw(pipe))
+  fresh = synthetic_catalog_config(run) if pipe.fresh_views else None
+  if pipe.fresh_views and run.catalog.manifest:
     raise ValueError("config.pipeline.fresh_views needs the synthetic catalog (config.catalog.manifest is set).")
 
   def train_iter():
-    ds = pipeline.train_dataset(train_table, tokenizer, stats, train_cfg, fresh_view_config=fresh,
+    ds = pipeline.train_dataset(train_table, tokenizer, stats, pipe, fresh_view_config=fresh,
                                 attributes_by_listing=generated, terms_by_listing=generated)
     return iter(ds)
 
@@ -124,11 +132,11 @@ def make(config: ml_collections.ConfigDict, workdir: str) -> Stage1Data:
     if split not in tables:
       tables[split] = ListingTable.from_catalog(catalog, split)
     side = "candidate" if split == "gallery" else "query"
-    ds = pipeline.eval_dataset(tables[split], tokenizer, stats, eval_cfg, side=side,
+    ds = pipeline.eval_dataset(tables[split], tokenizer, stats, pipe, side=side,
                                attributes_by_listing=generated, terms_by_listing=generated)
     for batch in ds:
       batch = dict(batch)
-      # Evaluation's identity is the *true* product (relisted duplicates are hits, METHOD.md).
+      # Evaluation's identity is the *true* product (relisted duplicates are hits).
       batch["product_id"] = batch["true_product_id"]
       batch["valid"] = np.asarray(batch["valid"]).astype(bool)
       yield batch
@@ -136,6 +144,6 @@ def make(config: ml_collections.ConfigDict, workdir: str) -> Stage1Data:
   def listings_by_id():
     return {l.listing_id: l for l in catalog.listings if l.split in ("gallery", "query")}
 
-  return Stage1Data(tokenizer=tokenizer, grid=grid, idf=np.asarray(stats.idf, np.float32),
+  return Stage1Data(tokenizer=tokenizer, image_grid_thw=image_grid_thw, idf=np.asarray(stats.idf, np.float32),
                     avg_doc_len=float(stats.avg_doc_len), train_iter=train_iter, eval_batches=eval_batches,
                     listings_by_id=listings_by_id, catalog=catalog)

@@ -15,6 +15,7 @@ Two ways to get gradients, same numbers:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -24,10 +25,18 @@ import numpy as np
 from flax import nnx
 
 from afmrl_jax import parallel
+from afmrl_jax.fields import Checked, positive
 from afmrl_jax.losses import agcl_loss, grad_cache
 from afmrl_jax.models import heads
 
 SIDES = ("query", "candidate")
+
+
+@dataclasses.dataclass(frozen=True)
+class GradCacheOptions(Checked):
+  """GradCache for the encoder: the batch is embedded in chunks, activations of one chunk at a time."""
+  enabled: bool = False
+  chunk: int = positive(32)  # rows per encoder chunk per device
 
 
 def side(batch: Mapping[str, Any], prefix: str) -> dict[str, Any]:
@@ -55,12 +64,12 @@ def make_agcl(agcl_config, strategy: str, idf: np.ndarray | None, avg_doc_len: f
   return loss
 
 
-def make_loss_fn(agcl: Callable, grid: tuple[int, int, int] | None) -> Callable:
+def make_loss_fn(agcl: Callable, image_grid_thw: tuple[int, int, int] | None) -> Callable:
   """loss_fn(model, batch) -> (loss, metrics) for `train.loop` (plain autodiff)."""
 
   def loss_fn(model, batch):
-    q = heads.embed(model, side(batch, "query"), grid)
-    c = heads.embed(model, side(batch, "candidate"), grid)
+    q = heads.embed(model, side(batch, "query"), image_grid_thw)
+    c = heads.embed(model, side(batch, "candidate"), image_grid_thw)
     return agcl(q, c, _terms(batch, "query"), _terms(batch, "candidate"))
 
   return loss_fn
@@ -75,7 +84,7 @@ def interleave_shards(x: jax.Array, shards: int, chunk: int) -> jax.Array:
   return jnp.swapaxes(y, 0, 1).reshape(x.shape)
 
 
-def make_gradcache_grad_fn(graphdef: Any, agcl: Callable, grid, chunk_per_device: int,
+def make_gradcache_grad_fn(graphdef: Any, agcl: Callable, image_grid_thw, chunk_per_device: int,
                            shards: int) -> Callable:
   """grad_fn(params, rest, batch) -> ((loss, metrics), grads) with GradCache (see module docstring).
 
@@ -83,7 +92,7 @@ def make_gradcache_grad_fn(graphdef: Any, agcl: Callable, grid, chunk_per_device
   chunking changes nothing but the summation order.
   """
   def encode(params, chunk_side, rest):
-    return heads.embed(nnx.merge(graphdef, params, rest), chunk_side, grid)
+    return heads.embed(nnx.merge(graphdef, params, rest), chunk_side, image_grid_thw)
 
   def grad_fn(params, rest, batch):
     mix = lambda tree: jax.tree.map(lambda x: interleave_shards(x, shards, chunk_per_device), tree)
@@ -95,7 +104,7 @@ def make_gradcache_grad_fn(graphdef: Any, agcl: Callable, grid, chunk_per_device
   return grad_fn
 
 
-def make_embed_fn(model_parts, mesh, grid, batch_size: int) -> Callable:
+def make_embed_fn(model_parts, mesh, image_grid_thw, batch_size: int) -> Callable:
   """embed_fn(batch) -> np.ndarray [B, D] of this process's rows, for `train.evaluate.evaluate`.
 
   Reads `input_ids`, `attention_mask`, `pixel_values` (evaluation batches: one side, unprefixed), else
@@ -107,7 +116,7 @@ def make_embed_fn(model_parts, mesh, grid, batch_size: int) -> Callable:
 
   @jax.jit
   def run(params, rest, inputs):
-    return heads.embed(nnx.merge(graphdef, params, rest), inputs, grid)
+    return heads.embed(nnx.merge(graphdef, params, rest), inputs, image_grid_thw)
 
   def embed_fn(batch):
     if "input_ids" in batch:

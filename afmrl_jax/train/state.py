@@ -18,16 +18,30 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from afmrl_jax import parallel
+from afmrl_jax.fields import Checked, bounded, non_negative, positive
 from afmrl_jax.models import sharding as model_sharding
 
 
-def make_schedule(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig(Checked):
+  """optax AdamW with linear warmup + cosine decay and global-norm clipping."""
+  learning_rate: float = positive(2e-3)
+  warmup_steps: int = non_negative(30)
+  min_lr_ratio: float = bounded(0.05, 0.0, 1.0)  # cosine decays to learning_rate * min_lr_ratio
+  b1: float = bounded(0.9, 0.0, 1.0, high_open=True)
+  b2: float = bounded(0.98, 0.0, 1.0, high_open=True)
+  eps: float = positive(1e-8)
+  weight_decay: float = non_negative(0.01)
+  grad_clip: float = non_negative(1.0)  # global-norm clip; 0 disables
+
+
+
+def make_schedule(opt: OptimizerConfig, num_steps: int) -> optax.Schedule:
   """Linear warmup from 0 to `learning_rate` over `warmup_steps`, then cosine decay to `min_lr_ratio`."""
   warmup = min(int(opt.warmup_steps), max(num_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
@@ -40,7 +54,7 @@ def weight_decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
 
 
-def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+def make_optimizer(opt: OptimizerConfig, num_steps: int) -> optax.GradientTransformation:
   """Global-norm clipping (if `grad_clip > 0`) followed by AdamW on the warmup + cosine schedule."""
   adamw = optax.adamw(make_schedule(opt, num_steps), b1=opt.b1, b2=opt.b2, eps=opt.eps,
                       weight_decay=opt.weight_decay, mask=weight_decay_mask)
@@ -112,18 +126,24 @@ def state_shardings(tx: optax.GradientTransformation, model: ShardedModel, mesh:
   }
 
 
+def _fresh_state(tx: optax.GradientTransformation, params: nnx.State) -> dict[str, Any]:
+  """The one layout of the train state."""
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
 def init_train_state(tx: optax.GradientTransformation, model: ShardedModel, mesh: Mesh,
-                     shardings: dict[str, Any]) -> dict[str, Any]:
+                     shardings: dict[str, Any] | None = None) -> dict[str, Any]:
   """The step-0 train state, created sharded (`model.params` is copied, not donated)."""
-  def init(params):
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+  shardings = shardings or state_shardings(tx, model, mesh)
   with jax.set_mesh(mesh):
-    return jax.jit(init, out_shardings=shardings)(model.params)
+    return jax.jit(lambda p: _fresh_state(tx, p), out_shardings=shardings)(model.params)
 
 
-def abstract_like(tree: Any) -> Any:
-  """ShapeDtypeStructs (with shardings) of a tree of arrays: the restore target for orbax."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+def train_state_shapes(tx: optax.GradientTransformation, model: ShardedModel, mesh: Mesh) -> dict[str, Any]:
+  """ShapeDtypeStructs (with shardings) of the train state: a restore target that allocates nothing."""
+  abstract = jax.eval_shape(lambda p: _fresh_state(tx, p), model.params)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                      state_shardings(tx, model, mesh))
 
 
 def count_params(tree: Any) -> int:

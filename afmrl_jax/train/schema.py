@@ -1,0 +1,227 @@
+"""The run config: one dataclass per section, and the one adapter between them and the ConfigDict.
+
+Every knob of a run is a field of a dataclass below (or of the library dataclass it extends), with its
+default and its allowed values declared once (`afmrl_jax.fields`). From them:
+
+* `defaults()` builds the ConfigDict that `configs/*.py` start from, so every field is settable as
+  `--config.<section>.<field>=value` the moment it is declared;
+* `parse(config)` turns a (possibly overridden) ConfigDict back into a typed `Run`, checking every
+  value against its declaration and naming bad ones as `config.<section>.<field>`.
+
+Adding a field to any section's dataclass needs no other line anywhere: it appears in the ConfigDict,
+on the command line, in validation and in the typed `Run`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from afmrl_jax.data.catalog import CatalogConfig
+from afmrl_jax.data.pipeline import PipelineConfig
+from afmrl_jax.fields import Checked, InvalidFields, check, choice, field_problem
+from afmrl_jax.losses.config import AGCLConfig
+from afmrl_jax.models.lora import LoRAConfig
+from afmrl_jax.parallel import MeshShape
+from afmrl_jax.train.builders import ModelOptions
+from afmrl_jax.train.checkpointing import CheckpointOptions
+from afmrl_jax.train.evaluate import EvalConfig
+from afmrl_jax.train.loop import TrainOptions
+from afmrl_jax.train.stage1_data import AttributeOptions
+from afmrl_jax.train.stage1_step import GradCacheOptions
+from afmrl_jax.train.state import OptimizerConfig
+
+STAGES = ("stage1", "eval")
+PLANNED_STAGES = ("sft", "generate", "stage2", "cit")
+DTYPES = ("float32", "bfloat16")
+STRATEGIES = ("dense", "all_gather", "ring")
+
+# Fields that were renamed: old dotted path -> new one (the command line refuses the old with a hint).
+RENAMED = {
+    "loss.alpha": "loss.bias_scale",
+    "pipeline.shuffle_seed": "pipeline.seed",
+    "pipeline.num_workers": "pipeline.num_threads",
+    "eval.train_metrics_file": "train.metrics_file",
+}
+
+# Pipeline fields the trainer derives from other sections (catalog.image_size, attributes.*).
+DERIVED = {"pipeline": ("image_size", "text_attributes", "term_source")}
+
+
+class ConfigError(ValueError):
+  """A bad config: `problems` holds one sentence per bad value."""
+
+  def __init__(self, problems: list[str]):
+    self.problems = list(problems)
+    super().__init__("Invalid config:\n  - " + "\n  - ".join(self.problems))
+
+
+@dataclasses.dataclass(frozen=True)
+class CatalogOptions(CatalogConfig):
+  """The synthetic catalog's fields, or an on-disk manifest that replaces it."""
+  manifest: str = ""  # path to a JSONL manifest; '' = the embedded synthetic catalog
+  skip_bad_rows: bool = False  # with a manifest: skip (count and report) bad rows instead of stopping
+  cache_dir: str = ""  # where the generated catalog is kept between runs; '' = <workdir>/data_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class LossOptions(AGCLConfig):
+  """AGCL's fields and how the loss is sharded."""
+  strategy: str = choice("all_gather", STRATEGIES)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAOptions(LoRAConfig):
+  """LoRA adapters; only they train when enabled."""
+  enabled: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """The typed run config: top-level fields, then one dataclass per section."""
+  stage: str = "stage1"
+  preset: str = "tiny"
+  dtype: str = choice("float32", DTYPES)  # compute dtype; parameters stay float32
+  catalog: CatalogOptions = CatalogOptions()
+  pipeline: PipelineConfig = PipelineConfig()
+  model: ModelOptions = ModelOptions()
+  lora: LoRAOptions = LoRAOptions()
+  loss: LossOptions = LossOptions()
+  gradcache: GradCacheOptions = GradCacheOptions()
+  optimizer: OptimizerConfig = OptimizerConfig()
+  train: TrainOptions = TrainOptions()
+  mesh: MeshShape = MeshShape()
+  checkpoint: CheckpointOptions = CheckpointOptions()
+  eval: EvalConfig = EvalConfig()
+  attributes: AttributeOptions = AttributeOptions()
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dataclass -> ConfigDict
+
+
+def _hints(cls: type) -> dict[str, Any]:
+  return typing.get_type_hints(cls)
+
+
+def _optional_base(hint: Any) -> type | None:
+  """`float` for `Optional[float]` (a field whose None means 'unset'), else None."""
+  if typing.get_origin(hint) in (typing.Union, types.UnionType):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if len(args) == 1 and isinstance(args[0], type):
+      return args[0]
+  return None
+
+
+def _default(f: dataclasses.Field) -> Any:
+  return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _settable(cls: type, section: str) -> list[dataclasses.Field]:
+  return [f for f in dataclasses.fields(cls) if f.name not in DERIVED.get(section, ())]
+
+
+def section_defaults(cls: type, section: str = "") -> ml_collections.ConfigDict:
+  """The ConfigDict of one dataclass's settable fields and their defaults."""
+  hints, out = _hints(cls), {}
+  for f in _settable(cls, section):
+    value = _default(f)
+    if value is None:  # typed placeholder: `--config.x.y=0.5` still parses
+      value = config_dict.placeholder(_optional_base(hints[f.name]) or str)
+    elif isinstance(value, dict):
+      value = ml_collections.ConfigDict(value)
+    out[f.name] = value
+  return ml_collections.ConfigDict(out)
+
+
+def defaults(root: type = Run) -> ml_collections.ConfigDict:
+  """The whole run config with every default: the starting point of `configs/*.py`."""
+  c = ml_collections.ConfigDict()
+  for f in dataclasses.fields(root):
+    value = _default(f)
+    c[f.name] = section_defaults(type(value), f.name) if dataclasses.is_dataclass(value) else value
+  return c
+
+
+# ---------------------------------------------------------------------------------------------------
+# ConfigDict -> typed dataclasses
+
+
+def _coerce(hint: Any, value: Any) -> Any:
+  """Lists from the command line or JSON become the tuples a field declares."""
+  if typing.get_origin(hint) is tuple and isinstance(value, (list, tuple)):
+    inner = typing.get_args(hint)
+    if inner and typing.get_origin(inner[0]) is tuple:
+      return tuple(tuple(v) for v in value)
+    return tuple(value)
+  return value
+
+
+def _plain(section: Any) -> dict[str, Any]:
+  return section.to_dict() if hasattr(section, "to_dict") else dict(section)
+
+
+def build_section(cls: type, section: Any, name: str) -> tuple[Any, list[str]]:
+  """(instance or None, problems) for the ConfigDict `section` read as dataclass `cls`."""
+  values = _plain(section)
+  known = {f.name for f in _settable(cls, name)}
+  problems = [unknown_field(f"{name}.{key}", [f"{name}.{k}" for k in known]) for key in values if key not in known]
+  if problems:
+    return None, problems
+  hints = _hints(cls)
+  kwargs = {key: _coerce(hints[key], value) for key, value in values.items()}
+  try:
+    obj = cls(**kwargs)
+    if not isinstance(obj, Checked):  # a section without the mixin still gets its declarations checked
+      check(obj)
+    return obj, []
+  except InvalidFields as e:
+    return None, [f"config.{name}.{field}={value!r} {why}." for field, value, why in e.problems]
+
+
+def unknown_field(path: str, known: list[str]) -> str:
+  """The sentence for an unknown dotted path, with the renamed or closest valid one."""
+  if path in RENAMED:
+    return f"config.{path} was renamed: use config.{RENAMED[path]}."
+  close = difflib.get_close_matches(path, known, n=1)
+  hint = f"; did you mean config.{close[0]}?" if close else "."
+  return f"config.{path} is not a config field{hint}"
+
+
+def parse_sections(config: Any, root: type = Run) -> tuple[dict[str, Any], list[str]]:
+  """{field: typed value or None where it was bad} and the problems, for every field of `root`."""
+  values: dict[str, Any] = {}
+  problems: list[str] = []
+  raw = _plain(config)
+  known = {f.name for f in dataclasses.fields(root)}
+  problems += [unknown_field(key, sorted(known)) for key in raw if key not in known]
+  for f in dataclasses.fields(root):
+    default = _default(f)
+    if dataclasses.is_dataclass(default):
+      values[f.name], more = build_section(type(default), raw.get(f.name, {}), f.name)
+    else:
+      value = raw.get(f.name, default)
+      why = field_problem(f, value)
+      more = [f"config.{f.name}={value!r} {why}."] if why else []
+      values[f.name] = None if why else value
+    problems += more
+  return values, problems
+
+
+def parse(config: Any, root: type = Run) -> Any:
+  """The typed `root` (default `Run`) of a ConfigDict; ConfigError lists every bad value."""
+  if isinstance(config, root):
+    return config
+  values, problems = parse_sections(config, root)
+  if problems:
+    raise ConfigError(problems)
+  return root(**{k: v for k, v in values.items() if v is not None})
