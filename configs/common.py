@@ -20,12 +20,12 @@ from afmrl_jax.train import schema
 PRESETS = ("tiny", "ci", "bench-small", "qwen2vl-2b")
 
 
-def parse_preset(arg: str | None) -> str:
+def parse_preset(arg: str | None, presets: tuple[str, ...] = PRESETS) -> str:
   """The preset named by the config-file argument (`configs/stage1.py:tiny`); `tiny` when absent."""
   preset = (arg or "tiny").strip()
-  if preset not in PRESETS:
+  if preset not in presets:
     raise ValueError(
-        f"Unknown config preset '{preset}' (the part after ':' in --config); choose one of {list(PRESETS)}.")
+        f"Unknown config preset '{preset}' (the part after ':' in --config); choose one of {list(presets)}.")
   return preset
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage-1 ablation grid on the embedded catalog, paired by seed (METHOD.md, issue 5 item 9).
+# Stage-1 ablation grid on the embedded catalog, paired by seed (docs/stage1.md).
 #
 #   launch/ablate_stage1.sh [OUT_DIR] [SEEDS] [ARMS]
 #   OUT_DIR  default /tmp/afmrl_ablate
@@ -9,7 +9,7 @@
 # default 1.0), EXTRA (more --config overrides for every run), PYTHON (default .venv/bin/python).
 #
 # Seeds change the model init, the batch order and the fresh views (model.param_seed,
-# pipeline.shuffle_seed); the catalog is the same for every run, so arms are compared on the same data
+# pipeline.seed); the catalog is the same for every run, so arms are compared on the same data
 # and seed k of one arm is paired with seed k of another. Finished runs (summary.json present) are
 # skipped, so the script can be stopped and restarted. At the end it prints the table
 # (launch/ablate_report.py): mean +- std per arm and the paired difference to InfoNCE.
@@ -53,7 +53,7 @@ for seed in ${SEEDS}; do
     # shellcheck disable=SC2086
     "${PYTHON}" -m afmrl_jax.main --config="configs/stage1.py:${PRESET}" --workdir="${dir}" \
       --config.catalog.cache_dir="${CACHE}" --config.model.param_seed="${seed}" \
-      --config.pipeline.shuffle_seed="${seed}" \
+      --config.pipeline.seed="${seed}" \
       --config.eval.report=False ${STEPS_FLAG} ${ARM_FLAGS[$arm]} ${EXTRA} > "${dir}.log" 2>&1 \
       || { echo "run failed, see ${dir}.log" >&2; tail -5 "${dir}.log" >&2; }
   done

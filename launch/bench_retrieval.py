@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from afmrl_jax.retrieval.base import l2_normalize
+from afmrl_jax.vectors import l2_normalize
 from afmrl_jax.retrieval.exact import ExactRetriever
 from afmrl_jax.retrieval.scann_index import ScannRetriever
 

@@ -66,3 +66,12 @@ def test_sigterm_saves_checkpoint_and_exits_cleanly(tmp_path):
   assert summary["stopped_early"] and summary["stop_reason"] == "SIGTERM"
   saved = [int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()]
   assert saved == [summary["step"]] and summary["step"] >= 2
+
+
+def test_renamed_and_unknown_overrides_are_one_line(tmp_path):
+  proc = _main("--config=configs/stage1.py:ci", f"--workdir={tmp_path}", "--config.loss.alpha=0")
+  assert proc.returncode == 2
+  assert proc.stderr.strip() == "config.loss.alpha was renamed: use config.loss.bias_scale."
+  proc = _main("--config=configs/stage1.py:ci", f"--workdir={tmp_path}", "--config.loss.tauu=0.1")
+  assert proc.returncode == 2
+  assert proc.stderr.strip() == "config.loss.tauu is not a config field; did you mean config.loss.tau?"

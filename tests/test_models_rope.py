@@ -10,6 +10,7 @@ transformers = pytest.importorskip('transformers')
 import jax.numpy as jnp  # noqa: E402
 from transformers import vision_utils  # noqa: E402
 
+from afmrl_jax import vectors  # noqa: E402
 from afmrl_jax.models import heads, rope, vision  # noqa: E402
 from tests.test_models_hf_helpers import IMAGE, SHAPES, V_END, V_START, hf_model  # noqa: E402
 
@@ -92,7 +93,7 @@ def test_last_token_pool_left_right_and_no_padding():
   np.testing.assert_array_equal(np.asarray(heads.last_token_index(mask)), [1, 3, 3])
   pooled = np.asarray(heads.last_token_pool(hidden, mask))
   np.testing.assert_array_equal(pooled, [[2, 3], [14, 15], [22, 23]])
-  unit = np.asarray(heads.l2_normalize(jnp.array([[3.0, 4.0]])))
+  unit = np.asarray(vectors.l2_normalize(jnp.array([[3.0, 4.0]])))
   np.testing.assert_allclose(unit, [[0.6, 0.8]])
 
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from afmrl_jax.retrieval import load_retriever, make_retriever
-from afmrl_jax.retrieval.base import Retriever, l2_normalize
+from afmrl_jax.retrieval.base import Retriever
+from afmrl_jax.vectors import l2_normalize
 from afmrl_jax.retrieval.exact import ExactRetriever, exact_top_k, exact_top_k_jax
 from afmrl_jax.retrieval.scann_index import ScannRetriever
 

@@ -1,4 +1,4 @@
-"""AGCL: attribute-guided contrastive loss (METHOD.md stage 1), one entry point for all strategies.
+"""AGCL: attribute-guided contrastive loss (docs/method.md, stage 1), one entry point for all strategies.
 
   loss, metrics = agcl_loss(q, c, q_terms, c_terms, idf, avg_doc_len, AGCLConfig(),
                             strategy="ring", axis_names=("data", "fsdp"))
@@ -47,6 +47,16 @@ def _fill_terms(terms, batch, config: AGCLConfig, name: str):
   return jnp.zeros((batch, 1), jnp.int32)
 
 
+def _attribute_inputs(q_terms, c_terms, idf, avg_doc_len, batch: int, config: AGCLConfig):
+  """Term ids int32 [batch, K] (a [batch, 1] zero column when the config needs none), idf float32 [V]
+  and avg_doc_len float32 [] with their neutral defaults."""
+  q_terms = _fill_terms(q_terms, batch, config, "q_terms")
+  c_terms = _fill_terms(c_terms, batch, config, "c_terms")
+  idf = jnp.zeros((1,), jnp.float32) if idf is None else jnp.asarray(idf, jnp.float32)
+  avg_doc_len = jnp.asarray(1.0 if avg_doc_len is None else avg_doc_len, jnp.float32)
+  return q_terms, c_terms, idf, avg_doc_len
+
+
 def agcl_loss_local(q, c, q_terms, c_terms, idf, avg_doc_len, config: AGCLConfig, *,
                     strategy: str = "dense", axis_names: Sequence[str] = (),
                     tile_size: Optional[int] = DEFAULT_TILE):
@@ -62,11 +72,8 @@ def agcl_loss_local(q, c, q_terms, c_terms, idf, avg_doc_len, config: AGCLConfig
     raise ValueError(f"agcl_loss: strategy={strategy!r}, expected one of {STRATEGIES}")
   if strategy != "dense" and not axis_names:
     raise ValueError(f"agcl_loss: strategy={strategy!r} needs axis_names, the mesh axes the batch is split over")
-  q_terms = _fill_terms(q_terms, q.shape[0], config, "q_terms")
-  c_terms = _fill_terms(c_terms, c.shape[0], config, "c_terms")
-  idf = jnp.zeros((1,), jnp.float32) if idf is None else jnp.asarray(idf, jnp.float32)
-  avg_doc_len = jnp.asarray(1.0 if avg_doc_len is None else avg_doc_len, jnp.float32)
-  q, c = blocks.l2_normalize(q), blocks.l2_normalize(c)
+  q_terms, c_terms, idf, avg_doc_len = _attribute_inputs(q_terms, c_terms, idf, avg_doc_len, q.shape[0], config)
+  q, c = blocks.unit_rows(q), blocks.unit_rows(c)
   if strategy == "dense":
     direction = dense_direction
   elif strategy == "all_gather":
@@ -114,10 +121,7 @@ def agcl_loss(q, c, q_terms, c_terms, idf, avg_doc_len, config: Optional[AGCLCon
     if batch % shards:
       raise ValueError(f"agcl_loss: global batch {batch} is not divisible by the {shards} devices of "
                        f"axes {tuple(axis_names)}")
-    q_terms = _fill_terms(q_terms, batch, config, "q_terms")
-    c_terms = _fill_terms(c_terms, batch, config, "c_terms")
-    idf = jnp.zeros((1,), jnp.float32) if idf is None else jnp.asarray(idf, jnp.float32)
-    avg_doc_len = jnp.asarray(1.0 if avg_doc_len is None else avg_doc_len, jnp.float32)
+    q_terms, c_terms, idf, avg_doc_len = _attribute_inputs(q_terms, c_terms, idf, avg_doc_len, batch, config)
     batch_spec = P(tuple(axis_names))
     args = (q, c, q_terms, c_terms, idf, avg_doc_len)
     if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):

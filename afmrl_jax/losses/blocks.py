@@ -44,7 +44,13 @@ class Cols(NamedTuple):
   ids: jax.Array
 
 
-def l2_normalize(x: jax.Array) -> jax.Array:
+def unit_rows(x: jax.Array) -> jax.Array:
+  """Rows of x [N, D] at unit length in float32, as the loss has always computed them.
+
+  `x * rsqrt(max(|x|^2, 1e-12))`: one multiply per element. It differs from the project's
+  `vectors.l2_normalize` (`x / max(|x|, eps)`, torch's convention) only in the last bits, but those bits
+  change every trained number downstream, so the loss keeps its own form.
+  """
   x = x.astype(jnp.float32)
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
 

@@ -69,7 +69,7 @@ def resolve_impl(impl: str, num_queries: int, vocab_size: int) -> str:
   """The BM25 algorithm to use ('auto': 'matmul' for vocabularies up to 8192 terms, else 'compare').
 
   matmul:  B = counts [Bq, V] @ W [V, Bd], W the documents' slot weights scattered by term id;
-           2V flops per pair on the matrix unit (measured fastest on CPU too, see bench_agcl.py).
+           2V flops per pair on the matrix unit (timings: docs/agcl_loss.md).
   gather:  B_ij = sum_l counts_i[d_jl] * u_jl, K gathers per pair (slow on XLA:CPU at large Bd).
   compare: the K x K slot comparison, no vocabulary-sized arrays (any vocabulary size).
   """

@@ -1,4 +1,4 @@
-"""AGCLConfig: every knob of the attribute-guided contrastive loss (METHOD.md, stage 1)."""
+"""AGCLConfig: every knob of the attribute-guided contrastive loss (docs/method.md, stage 1)."""
 from __future__ import annotations
 
 import dataclasses
@@ -29,7 +29,7 @@ class AGCLConfig(Checked):
   uniform_margin: control without attributes: when set, bias = this constant on every negative and 0 on
     the positive (bias_scale, bm25_norm and bias_on are then unused).
   mask: false-negative mask, stop-gradient, never on the positive; masked entries leave the denominator.
-    'none' (default: masks did nothing measurable in METHOD.md), 'margin': s_ij > s_ii + delta,
+    'none' (default: masks showed no measurable effect, docs/stage1.md), 'margin': s_ij > s_ii + delta,
     'positive': cos(c_j, c_i) > delta (the negative is too close to the positive candidate),
     'attribute': identical non-empty attribute term sets, or (when mask_threshold is set)
     B_ij / B_ii > mask_threshold.

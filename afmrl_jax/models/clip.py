@@ -26,6 +26,7 @@ from flax import nnx
 
 from afmrl_jax.models.layers import INIT_STD, LayerNorm, PlainMLP, attention, dense
 from afmrl_jax.models.sharding import constrain, param
+from afmrl_jax.vectors import l2_normalize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,12 +89,6 @@ class Block(nnx.Module):
   def __call__(self, x: jax.Array, allowed: jax.Array | None) -> jax.Array:
     x = x + self.attn(self.ln1(x), allowed)
     return x + self.mlp(self.ln2(x))
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """x / ||x|| along the last axis (float32)."""
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
 
 
 def last_token_index(attention_mask: jax.Array) -> jax.Array:

@@ -94,77 +94,8 @@ class VLConfig:
     if model_type not in VL_TYPES + TEXT_TYPES:
       raise ValueError(f'config.json: model_type {model_type!r} is not supported; '
                        f'expected one of {VL_TYPES + TEXT_TYPES}')
-    if model_type in VL_TYPES:
-      # transformers 5 nests text fields; the published checkpoints keep them at the top level.
-      t = {**{k: v for k, v in d.items() if k not in ('vision_config', 'text_config')},
-           **(d.get('text_config') or {})}
-    else:
-      t = dict(d)
-    rope = t.get('rope_parameters') or t.get('rope_scaling') or {}
-    rope_type = rope.get('rope_type', rope.get('type', 'default'))
-    if rope_type not in ('default', 'mrope', None):
-      raise ValueError(f'config.json: rope type {rope_type!r} is not supported (only default / mrope)')
-    mrope = rope.get('mrope_section')
-    if model_type in VL_TYPES and mrope is None:
-      mrope = [16, 24, 24]
-    default_theta = 1_000_000.0 if model_type in VL_TYPES else 10000.0
-    eos = t.get('eos_token_id')
-    is_llama = model_type == 'llama'
-    tie = d.get('tie_word_embeddings', t.get('tie_word_embeddings', False))
-    num_heads = t['num_attention_heads']
-    text = TextConfig(
-        vocab_size=t['vocab_size'],
-        hidden_size=t['hidden_size'],
-        intermediate_size=t['intermediate_size'],
-        num_hidden_layers=t['num_hidden_layers'],
-        num_attention_heads=num_heads,
-        num_key_value_heads=t.get('num_key_value_heads') or num_heads,
-        # Qwen2-VL's attention ignores head_dim (always hidden // heads); Llama / Qwen2 honour it.
-        # (stored as None when it equals the default, so configs compare equal after a round trip)
-        head_dim=(t.get('head_dim') if model_type in TEXT_TYPES
-                  and t.get('head_dim') not in (None, t['hidden_size'] // num_heads) else None),
-        rms_norm_eps=t.get('rms_norm_eps', 1e-6),
-        rope_theta=float(rope.get('rope_theta', t.get('rope_theta', default_theta))),
-        mrope_section=tuple(mrope) if mrope is not None else None,
-        qkv_bias=bool(t.get('attention_bias', False)) if is_llama else True,
-        o_bias=bool(t.get('attention_bias', False)) if is_llama else False,
-        mlp_bias=bool(t.get('mlp_bias', False)) if is_llama else False,
-        hidden_act=t.get('hidden_act', 'silu'),
-        max_position_embeddings=t.get('max_position_embeddings', 32768),
-        tie_word_embeddings=bool(tie),
-        bos_token_id=t.get('bos_token_id'),
-        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-        pad_token_id=t.get('pad_token_id'),
-    )
-    if t.get('use_sliding_window'):
-      raise ValueError('config.json: use_sliding_window=true is not supported (no released '
-                       'Qwen2-VL / Qwen2.5-VL checkpoint uses it)')
-    if text.hidden_act != 'silu':
-      raise ValueError(f'config.json: hidden_act {text.hidden_act!r} unsupported (only silu)')
-    vision = None
-    if model_type in VL_TYPES:
-      v = d.get('vision_config') or {}
-      vrope = v.get('rope_parameters') or {}
-      common = dict(
-          depth=v.get('depth', 32), num_heads=v.get('num_heads', 16),
-          in_channels=v.get('in_channels', v.get('in_chans', 3)), patch_size=v.get('patch_size', 14),
-          temporal_patch_size=v.get('temporal_patch_size', 2),
-          spatial_merge_size=v.get('spatial_merge_size', 2),
-          rope_theta=float(vrope.get('rope_theta', 10000.0)))
-      if model_type == 'qwen2_vl':
-        width = v.get('embed_dim', 1280)
-        vision = VisionConfig(arch='qwen2_vl', width=width,
-                              intermediate_size=int(width * v.get('mlp_ratio', 4)),
-                              out_hidden_size=v.get('hidden_size', text.hidden_size),
-                              hidden_act=v.get('hidden_act', 'quick_gelu'), **common)
-      else:
-        vision = VisionConfig(arch='qwen2_5_vl', width=v.get('hidden_size', 3584),
-                              intermediate_size=v.get('intermediate_size', 3420),
-                              out_hidden_size=v.get('out_hidden_size', text.hidden_size),
-                              hidden_act=v.get('hidden_act', 'silu'),
-                              window_size=v.get('window_size', 112),
-                              fullatt_block_indexes=tuple(v.get('fullatt_block_indexes', (7, 15, 23, 31))),
-                              tokens_per_second=v.get('tokens_per_second', 4), **common)
+    text = _text_from_hf(d, model_type)
+    vision = _vision_from_hf(d.get('vision_config') or {}, model_type, text) if model_type in VL_TYPES else None
     ids = {k: d[k] for k in ('image_token_id', 'video_token_id', 'vision_start_token_id',
                              'vision_end_token_id') if d.get(k) is not None}
     return cls(model_type=model_type, text=text, vision=vision, **ids, **overrides)
@@ -228,3 +159,76 @@ class VLConfig:
                 video_token_id=self.video_token_id, vision_start_token_id=self.vision_start_token_id,
                 vision_end_token_id=self.vision_end_token_id,
                 tie_word_embeddings=t.tie_word_embeddings, dtype=self.param_dtype)
+
+
+def _text_from_hf(d: dict[str, Any], model_type: str) -> TextConfig:
+  """The decoder's config from an HF config.json dict (flat, or transformers-5 nested `text_config`)."""
+  if model_type in VL_TYPES:
+    # transformers 5 nests text fields; the published checkpoints keep them at the top level.
+    t = {**{k: v for k, v in d.items() if k not in ('vision_config', 'text_config')},
+         **(d.get('text_config') or {})}
+  else:
+    t = dict(d)
+  if t.get('use_sliding_window'):
+    raise ValueError('config.json: use_sliding_window=true is not supported (no released '
+                     'Qwen2-VL / Qwen2.5-VL checkpoint uses it)')
+  if t.get('hidden_act', 'silu') != 'silu':
+    raise ValueError(f"config.json: hidden_act {t['hidden_act']!r} unsupported (only silu)")
+  rope = t.get('rope_parameters') or t.get('rope_scaling') or {}
+  rope_type = rope.get('rope_type', rope.get('type', 'default'))
+  if rope_type not in ('default', 'mrope', None):
+    raise ValueError(f'config.json: rope type {rope_type!r} is not supported (only default / mrope)')
+  mrope = rope.get('mrope_section')
+  if model_type in VL_TYPES and mrope is None:
+    mrope = [16, 24, 24]
+  default_theta = 1_000_000.0 if model_type in VL_TYPES else 10000.0
+  eos = t.get('eos_token_id')
+  is_llama = model_type == 'llama'
+  num_heads = t['num_attention_heads']
+  return TextConfig(
+      vocab_size=t['vocab_size'],
+      hidden_size=t['hidden_size'],
+      intermediate_size=t['intermediate_size'],
+      num_hidden_layers=t['num_hidden_layers'],
+      num_attention_heads=num_heads,
+      num_key_value_heads=t.get('num_key_value_heads') or num_heads,
+      # Qwen2-VL's attention ignores head_dim (always hidden // heads); Llama / Qwen2 honour it.
+      # (stored as None when it equals the default, so configs compare equal after a round trip)
+      head_dim=(t.get('head_dim') if model_type in TEXT_TYPES
+                and t.get('head_dim') not in (None, t['hidden_size'] // num_heads) else None),
+      rms_norm_eps=t.get('rms_norm_eps', 1e-6),
+      rope_theta=float(rope.get('rope_theta', t.get('rope_theta', default_theta))),
+      mrope_section=tuple(mrope) if mrope is not None else None,
+      qkv_bias=bool(t.get('attention_bias', False)) if is_llama else True,
+      o_bias=bool(t.get('attention_bias', False)) if is_llama else False,
+      mlp_bias=bool(t.get('mlp_bias', False)) if is_llama else False,
+      hidden_act=t.get('hidden_act', 'silu'),
+      max_position_embeddings=t.get('max_position_embeddings', 32768),
+      tie_word_embeddings=bool(d.get('tie_word_embeddings', t.get('tie_word_embeddings', False))),
+      bos_token_id=t.get('bos_token_id'),
+      eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+      pad_token_id=t.get('pad_token_id'),
+  )
+
+
+def _vision_from_hf(v: dict[str, Any], model_type: str, text: TextConfig) -> VisionConfig:
+  """The vision tower's config from an HF `vision_config` dict (Qwen2-VL or Qwen2.5-VL layout)."""
+  vrope = v.get('rope_parameters') or {}
+  common = dict(
+      depth=v.get('depth', 32), num_heads=v.get('num_heads', 16),
+      in_channels=v.get('in_channels', v.get('in_chans', 3)), patch_size=v.get('patch_size', 14),
+      temporal_patch_size=v.get('temporal_patch_size', 2),
+      spatial_merge_size=v.get('spatial_merge_size', 2),
+      rope_theta=float(vrope.get('rope_theta', 10000.0)))
+  if model_type == 'qwen2_vl':
+    width = v.get('embed_dim', 1280)
+    return VisionConfig(arch='qwen2_vl', width=width, intermediate_size=int(width * v.get('mlp_ratio', 4)),
+                        out_hidden_size=v.get('hidden_size', text.hidden_size),
+                        hidden_act=v.get('hidden_act', 'quick_gelu'), **common)
+  return VisionConfig(arch='qwen2_5_vl', width=v.get('hidden_size', 3584),
+                      intermediate_size=v.get('intermediate_size', 3420),
+                      out_hidden_size=v.get('out_hidden_size', text.hidden_size),
+                      hidden_act=v.get('hidden_act', 'silu'),
+                      window_size=v.get('window_size', 112),
+                      fullatt_block_indexes=tuple(v.get('fullatt_block_indexes', (7, 15, 23, 31))),
+                      tokens_per_second=v.get('tokens_per_second', 4), **common)

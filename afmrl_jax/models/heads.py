@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from afmrl_jax.models.vl_model import VLModel
+from afmrl_jax.vectors import l2_normalize
 
 
 def last_token_index(attention_mask: jax.Array) -> jax.Array:
@@ -22,12 +23,6 @@ def last_token_pool(hidden: jax.Array, attention_mask: jax.Array | None) -> jax.
     return hidden[:, -1]
   idx = last_token_index(attention_mask)
   return jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """Unit rows in float32 (`x / max(|x|, eps)`, as torch.nn.functional.normalize)."""
-  x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 def embed(model: VLModel, batch_side: Mapping[str, jax.Array], image_grid_thw=None) -> jax.Array:

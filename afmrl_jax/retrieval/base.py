@@ -8,6 +8,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from afmrl_jax.vectors import l2_normalize
+
 
 @runtime_checkable
 class Retriever(Protocol):
@@ -31,12 +33,12 @@ class Retriever(Protocol):
     ...
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-  """Rows of x [N, D] scaled to unit length, float32 (zero rows stay zero)."""
-  x = np.asarray(x, dtype=np.float32)
+def unit_rows(x: np.ndarray) -> np.ndarray:
+  """Embeddings x [N, D] as unit float32 rows (`vectors.l2_normalize`); other shapes are refused."""
+  x = np.asarray(x)
   if x.ndim != 2:
     raise ValueError(f"embeddings must be [N, D], got shape {x.shape}.")
-  return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+  return l2_normalize(x)
 
 
 def check_ids(ids: np.ndarray | None, n: int) -> np.ndarray:

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from afmrl_jax.retrieval.base import check_ids, l2_normalize, read_meta, write_meta
+from afmrl_jax.retrieval.base import check_ids, read_meta, unit_rows, write_meta
 
 
 def exact_top_k(queries: np.ndarray, gallery: np.ndarray, k: int, *, query_block: int = 1024,
@@ -146,7 +146,7 @@ class ExactRetriever:
     self.ids: np.ndarray | None = None
 
   def build(self, embeddings: np.ndarray, ids: np.ndarray | None = None) -> "ExactRetriever":
-    self.embeddings = l2_normalize(embeddings)
+    self.embeddings = unit_rows(embeddings)
     self.ids = check_ids(ids, self.embeddings.shape[0])
     return self
 
@@ -155,7 +155,7 @@ class ExactRetriever:
     if self.embeddings is None:
       raise RuntimeError("ExactRetriever.search called before build() or load().")
     top_k = exact_top_k_jax if self.backend == "jax" else exact_top_k
-    idx, scores = top_k(l2_normalize(queries), self.embeddings, k,
+    idx, scores = top_k(unit_rows(queries), self.embeddings, k,
                         query_block=self.query_block, gallery_block=self.gallery_block)
     return self.ids[idx], scores
 

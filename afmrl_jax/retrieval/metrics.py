@@ -104,7 +104,7 @@ def group_recall_at_k(hits: np.ndarray, num_positives: np.ndarray, k: int) -> fl
 
 
 def average_precision_at_k(hits: np.ndarray, num_positives: np.ndarray, k: int) -> np.ndarray:
-  """Per-query AP@K, M5Product's definition (METHOD.md): float64 [Q].
+  """Per-query AP@K, M5Product's definition (docs/method.md): float64 [Q].
 
   K' = min(k, num_positives); AP = sum over relevant ranks i <= K' of precision@i, divided by the
   number of relevant results in the top K'. Edge cases: no hit in the top K' gives 0; a query without

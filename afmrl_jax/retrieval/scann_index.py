@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from afmrl_jax.retrieval.base import check_ids, l2_normalize, read_meta, write_meta
+from afmrl_jax.retrieval.base import check_ids, read_meta, unit_rows, write_meta
 
 
 class ScannRetriever:
@@ -52,7 +52,7 @@ class ScannRetriever:
     """Indexes embeddings [N, D] (normalised here) under ids int64 [N] (row numbers if None)."""
     import scann  # lazy: ScaNN is heavy and only needed when an index is built or loaded
 
-    db = l2_normalize(embeddings)
+    db = unit_rows(embeddings)
     n = db.shape[0]
     self.ids = check_ids(ids, n)
     o = self.options
@@ -78,7 +78,7 @@ class ScannRetriever:
       raise RuntimeError("ScannRetriever.search called before build() or load().")
     if not 1 <= k <= self.size:
       raise ValueError(f"ScannRetriever.search: k={k} must be in [1, {self.size}] (the gallery size).")
-    q = l2_normalize(queries)
+    q = unit_rows(queries)
     kwargs = dict(final_num_neighbors=k)
     if self.mode == "tree_ah":
       kwargs["pre_reorder_num_neighbors"] = max(self.options["reorder"] or 100, 4 * k)

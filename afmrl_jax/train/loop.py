@@ -102,6 +102,22 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation,
   return step
 
 
+def resume_and_run(step_fn: Callable, model: Any, tx: optax.GradientTransformation, data: Iterator, *,
+                   mesh: Mesh, options: TrainOptions, checkpoint: checkpointing.CheckpointOptions,
+                   workdir: str, examples_per_step: int) -> LoopResult:
+  """What every stage does after building its step: a fresh train state for `model`
+  (`train.state.ShardedModel`), resumed from the latest checkpoint of `workdir` (the data iterator too)
+  unless `checkpoint.resume` is off, then `run`."""
+  from afmrl_jax.train import state as state_lib
+  shardings = state_lib.state_shardings(tx, model, mesh)
+  state = state_lib.init_train_state(tx, model, mesh, shardings)
+  checkpointer = checkpointing.Checkpointer.for_workdir(workdir, checkpoint)
+  if checkpointer is not None and checkpoint.resume:
+    state, _ = checkpointer.restore_latest(state, data)
+  return run(step_fn, state, model.rest, data, mesh=mesh, shardings=(shardings, model.rest_shardings),
+             options=options, workdir=workdir, examples_per_step=examples_per_step, checkpointer=checkpointer)
+
+
 class _PendingMetrics:
   """Device metrics of the steps since the last boundary: fetched together, checked, logged."""
 

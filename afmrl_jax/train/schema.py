@@ -24,11 +24,13 @@ import ml_collections
 from ml_collections import config_dict
 
 from afmrl_jax.data.catalog import CatalogConfig
+from afmrl_jax.data.generator_data import GeneratorDataConfig
 from afmrl_jax.data.pipeline import PipelineConfig
 from afmrl_jax.fields import Checked, InvalidFields, check, choice, field_problem
 from afmrl_jax.losses.config import AGCLConfig
 from afmrl_jax.models.lora import LoRAConfig
 from afmrl_jax.parallel import MeshShape
+from afmrl_jax.train.attribute_eval import AttributeEvalOptions
 from afmrl_jax.train.builders import ModelOptions
 from afmrl_jax.train.checkpointing import CheckpointOptions
 from afmrl_jax.train.evaluate import EvalConfig
@@ -37,8 +39,8 @@ from afmrl_jax.train.stage1_data import AttributeOptions
 from afmrl_jax.train.stage1_step import GradCacheOptions
 from afmrl_jax.train.state import OptimizerConfig
 
-STAGES = ("stage1", "eval")
-PLANNED_STAGES = ("sft", "generate", "stage2", "cit")
+STAGES = ("stage1", "eval", "sft")
+PLANNED_STAGES = ("generate", "stage2", "cit")
 DTYPES = ("float32", "bfloat16")
 STRATEGIES = ("dense", "all_gather", "ring")
 
@@ -50,8 +52,8 @@ RENAMED = {
     "eval.train_metrics_file": "train.metrics_file",
 }
 
-# Pipeline fields the trainer derives from other sections (catalog.image_size, attributes.*).
-DERIVED = {"pipeline": ("image_size", "text_attributes", "term_source")}
+# Fields the trainer derives from other sections (catalog.image_size, attributes.*).
+DERIVED = {"pipeline": ("image_size", "text_attributes", "term_source"), "generator": ("image_size",)}
 
 
 class ConfigError(ValueError):
@@ -100,6 +102,8 @@ class Run:
   checkpoint: CheckpointOptions = CheckpointOptions()
   eval: EvalConfig = EvalConfig()
   attributes: AttributeOptions = AttributeOptions()
+  generator: GeneratorDataConfig = GeneratorDataConfig()  # the generator's examples (sft, generate)
+  sft_eval: AttributeEvalOptions = AttributeEvalOptions()  # attribute quality after SFT
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

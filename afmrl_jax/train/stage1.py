@@ -28,16 +28,16 @@ from afmrl_jax.train import stage1_step
 from afmrl_jax.train import state as state_lib
 
 
-def create_model(run: schema.Run, data: stage1_data.Stage1Data, mesh) -> state_lib.ShardedModel:
-  """The representation model, created sharded (+ LoRA), with the HF checkpoint's weights if one is set."""
-  build = builders.model_constructor(run, builders.vl_config(run, data.tokenizer))
+def create_model(run: schema.Run, tokenizer, mesh) -> state_lib.ShardedModel:
+  """The run's model, created sharded (+ LoRA), with the HF checkpoint's weights if one is set."""
+  build = builders.model_constructor(run, builders.vl_config(run, tokenizer))
   model = state_lib.create_sharded(build, mesh, builders.trainable_filter(run))
   if run.model.hf_checkpoint:
     builders.load_hf_weights(model, run, mesh)
   return model
 
 
-def _write_json(path: str, payload: dict[str, Any]) -> None:
+def write_json(path: str, payload: dict[str, Any]) -> None:
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
@@ -48,7 +48,7 @@ def train(run: schema.Run | Any, workdir: str, data: stage1_data.Stage1Data | No
           ) -> tuple[loop_lib.LoopResult, state_lib.ShardedModel, stage1_data.Stage1Data]:
   """Runs (or resumes) stage-1 training; returns the loop result, the trained model and the data."""
   run = schema.parse(run)
-  _write_json(os.path.join(workdir, "config.json"), run.to_dict())
+  write_json(os.path.join(workdir, "config.json"), run.to_dict())
 
   # Mesh: (data, fsdp, tensor); the batch is split over data x fsdp.
   mesh = mesh or parallel.make_mesh(run.mesh)
@@ -58,9 +58,8 @@ def train(run: schema.Run | Any, workdir: str, data: stage1_data.Stage1Data | No
   train_iter = data.train_iter()
 
   # Model and sharding: parameters created on their shards; frozen weights live in `model.rest`.
-  model = create_model(run, data, mesh)
+  model = create_model(run, data.tokenizer, mesh)
   tx = state_lib.make_optimizer(run.optimizer, run.train.num_steps)
-  shardings = state_lib.state_shardings(tx, model, mesh)
 
   # Step: AGCL over the whole global batch, by plain autodiff or GradCache.
   agcl = stage1_step.make_agcl(narrow(run.loss, AGCLConfig), run.loss.strategy, data.idf, data.avg_doc_len)
@@ -73,16 +72,10 @@ def train(run: schema.Run | Any, workdir: str, data: stage1_data.Stage1Data | No
     step_fn = loop_lib.make_train_step(model.graphdef, tx,
                                        loss_fn=stage1_step.make_loss_fn(agcl, data.image_grid_thw))
 
-  # Checkpoint: resume the train state and the data position from the latest save.
-  checkpointer = checkpointing.Checkpointer.for_workdir(workdir, run.checkpoint)
-  state = state_lib.init_train_state(tx, model, mesh, shardings)
-  if checkpointer is not None and run.checkpoint.resume:
-    state, _ = checkpointer.restore_latest(state, train_iter)
-
-  # Loop.
-  result = loop_lib.run(step_fn, state, model.rest, train_iter, mesh=mesh,
-                        shardings=(shardings, model.rest_shardings), options=run.train, workdir=workdir,
-                        examples_per_step=run.pipeline.batch_size, checkpointer=checkpointer)
+  # Checkpoint and loop: resume the train state and the data position from the latest save, then train.
+  result = loop_lib.resume_and_run(step_fn, model, tx, train_iter, mesh=mesh, options=run.train,
+                                   checkpoint=run.checkpoint, workdir=workdir,
+                                   examples_per_step=run.pipeline.batch_size)
   model.params = result.state["params"]
   return result, model, data
 
@@ -118,14 +111,14 @@ def train_and_evaluate(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
   if run.train.eval_at_end and not result.stopped_early:
     summary["eval"] = run_evaluation(run, workdir, model, data, mesh, step=None)
   summary["wall_s"] = time.perf_counter() - t0
-  _write_json(os.path.join(workdir, "summary.json"), summary)
+  write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
 
 
 def restore_model(run: schema.Run, checkpoint_dir: str, data: stage1_data.Stage1Data, mesh
                   ) -> tuple[state_lib.ShardedModel, int]:
   """The model with the trainable params of the latest checkpoint in `checkpoint_dir`."""
-  model = create_model(run, data, mesh)
+  model = create_model(run, data.tokenizer, mesh)
   tx = state_lib.make_optimizer(run.optimizer, run.train.num_steps)
   checkpointer = checkpointing.Checkpointer(checkpoint_dir, keep=run.checkpoint.keep, async_save=False)
   try:

@@ -1,0 +1,88 @@
+"""SFT of the attribute generator: distil the teacher's attribute strings (docs/method.md).
+
+    python -m afmrl_jax.main --config=configs/sft.py:tiny --workdir=/tmp/sft
+
+`train_and_evaluate(run, workdir)` trains a Qwen2.5-VL-architecture generator on image + title ->
+`key: value; ...` (answer tokens only carry loss, `train.sft_step`), then scores its greedy generations on
+held-out listings (`train.attribute_eval`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+from afmrl_jax import parallel
+from afmrl_jax.data import generator_data
+from afmrl_jax.data.table import ListingTable
+from afmrl_jax.generate.filters import SamplingConfig
+from afmrl_jax.generate.sampling import eos_ids_of
+from afmrl_jax.train import attribute_eval, builders, schema, sft_step, stage1, stage1_data
+from afmrl_jax.train import loop as loop_lib
+from afmrl_jax.train import state as state_lib
+
+
+def data_config(run: schema.Run) -> generator_data.GeneratorDataConfig:
+  """`run.generator` with the catalog's image size."""
+  return dataclasses.replace(run.generator, image_size=run.catalog.image_size)
+
+
+def greedy(run: schema.Run, vl) -> SamplingConfig:
+  """Greedy decoding up to `sft_eval.max_new_tokens`, stopping at the model's EOS."""
+  return SamplingConfig(temperature=0.0, max_new_tokens=run.sft_eval.max_new_tokens, eos_ids=eos_ids_of(vl),
+                        pad_id=vl.text.pad_token_id or 0)
+
+
+def train(run: schema.Run | Any, workdir: str):
+  """Runs (or resumes) SFT; returns (loop result, trained model, catalog, tokenizer)."""
+  run = schema.parse(run)
+  stage1.write_json(os.path.join(workdir, "config.json"), run.to_dict())
+
+  # Mesh.
+  mesh = parallel.make_mesh(run.mesh)
+
+  # Data: catalog and tokenizer as in stage 1; SFT examples (prompt, teacher answer) from the train split.
+  catalog, tokenizer, _ = stage1_data.load_catalog(run, workdir)
+  cfg = data_config(run)
+  train_iter = iter(generator_data.sft_dataset(ListingTable.from_catalog(catalog, "train"), tokenizer, cfg))
+  image_grid_thw = generator_data.GeneratorEncoder(tokenizer, cfg).image_grid_thw
+
+  # Model and sharding.
+  model = stage1.create_model(run, tokenizer, mesh)
+  tx = state_lib.make_optimizer(run.optimizer, run.train.num_steps)
+
+  # Step: answer-token cross-entropy.
+  step_fn = loop_lib.make_train_step(model.graphdef, tx, loss_fn=sft_step.make_loss_fn(image_grid_thw))
+
+  # Checkpoint and loop.
+  result = loop_lib.resume_and_run(step_fn, model, tx, train_iter, mesh=mesh, options=run.train,
+                                   checkpoint=run.checkpoint, workdir=workdir, examples_per_step=cfg.batch_size)
+  model.params = result.state["params"]
+  return result, model, catalog, tokenizer
+
+
+def train_and_evaluate(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
+  """The `sft` stage; returns a JSON-able summary (also `<workdir>/summary.json`)."""
+  t0 = time.perf_counter()
+  run = schema.parse(run)
+  result, model, catalog, tokenizer = train(run, workdir)
+  summary: dict[str, Any] = {
+      "step": result.step, "stopped_early": result.stopped_early, "stop_reason": result.stop_reason,
+      "first_loss": result.losses[min(result.losses)] if result.losses else None,
+      "last_loss": result.losses[max(result.losses)] if result.losses else None,
+      "steps_per_s": result.steps_per_s,
+      "num_trainable_params": state_lib.count_params(model.params),
+  }
+  # Evaluation: attribute quality of greedy generations on listings never trained on.
+  if run.train.eval_at_end and not result.stopped_early:
+    vl = builders.vl_config(run, tokenizer)
+    table = ListingTable.from_catalog(catalog, run.sft_eval.split)
+    mesh = parallel.make_mesh(run.mesh)
+    quality = attribute_eval.evaluate_generator(model.merge(), tokenizer, table, data_config(run), run.sft_eval,
+                                                mesh, workdir, greedy(run, vl))
+    summary["attribute_eval"] = attribute_eval.headline(quality)
+  summary["wall_s"] = time.perf_counter() - t0
+  stage1.write_json(os.path.join(workdir, "summary.json"), summary)
+  return summary
