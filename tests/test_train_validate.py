@@ -107,7 +107,7 @@ def test_future_stage_is_not_implemented(tmp_path):
   config = stage1_configs.get_config("ci")
   config.stage = "stage2"
   (problem,) = problems_of(config, tmp_path)
-  assert problem == "config.stage='stage2' is not implemented yet; available: ['stage1', 'eval', 'sft']."
+  assert problem == "config.stage='stage2' is not implemented yet; available: ['stage1', 'eval', 'sft', 'generate']."
 
 
 def test_gradcache_chunk_must_divide_local_batch(tmp_path):

@@ -28,9 +28,10 @@ from tokenizers import Tokenizer
 from afmrl_jax.data import image_patches, schema
 from afmrl_jax.data import tokenizer as tokenizer_lib
 from afmrl_jax.data.table import ListingTable
-from afmrl_jax.fields import Checked, choice, positive
+from afmrl_jax.fields import Checked, bounded, choice, non_negative, positive
 
 ANSWER_SOURCES = ("teacher", "true")
+SPLITS = ("train", "gallery", "query", "heldout")
 _S_ORDER = 201
 
 
@@ -53,6 +54,18 @@ class GeneratorDataConfig(Checked):
   num_epochs: int = positive(1_000_000)
   num_threads: int = positive(2)
   prefetch_buffer_size: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationOptions(Checked):
+  """What the generate stage covers and how it samples."""
+  splits: tuple[str, ...] = SPLITS  # catalog splits to cover
+  shard_size: int = positive(256)  # listings per committed shard (a multiple of generator.eval_batch_size)
+  temperature: float = non_negative(0.0)  # 0 = greedy
+  top_p: float = bounded(1.0, 0.0, 1.0)
+  max_new_tokens: int = positive(48)
+  seed: int = 0  # sampling: shard k draws from key(seed, k)
+  output_dir: str = "generated"  # relative to the workdir
 
 
 class GeneratorEncoder:

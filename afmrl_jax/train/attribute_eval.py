@@ -43,20 +43,25 @@ def decode_text(tokenizer, tokens: np.ndarray, length: int, eos_id: int) -> tupl
   return tokenizer.decode(row, skip_special_tokens=True).strip(), ended
 
 
-def generate_strings(model, tokenizer, batches, image_grid_thw, mesh, sampling) -> tuple[dict[int, str], dict]:
-  """listing_id -> generated string over `batches` (data.generator_data.prompt_batches), and timing
-  {'seconds', 'new_tokens', 'rows', 'no_eos'}."""
+def generate_strings(model, tokenizer, batches, image_grid_thw, mesh, sampling, rng=None
+                     ) -> tuple[dict[int, str], set[int], dict]:
+  """(listing_id -> generated string, ids cut at max_new_tokens without EOS, timing {'seconds',
+  'new_tokens', 'rows', 'no_eos'}) over `batches` (data.generator_data.prompt_batches).
+
+  rng: the sampling key (batch i draws from fold_in(rng, i)); unused when greedy."""
   from afmrl_jax.generate import sampling as sampling_lib
   eos = sampling.eos_ids[0] if sampling.eos_ids else -1
+  rng = jax.random.key(0) if rng is None else rng
   out: dict[int, str] = {}
+  cut: set[int] = set()
   stats = {"seconds": 0.0, "new_tokens": 0, "rows": 0, "no_eos": 0}
-  for batch in batches:
+  for i, batch in enumerate(batches):
     t0 = time.perf_counter()
     with jax.set_mesh(mesh), parallel.logical_rules():
       arrays = parallel.global_batch({k: np.asarray(batch[k]) for k in ("prompt_ids", "prompt_mask",
                                                                          "pixel_values")}, mesh)
       gen = sampling_lib.generate(model, arrays["prompt_ids"], arrays["prompt_mask"], arrays["pixel_values"],
-                                  image_grid_thw, config=sampling)
+                                  image_grid_thw, rng=jax.random.fold_in(rng, i), config=sampling)
       tokens, lengths = np.asarray(gen.tokens), np.asarray(gen.lengths)
     stats["seconds"] += time.perf_counter() - t0
     for lid, ok, toks, n in zip(batch["listing_id"], batch["valid"], tokens, lengths):
@@ -64,10 +69,12 @@ def generate_strings(model, tokenizer, batches, image_grid_thw, mesh, sampling) 
         continue
       text, ended = decode_text(tokenizer, toks, int(n), eos)
       out[int(lid)] = text
+      if not ended:
+        cut.add(int(lid))
       stats["new_tokens"] += int(n)
       stats["rows"] += 1
       stats["no_eos"] += not ended
-  return out, stats
+  return out, cut, stats
 
 
 def title_revealed_keys(titles: list[str], truths: list[str]) -> dict[str, float]:
@@ -130,7 +137,7 @@ def evaluate_generator(model, tokenizer, table, data_config, options: AttributeE
   rows = np.arange(len(table) if not options.num_rows else min(options.num_rows, len(table)))
   batches = generator_data.prompt_batches(table, tokenizer, data_config, rows, with_answers=False)
   enc = generator_data.GeneratorEncoder(tokenizer, data_config)
-  generated, timing = generate_strings(model, tokenizer, batches, enc.image_grid_thw, mesh, sampling)
+  generated, _, timing = generate_strings(model, tokenizer, batches, enc.image_grid_thw, mesh, sampling)
   ids = [int(table.listing_id[i]) for i in rows]
   predicted = [generated[i] for i in ids]
   truths = [table.product_attributes[i] for i in rows]

@@ -24,7 +24,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from afmrl_jax.data.catalog import CatalogConfig
-from afmrl_jax.data.generator_data import GeneratorDataConfig
+from afmrl_jax.data.generator_data import GenerationOptions, GeneratorDataConfig
 from afmrl_jax.data.pipeline import PipelineConfig
 from afmrl_jax.fields import Checked, InvalidFields, check, choice, field_problem
 from afmrl_jax.losses.config import AGCLConfig
@@ -39,8 +39,8 @@ from afmrl_jax.train.stage1_data import AttributeOptions
 from afmrl_jax.train.stage1_step import GradCacheOptions
 from afmrl_jax.train.state import OptimizerConfig
 
-STAGES = ("stage1", "eval", "sft")
-PLANNED_STAGES = ("generate", "stage2", "cit")
+STAGES = ("stage1", "eval", "sft", "generate")
+PLANNED_STAGES = ("stage2", "cit")
 DTYPES = ("float32", "bfloat16")
 STRATEGIES = ("dense", "all_gather", "ring")
 
@@ -104,6 +104,7 @@ class Run:
   attributes: AttributeOptions = AttributeOptions()
   generator: GeneratorDataConfig = GeneratorDataConfig()  # the generator's examples (sft, generate)
   sft_eval: AttributeEvalOptions = AttributeEvalOptions()  # attribute quality after SFT
+  generation: GenerationOptions = GenerationOptions()  # the generate stage
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

@@ -115,10 +115,9 @@ def train_and_evaluate(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
   return summary
 
 
-def restore_model(run: schema.Run, checkpoint_dir: str, data: stage1_data.Stage1Data, mesh
-                  ) -> tuple[state_lib.ShardedModel, int]:
-  """The model with the trainable params of the latest checkpoint in `checkpoint_dir`."""
-  model = create_model(run, data.tokenizer, mesh)
+def restore_model(run: schema.Run, checkpoint_dir: str, tokenizer, mesh) -> tuple[state_lib.ShardedModel, int]:
+  """The run's model with the trainable params of the latest checkpoint in `checkpoint_dir`."""
+  model = create_model(run, tokenizer, mesh)
   tx = state_lib.make_optimizer(run.optimizer, run.train.num_steps)
   checkpointer = checkpointing.Checkpointer(checkpoint_dir, keep=run.checkpoint.keep, async_save=False)
   try:
@@ -126,7 +125,7 @@ def restore_model(run: schema.Run, checkpoint_dir: str, data: stage1_data.Stage1
   finally:
     checkpointer.close()
   if step is None:
-    raise FileNotFoundError(f"No checkpoint in {checkpoint_dir}; train first (config.stage=stage1).")
+    raise FileNotFoundError(f"No checkpoint in {checkpoint_dir}; train first.")
   model.params = state["params"]
   return model, step
 
@@ -137,7 +136,7 @@ def evaluate_checkpoint(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
   mesh = parallel.make_mesh(run.mesh)
   ckpt_dir = checkpointing.checkpoint_dir(run.checkpoint.restore_dir or workdir)
   data = stage1_data.make(run, workdir)
-  model, step = restore_model(run, ckpt_dir, data, mesh)
+  model, step = restore_model(run, ckpt_dir, data.tokenizer, mesh)
   logging.info("Evaluating %s step %d.", ckpt_dir, step)
   metrics = run_evaluation(run, workdir, model, data, mesh, step=step)
   return {"step": step, "checkpoint_dir": ckpt_dir, "eval": metrics}

@@ -136,11 +136,12 @@ def validate(config: Any, workdir: str, *, num_devices: int | None = None,
     problems += _batch(parts["pipeline"], parts["mesh"], parts["gradcache"], num_devices, num_processes)
   problems += _paths(parts["catalog"], parts["attributes"], parts["checkpoint"])
   problems += _workdir(workdir)
-  if parts["stage"] == "eval" and not problems:
+  needs_checkpoint = parts["stage"] == "eval" or (parts["stage"] == "generate" and not model.hf_checkpoint)
+  if needs_checkpoint and not problems:
     source = parts["checkpoint"].restore_dir or workdir
     if not checkpointing.has_checkpoint(source):
-      problems.append(f"The eval stage found no checkpoint in {checkpointing.checkpoint_dir(source)!r}; train "
-                      "first or set config.checkpoint.restore_dir to a training workdir.")
+      problems.append(f"The {parts['stage']} stage found no checkpoint in {checkpointing.checkpoint_dir(source)!r}; "
+                      "train first or set config.checkpoint.restore_dir to a training workdir.")
   if problems:
     raise ConfigError(problems)
   return schema.Run(**parts)
