@@ -6,13 +6,15 @@
 #   SEEDS    default "0 1 2 3 4"   (>= 5 for the published table)
 #   ARMS     default: every arm below
 # Environment: PRESET (default tiny), STEPS (default: the preset's), MARGIN (uniform-margin control,
-# default 1.0), EXTRA (more --config overrides for every run), PYTHON (default .venv/bin/python).
+# default 1.0), EXTRA (more --config overrides for every run), PYTHON (default .venv/bin/python),
+# BASELINE (the arm of the paired differences, default infonce), SFT_ATTRIBUTES (the generate stage's
+# attributes.jsonl, for agcl_sft_enriched).
 #
 # Seeds change the model init, the batch order and the fresh views (model.param_seed,
 # pipeline.seed); the catalog is the same for every run, so arms are compared on the same data
 # and seed k of one arm is paired with seed k of another. Finished runs (summary.json present) are
 # skipped, so the script can be stopped and restarted. At the end it prints the table
-# (launch/ablate_report.py): mean +- std per arm and the paired difference to InfoNCE.
+# (launch/ablate_report.py): mean +- std per arm and the paired difference to the baseline arm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-/tmp/afmrl_ablate}
@@ -38,6 +40,8 @@ declare -A ARM_FLAGS=(
   [infonce_no_duplicates]="--config.loss.bias_scale=0 --config.catalog.duplicate_share=0.0"
   [infonce_enriched]="--config.loss.bias_scale=0 --config.attributes.enrich_queries=True"
   [agcl_enriched]="--config.attributes.enrich_queries=True"
+  [agcl_true_enriched]="--config.attributes.source=true --config.attributes.enrich_queries=True"
+  [agcl_sft_enriched]="--config.attributes.source=${SFT_ATTRIBUTES:-} --config.attributes.enrich_queries=True"
 )
 DEFAULT_ARMS="infonce agcl agcl_published uniform_margin agcl_mask_margin agcl_mask_attribute agcl_mask_positive agcl_family_mixed infonce_family_mixed agcl_no_duplicates infonce_no_duplicates infonce_enriched agcl_enriched"
 ARMS=${3:-$DEFAULT_ARMS}
@@ -58,4 +62,4 @@ for seed in ${SEEDS}; do
       || { echo "run failed, see ${dir}.log" >&2; tail -5 "${dir}.log" >&2; }
   done
 done
-"${PYTHON}" launch/ablate_report.py "${OUT}" --baseline infonce --json "${OUT}/ablation.json" | tee "${OUT}/ablation.md"
+"${PYTHON}" launch/ablate_report.py "${OUT}" --baseline "${BASELINE:-infonce}" --json "${OUT}/ablation.json" | tee "${OUT}/ablation.md"

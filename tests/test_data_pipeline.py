@@ -71,7 +71,7 @@ def test_prompt_truncates_text_not_image_tokens(env):
   with pytest.raises(ValueError, match="max_length"):
     prompts.PromptBuilder(tok, num_image_tokens=30, max_length=20)
   text = "Scarlet V-neck dress, ünï 🙂 <|image_pad|>"  # the thread-safe encoder agrees with the HF call
-  assert builder._encode(text) == tok(text, add_special_tokens=False)["input_ids"]
+  assert tokenizer.ThreadSafeEncoder(tok).encode(text) == tok(text, add_special_tokens=False)["input_ids"]
 
 
 def test_iterator_state_restores_exactly(env):

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 import configs.stage1 as stage1_configs
 from afmrl_jax.train import stage1_data
@@ -27,3 +28,20 @@ def test_generated_attributes_replace_teacher_terms(tmp_path):
   assert (expected > 0).sum() >= 3  # the generated terms are in the vocabulary
   for side in ("query_terms", "candidate_terms"):
     np.testing.assert_array_equal(batch[side], np.broadcast_to(expected, batch[side].shape))
+
+
+def test_unknown_or_repeated_listing_ids_name_the_line(tmp_path):
+  path = tmp_path / "a.jsonl"
+  path.write_text('{"listing_id": 1, "attributes": "colour: red"}\n'
+                  '{"listing_id": 99, "attributes": "colour: blue"}\n'
+                  '{"listing_id": 1, "attributes": "colour: green"}\n'
+                  'not json\n')
+  with pytest.raises(ValueError, match=r"a.jsonl:2: listing 99 is not a listing of this catalog"):
+    stage1_data.read_generated_attributes(str(path), known_ids=[1, 2])
+  path.write_text('{"listing_id": 1, "attributes": "colour: red"}\n{"listing_id": 1, "attributes": "x: y"}\n')
+  with pytest.raises(ValueError, match=r"a.jsonl:2: listing 1 appears twice"):
+    stage1_data.read_generated_attributes(str(path), known_ids=[1, 2])
+  path.write_text('{"listing_id": 1, "attributes": "colour: red"}\n{"listing_id": 99, "attributes": "a: b"}\n'
+                  '{"listing_id": 1, "attributes": "x: y"}\nnot json\n{"listing_id": 2, "attributes": "c: d"}\n')
+  assert stage1_data.read_generated_attributes(str(path), known_ids=[1, 2], skip_bad_rows=True) == {
+      1: "colour: red", 2: "c: d"}

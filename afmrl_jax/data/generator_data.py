@@ -23,7 +23,6 @@ from collections.abc import Mapping
 
 import grain
 import numpy as np
-from tokenizers import Tokenizer
 
 from afmrl_jax.data import image_patches, schema
 from afmrl_jax.data import tokenizer as tokenizer_lib
@@ -74,35 +73,23 @@ class GeneratorEncoder:
   def __init__(self, tokenizer, config: GeneratorDataConfig):
     self.config = config
     self.ids = tokenizer_lib.special_ids(tokenizer)
-    # A private Rust tokenizer without truncation/padding: safe under grain's reader threads.
-    self._backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-    self._backend.no_truncation()
-    self._backend.no_padding()
+    self._text = tokenizer_lib.ThreadSafeEncoder(tokenizer)
     self.patch_cfg = image_patches.PatchConfig()
     grid = image_patches.grid_thw(config.image_size, config.image_size)
     self.image_grid_thw = tuple(int(g) for g in grid)
     self.num_image_tokens = int(np.prod(grid)) // self.patch_cfg.merge_size ** 2
-    self._cache: dict[str, list[int]] = {}
-
-  def _encode(self, text: str) -> list[int]:
-    return self._backend.encode(text, add_special_tokens=False).ids
-
-  def _cached(self, text: str) -> list[int]:
-    if text not in self._cache:
-      self._cache[text] = self._encode(text)
-    return self._cache[text]
 
   def prompt(self, category: str, title: str) -> tuple[np.ndarray, np.ndarray]:
     """(prompt_ids, prompt_mask) int32 [Tp], left-padded."""
     tp = self.config.max_prompt_len
-    head = (self._cached(instruction(category)) + [self.ids["vision_start"]]
+    head = (self._text.cached(instruction(category)) + [self.ids["vision_start"]]
             + [self.ids["image_pad"]] * self.num_image_tokens + [self.ids["vision_end"]])
-    tail = self._cached("\nattributes:")
+    tail = self._text.cached("\nattributes:")
     budget = tp - len(head) - len(tail)
     if budget < 0:
       raise ValueError(f"GeneratorDataConfig.max_prompt_len={tp} cannot hold the instruction and "
                        f"{self.num_image_tokens} image tokens ({len(head) + len(tail)} needed); raise it")
-    toks = head + self._encode(title)[:budget] + tail
+    toks = head + self._text.encode(title)[:budget] + tail
     ids = np.full(tp, self.ids["pad"], np.int32)
     mask = np.zeros(tp, np.int32)
     ids[tp - len(toks):], mask[tp - len(toks):] = toks, 1
@@ -111,7 +98,7 @@ class GeneratorEncoder:
   def answer(self, text: str) -> tuple[np.ndarray, int]:
     """(answer_ids int32 [Ta] right-padded, kept length incl. EOS when it fits)."""
     ta = self.config.max_answer_len
-    toks = (self._encode(" " + text) + [self.ids["eos"]])[:ta]
+    toks = (self._text.encode(" " + text) + [self.ids["eos"]])[:ta]
     ids = np.full(ta, self.ids["pad"], np.int32)
     ids[:len(toks)] = toks
     return ids, len(toks)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from afmrl_jax.data import tokenizer as tokenizer_lib
 
@@ -37,35 +36,21 @@ class PromptBuilder:
 
   def __post_init__(self):
     self.ids = tokenizer_lib.special_ids(self.tokenizer)
-    # A private copy of the Rust tokenizer, without truncation / padding: encoding through it never
-    # mutates shared state, so grain's reader threads can call it concurrently (the HF wrapper's
-    # __call__ resets truncation on every call, which fails with "Already borrowed" across threads).
-    self._backend = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())
-    self._backend.no_truncation()
-    self._backend.no_padding()
-    self._instruction_cache: dict[str, list[int]] = {}
+    self._text = tokenizer_lib.ThreadSafeEncoder(self.tokenizer)
     if self.max_length < self.num_image_tokens + 3:
       raise ValueError(f"prompt max_length={self.max_length} cannot hold {self.num_image_tokens} image tokens "
                        "plus vision start/end and eos; raise the max text length in the config")
 
-  def _encode(self, text: str) -> list[int]:
-    return self._backend.encode(text, add_special_tokens=False).ids
-
-  def _instruction(self, instruction: str) -> list[int]:
-    if instruction not in self._instruction_cache:
-      self._instruction_cache[instruction] = self._encode(instruction)
-    return self._instruction_cache[instruction]
-
   def build(self, instruction: str, text: str, *, with_image: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """-> (input_ids int32 [T], attention_mask int32 [T]), left-padded."""
-    head = list(self._instruction(instruction))
+    head = list(self._text.cached(instruction))
     if with_image:
       head += [self.ids["vision_start"]] + [self.ids["image_pad"]] * self.num_image_tokens + [self.ids["vision_end"]]
     budget = self.max_length - len(head) - 1
     if budget < 0:
       raise ValueError(f"prompt max_length={self.max_length} is shorter than the instruction + image tokens "
                        f"({len(head) + 1}); raise it or shorten the instruction {instruction!r}")
-    body = self._encode(text)[:budget] if text else []
+    body = self._text.encode(text)[:budget] if text else []
     toks = head + body + [self.ids["eos"]]
     ids = np.full(self.max_length, self.ids["pad"], np.int32)
     mask = np.zeros(self.max_length, np.int32)

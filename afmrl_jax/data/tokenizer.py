@@ -77,3 +77,27 @@ def special_ids(tok: PreTrainedTokenizerFast) -> dict[str, int]:
   names = {"pad": tok.pad_token, "eos": tok.eos_token, "im_start": IM_START, "vision_start": VISION_START,
            "vision_end": VISION_END, "image_pad": IMAGE_PAD}
   return {k: tok.convert_tokens_to_ids(v) for k, v in names.items()}
+
+
+class ThreadSafeEncoder:
+  """Text -> token ids through a private copy of a HF fast tokenizer's Rust backend.
+
+  The copy has no truncation or padding, so encoding never mutates shared state and grain's reader
+  threads may call it concurrently (the HF wrapper's `__call__` resets truncation on every call, which
+  fails with "Already borrowed" across threads). `cached` memoises fixed strings (instructions).
+  """
+
+  def __init__(self, tokenizer):
+    from tokenizers import Tokenizer
+    self._backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    self._backend.no_truncation()
+    self._backend.no_padding()
+    self._cache: dict[str, list[int]] = {}
+
+  def encode(self, text: str) -> list[int]:
+    return self._backend.encode(text, add_special_tokens=False).ids
+
+  def cached(self, text: str) -> list[int]:
+    if text not in self._cache:
+      self._cache[text] = self.encode(text)
+    return self._cache[text]

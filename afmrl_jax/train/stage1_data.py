@@ -31,6 +31,7 @@ class AttributeOptions:
   # path to a generated-attributes JSONL ({"listing_id": int, "attributes": str} per line)
   source: str = "teacher"
   enrich_queries: bool = False  # append the attributes to the query (and candidate) text
+  skip_bad_rows: bool = False  # a generated file's unknown or repeated listing ids: skip and count them
 
 
 @dataclasses.dataclass
@@ -46,18 +47,36 @@ class Stage1Data:
   catalog: Any
 
 
-def read_generated_attributes(path: str) -> dict[int, str]:
-  """listing_id -> attribute string from a JSONL file; errors name the file and line."""
-  out = {}
+def read_generated_attributes(path: str, known_ids=None, skip_bad_rows: bool = False) -> dict[int, str]:
+  """listing_id -> attribute string from a generated-attributes JSONL file.
+
+  A bad line (not JSON, no `listing_id` / `attributes`), a listing id the catalog does not have
+  (`known_ids`) or one seen before raises ValueError naming the file and line; with `skip_bad_rows` such
+  lines are skipped, counted and logged instead.
+  """
+  out: dict[int, str] = {}
+  skipped: list[str] = []
+  known = None if known_ids is None else set(int(i) for i in known_ids)
   with open(path, encoding="utf-8") as f:
     for n, line in enumerate(f, 1):
       if not line.strip():
         continue
       try:
         row = json.loads(line)
-        out[int(row["listing_id"])] = str(row["attributes"])
+        lid, text = int(row["listing_id"]), str(row["attributes"])
+        problem = ("is not a listing of this catalog" if known is not None and lid not in known
+                   else "appears twice" if lid in out else "")
       except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}:{n}: expected {{\"listing_id\": int, \"attributes\": str}} ({e}).") from e
+        lid, problem = None, f'is not {{"listing_id": int, "attributes": str}} ({e})'
+      if problem:
+        message = f"{path}:{n}: listing {lid} {problem}" if lid is not None else f"{path}:{n}: the line {problem}"
+        if not skip_bad_rows:
+          raise ValueError(message + "; fix the file or set config.attributes.skip_bad_rows=True.")
+        skipped.append(message)
+        continue
+      out[lid] = text
+  if skipped:
+    logging.warning("Skipped %d bad line(s) of %s; first: %s", len(skipped), path, skipped[0])
   return out
 
 
@@ -113,7 +132,10 @@ def make(run: Any, workdir: str) -> Stage1Data:
   run = schema.parse(run)
   catalog, tokenizer, stats = load_catalog(run, workdir)
   source = run.attributes.source
-  generated = read_generated_attributes(source) if source not in ("teacher", "true") else None
+  generated = None
+  if source not in ("teacher", "true"):
+    generated = read_generated_attributes(source, [l.listing_id for l in catalog.listings],
+                                          run.attributes.skip_bad_rows)
   pipe = pipeline_config(run)
   train_table = ListingTable.from_catalog(catalog, "train")
   image_grid_thw = tuple(int(g) for g in pipeline.image_grid_thw(pipe))
