@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +12,7 @@ from flax import nnx
 import configs.sft as sft_configs
 from afmrl_jax.models.config import VLConfig
 from afmrl_jax.models.vl_model import VLModel
-from afmrl_jax.train import sft, sft_step
+from afmrl_jax.train import checkpointing, sft, sft_step
 
 GRID = (1, 4, 4)  # 56x56 images: 16 patches, 4 merged image tokens
 B, TP, TA = 3, 12, 6
@@ -89,3 +90,61 @@ def test_stop_and_resume_is_bitwise(tmp_path):
     assert (first.losses if s <= 3 else second.losses)[s] == full.losses[s], s
   for a, b in ((second.state["params"], full.state["params"]), (second.state["opt_state"], full.state["opt_state"])):
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, a), jax.tree.map(np.asarray, b))
+
+
+COLOURS = ("red", "blue", "green", "black", "white", "yellow")
+NOISE = ("new", "sale", "classic", "soft", "cotton", "summer", "slim", "basic", "premium", "casual")
+
+
+def _toy_table(rows, seed):
+  """Listings whose answer is the colour named in the title ('colour: blue'); blank images."""
+  from afmrl_jax.data.table import ListingTable
+  rng = np.random.default_rng(seed)
+  metas = []
+  for i in range(rows):
+    colour = COLOURS[i % len(COLOURS)]
+    words = list(rng.choice(NOISE, 3, replace=False)) + [colour]
+    rng.shuffle(words)
+    metas.append(dict(listing_id=i, product_id=i, true_product_id=i, family_id=i, category="toy",
+                      title=" ".join(words) + " top", teacher_attributes=f"colour: {colour}",
+                      product_attributes=f"colour: {colour}"))
+  blank = np.zeros((56, 56, 3), np.uint8)
+  return ListingTable(metas, lambda i: blank, categories=("toy",), name=f"toy{seed}")
+
+
+def test_sft_learns_to_copy_the_title_colour(tmp_path):
+  """A toy task: after SFT, greedy generations on rows never trained on name the title's colour."""
+  from afmrl_jax import parallel
+  from afmrl_jax.data import generator_data, tokenizer as tokenizer_lib
+  from afmrl_jax.generate.filters import SamplingConfig
+  from afmrl_jax.train import attribute_eval, loop as loop_lib, state as state_lib
+  train_table, heldout = _toy_table(192, 0), _toy_table(48, 1)
+  texts = list(train_table.title) + list(train_table.teacher_attributes) + [generator_data.instruction("toy")] * 50
+  tok = tokenizer_lib.default_tokenizer(texts, str(tmp_path / "tok"))
+  cfg = generator_data.GeneratorDataConfig(batch_size=16, eval_batch_size=16, image_size=56, max_prompt_len=48,
+                                           max_answer_len=8, num_threads=1)
+  arch = sft_configs.get_config("tiny").model.arch.to_dict()
+  ids = tokenizer_lib.special_ids(tok)
+  arch.update(vocab_size=len(tok), image_token_id=ids["image_pad"], vision_start_token_id=ids["vision_start"],
+              vision_end_token_id=ids["vision_end"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
+  vl = VLConfig.from_hf_dict(arch)
+  mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  model = state_lib.create_sharded(lambda: VLModel(vl, rngs=nnx.Rngs(0)), mesh, nnx.Param)
+  opt = state_lib.OptimizerConfig(learning_rate=3e-3, warmup_steps=10)
+  tx = state_lib.make_optimizer(opt, 600)
+  grid = generator_data.GeneratorEncoder(tok, cfg).image_grid_thw
+  step_fn = loop_lib.make_train_step(model.graphdef, tx, loss_fn=sft_step.make_loss_fn(grid))
+  data = iter(generator_data.sft_dataset(train_table, tok, cfg, shard_options=grain.sharding.NoSharding()))
+  result = loop_lib.resume_and_run(step_fn, model, tx, data, mesh=mesh,
+                                   options=loop_lib.TrainOptions(num_steps=600, log_every=100),
+                                   checkpoint=checkpointing.CheckpointOptions(enabled=False),
+                                   workdir=str(tmp_path), examples_per_step=16)
+  model.params = result.state["params"]
+  sampling = SamplingConfig(temperature=0.0, max_new_tokens=8, eos_ids=(ids["eos"],), pad_id=ids["pad"])
+  batches = generator_data.prompt_batches(heldout, tok, cfg, with_answers=False,
+                                          shard_options=grain.sharding.NoSharding())
+  generated, cut, _ = attribute_eval.generate_strings(model.merge(), tok, batches, grid, mesh, sampling)
+  predicted = [generated[int(i)] for i in heldout.listing_id]
+  exact = np.mean([p == t for p, t in zip(predicted, heldout.teacher_attributes)])
+  assert exact >= 0.9, (exact, predicted[:6], [result.losses[s] for s in (1, 200, 400, 600)])
+  assert not cut
