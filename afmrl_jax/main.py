@@ -26,7 +26,8 @@ def run(config, workdir: str) -> dict:
   from afmrl_jax.train import generate_stage, sft, stage1
   from afmrl_jax.train.validate import validate
   run_config = validate(config, workdir)
-  stages = {"stage1": stage1.train_and_evaluate, "eval": stage1.evaluate_checkpoint,
+  evaluators = {"representation": stage1.evaluate_checkpoint, "generator": sft.evaluate_checkpoint}
+  stages = {"stage1": stage1.train_and_evaluate, "eval": evaluators[run_config.task],
             "sft": sft.train_and_evaluate, "generate": generate_stage.run_generation}
   return stages[run_config.stage](run_config, workdir)
 

@@ -5,6 +5,9 @@ Usage:
   python -m afmrl_jax.main --config=configs/sft.py:qwen2.5vl-3b --workdir=... \\
       --config.model.hf_checkpoint=/path/to/Qwen2.5-VL-3B-Instruct
 
+Evaluate a trained generator again (attribute quality on `sft_eval.split`):
+  python -m afmrl_jax.main --config=configs/sft.py --config.stage=eval --workdir=/tmp/sft
+
 Presets: `tiny` (default: a small generator trained from scratch on the embedded catalog, a few CPU
 minutes), `ci` (smaller still, for tests), `bench-small` (the benchmark size), `qwen2.5vl-3b` (the
 paper's generator from a local HF checkpoint: full fine-tune, bf16, FSDP over every device;
@@ -52,6 +55,7 @@ def get_config(arg=None):
   paper = preset == "qwen2.5vl-3b"
   config = common.base("qwen2vl-2b" if paper else preset, stage="sft")
   config.preset = preset
+  config.task = "generator"
   config.model.arch = ml_collections.ConfigDict(generator_arch(preset))
   config.lora.enabled = False  # the paper fine-tunes the whole generator
   config.gradcache.enabled = False

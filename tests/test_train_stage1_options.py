@@ -91,3 +91,19 @@ def test_hf_checkpoint_weights_are_loaded(tmp_path):
   for path, var in want:
     np.testing.assert_array_equal(np.asarray(loaded[path][...]), np.asarray(var[...]), err_msg=str(path))
   assert any(str(p[-1]).startswith("lora_") for p in loaded)  # adapters kept
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused():
+  from afmrl_jax.train import stage1
+
+  class FakeTokenizer:
+    def __len__(self):
+      return 500
+
+    def convert_tokens_to_ids(self, token):
+      return {"<|image_pad|>": 60, "<|vision_start|>": 61, "<|vision_end|>": 62}.get(token, 1)
+
+  config = stage1_configs.get_config("ci")
+  config.model.arch.vocab_size = 64
+  with pytest.raises(ValueError, match="The tokenizer has 500 tokens but the model's vocabulary is 64"):
+    stage1.create_model(schema.parse(config), FakeTokenizer(), mesh_of({"data": 1, "fsdp": 1, "tensor": 1}))

@@ -116,3 +116,14 @@ def test_gradcache_chunk_must_divide_local_batch(tmp_path):
   config.gradcache.chunk = 3
   (problem,) = problems_of(config, tmp_path)
   assert "config.gradcache.chunk=3 must divide the per-device batch 2" in problem
+
+
+def test_hf_checkpoint_of_the_wrong_architecture(tmp_path):
+  ckpt = tmp_path / "llama"
+  ckpt.mkdir()
+  (ckpt / "config.json").write_text('{"model_type": "llama"}')
+  config = stage1_configs.get_config("ci")
+  config.model.hf_checkpoint = str(ckpt)
+  (problem,) = problems_of(config, tmp_path / "w")
+  assert problem == (f"config.model.hf_checkpoint={str(ckpt)!r} is a 'llama' model; this stage needs a "
+                     "vision-language model (qwen2_vl, qwen2_5_vl).")

@@ -42,6 +42,7 @@ from afmrl_jax.train.state import OptimizerConfig
 STAGES = ("stage1", "eval", "sft", "generate")
 PLANNED_STAGES = ("stage2", "cit")
 DTYPES = ("float32", "bfloat16")
+TASKS = ("representation", "generator")
 STRATEGIES = ("dense", "all_gather", "ring")
 
 # Fields that were renamed: old dotted path -> new one (the command line refuses the old with a hint).
@@ -89,6 +90,7 @@ class Run:
   """The typed run config: top-level fields, then one dataclass per section."""
   stage: str = "stage1"
   preset: str = "tiny"
+  task: str = choice("representation", TASKS)  # what the model is: the eval stage scores it accordingly
   dtype: str = choice("float32", DTYPES)  # compute dtype; parameters stay float32
   catalog: CatalogOptions = CatalogOptions()
   pipeline: PipelineConfig = PipelineConfig()

@@ -19,7 +19,7 @@ from afmrl_jax.data import generator_data
 from afmrl_jax.data.table import ListingTable
 from afmrl_jax.generate.filters import SamplingConfig
 from afmrl_jax.generate.sampling import eos_ids_of
-from afmrl_jax.train import attribute_eval, builders, schema, sft_step, stage1, stage1_data
+from afmrl_jax.train import attribute_eval, builders, checkpointing, schema, sft_step, stage1, stage1_data
 from afmrl_jax.train import loop as loop_lib
 from afmrl_jax.train import state as state_lib
 
@@ -63,6 +63,25 @@ def train(run: schema.Run | Any, workdir: str):
   return result, model, catalog, tokenizer
 
 
+def evaluate(run: schema.Run, model, catalog, tokenizer, workdir: str) -> dict[str, float]:
+  """Attribute quality of `model`'s greedy generations on `run.sft_eval.split` (reports in the workdir)."""
+  table = ListingTable.from_catalog(catalog, run.sft_eval.split)
+  quality = attribute_eval.evaluate_generator(model.merge(), tokenizer, table, data_config(run), run.sft_eval,
+                                              parallel.make_mesh(run.mesh), workdir,
+                                              greedy(run, builders.vl_config(run, tokenizer)))
+  return attribute_eval.headline(quality)
+
+
+def evaluate_checkpoint(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
+  """The `eval` stage of a generator: the latest checkpoint of `checkpoint.restore_dir` (default: the
+  workdir), scored on `sft_eval.split`."""
+  run = schema.parse(run)
+  catalog, tokenizer, _ = stage1_data.load_catalog(run, workdir)
+  ckpt_dir = checkpointing.checkpoint_dir(run.checkpoint.restore_dir or workdir)
+  model, step = stage1.restore_model(run, ckpt_dir, tokenizer, parallel.make_mesh(run.mesh))
+  return {"step": step, "checkpoint_dir": ckpt_dir, "attribute_eval": evaluate(run, model, catalog, tokenizer, workdir)}
+
+
 def train_and_evaluate(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
   """The `sft` stage; returns a JSON-able summary (also `<workdir>/summary.json`)."""
   t0 = time.perf_counter()
@@ -77,12 +96,7 @@ def train_and_evaluate(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
   }
   # Evaluation: attribute quality of greedy generations on listings never trained on.
   if run.train.eval_at_end and not result.stopped_early:
-    vl = builders.vl_config(run, tokenizer)
-    table = ListingTable.from_catalog(catalog, run.sft_eval.split)
-    mesh = parallel.make_mesh(run.mesh)
-    quality = attribute_eval.evaluate_generator(model.merge(), tokenizer, table, data_config(run), run.sft_eval,
-                                                mesh, workdir, greedy(run, vl))
-    summary["attribute_eval"] = attribute_eval.headline(quality)
+    summary["attribute_eval"] = evaluate(run, model, catalog, tokenizer, workdir)
   summary["wall_s"] = time.perf_counter() - t0
   stage1.write_json(os.path.join(workdir, "summary.json"), summary)
   return summary

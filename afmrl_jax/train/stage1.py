@@ -30,7 +30,11 @@ from afmrl_jax.train import state as state_lib
 
 def create_model(run: schema.Run, tokenizer, mesh) -> state_lib.ShardedModel:
   """The run's model, created sharded (+ LoRA), with the HF checkpoint's weights if one is set."""
-  build = builders.model_constructor(run, builders.vl_config(run, tokenizer))
+  vl = builders.vl_config(run, tokenizer)
+  if len(tokenizer) > vl.text.vocab_size:
+    raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
+                     f"{vl.text.vocab_size}: the checkpoint and the tokenizer (config.model.tokenizer) do not match.")
+  build = builders.model_constructor(run, vl)
   model = state_lib.create_sharded(build, mesh, builders.trainable_filter(run))
   if run.model.hf_checkpoint:
     builders.load_hf_weights(model, run, mesh)

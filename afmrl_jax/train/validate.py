@@ -8,6 +8,7 @@ writable). All problems are reported together in one `ConfigError`.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from typing import Any
@@ -39,14 +40,25 @@ def _workdir(workdir: str) -> list[str]:
   return []
 
 
+# The architectures each stage's model may have (HF `model_type` of a checkpoint's config.json).
+VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+
+
 def _model_paths(model) -> list[str]:
   problems = []
   if model.hf_checkpoint:
+    config_json = os.path.join(model.hf_checkpoint, "config.json")
     if not os.path.isdir(model.hf_checkpoint):
       problems.append(f"config.model.hf_checkpoint={model.hf_checkpoint!r} does not exist; give a local HF "
                       "checkpoint directory (config.json + *.safetensors).")
-    elif not os.path.isfile(os.path.join(model.hf_checkpoint, "config.json")):
+    elif not os.path.isfile(config_json):
       problems.append(f"config.model.hf_checkpoint={model.hf_checkpoint!r} has no config.json.")
+    else:
+      with open(config_json, encoding="utf-8") as f:
+        model_type = json.load(f).get("model_type")
+      if model_type not in VL_MODEL_TYPES:
+        problems.append(f"config.model.hf_checkpoint={model.hf_checkpoint!r} is a {model_type!r} model; this "
+                        f"stage needs a vision-language model ({', '.join(VL_MODEL_TYPES)}).")
   if model.tokenizer and not os.path.isdir(model.tokenizer):
     problems.append(f"config.model.tokenizer={model.tokenizer!r} does not exist; give a local HF tokenizer "
                     "directory or '' for the embedded one.")
