@@ -39,10 +39,11 @@ def bad_override(argv: list[str]) -> str | None:
   """
   from afmrl_jax.train import schema
   known = set(_dotted(schema.defaults()))
+  free_form = ("model.arch.",)  # an HF config.json dict: its keys come from the preset, not the schema
   for arg in argv:
     if arg.startswith("--config.") and "=" in arg:
       key = arg[len("--config."):].split("=", 1)[0]
-      if key not in known:
+      if key not in known and not key.startswith(free_form):
         return schema.unknown_field(key, sorted(known))
   return None
 

@@ -75,3 +75,6 @@ def test_renamed_and_unknown_overrides_are_one_line(tmp_path):
   proc = _main("--config=configs/stage1.py:ci", f"--workdir={tmp_path}", "--config.loss.tauu=0.1")
   assert proc.returncode == 2
   assert proc.stderr.strip() == "config.loss.tauu is not a config field; did you mean config.loss.tau?"
+  # The model's HF architecture dict is free-form: its preset keys stay overridable.
+  proc = _main("--config=configs/stage1.py:ci", f"--workdir={tmp_path}", "--config.model.arch.num_key_value_heads=3")
+  assert proc.returncode == 2 and "is not a multiple of num_key_value_heads=3" in proc.stderr
