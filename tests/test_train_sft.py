@@ -1,7 +1,5 @@
 """SFT of the generator: the loss is masked next-token cross-entropy on the answer; resume is bitwise."""
 
-import dataclasses
-
 import grain
 import jax
 import jax.numpy as jnp
