@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import collections
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 from afmrl_jax.data import catalog as catalog_lib

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from afmrl_jax.losses import blocks
 from afmrl_jax.losses.config import AGCLConfig
