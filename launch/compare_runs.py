@@ -1,0 +1,35 @@
+"""Whether two stage-1 workdirs hold bitwise the same results: logged losses, eval metrics, gallery embeddings.
+
+  python launch/compare_runs.py /tmp/run_a /tmp/run_b       # exit 0 when all three are identical
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+
+def _losses(workdir: str) -> list[tuple[int, float]]:
+  with open(f"{workdir}/metrics.jsonl", encoding="utf-8") as f:
+    return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
+
+
+def main(a: str, b: str) -> int:
+  metrics = [json.load(open(f"{w}/eval/metrics.json", encoding="utf-8"))["metrics"] for w in (a, b)]
+  emb = [np.load(f"{w}/eval/gallery_embeddings.npz") for w in (a, b)]
+  same = {
+      "logged losses": _losses(a) == _losses(b),
+      "eval metrics": metrics[0] == metrics[1],
+      "gallery embeddings": emb[0].files == emb[1].files and all(np.array_equal(emb[0][k], emb[1][k])
+                                                                 for k in emb[0].files),
+  }
+  for name, ok in same.items():
+    print(f"{name}: {'identical' if ok else 'DIFFERENT'}")
+  print(f"R@1 {metrics[0]['recall@1']:.6f} vs {metrics[1]['recall@1']:.6f}; {len(_losses(a))} logged losses")
+  return 0 if all(same.values()) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main(*sys.argv[1:3]))
