@@ -38,3 +38,12 @@ def test_empty_and_misaligned_inputs():
   assert q["micro_f1"] == 0.0 and q["num_rows"] == 0
   with pytest.raises(ValueError, match="2 predictions for 1 references"):
     attribute_quality(["a: b", "c: d"], ["a: b"])
+
+
+def test_group_agreement_counts_shared_keys_within_groups():
+  from afmrl_jax.attributes.quality import group_agreement
+  texts = ["colour: red; size: m", "colour: red; size: l", "colour: blue", "colour: green; fit: slim"]
+  # group 0: one pair, shared keys colour (agree) and size (differ) -> 1 of 2; group 1: one pair, shared
+  # key colour (differ) -> 0 of 1. Total 1 of 3.
+  assert group_agreement(texts, [0, 0, 1, 1]) == pytest.approx(1 / 3)
+  assert group_agreement(texts, [0, 1, 2, 3]) == 0.0

@@ -4,6 +4,7 @@ For key k, a row's prediction is a true positive when both strings have k with t
 value; precision_k = TP_k / rows predicting k, recall_k = TP_k / rows whose reference has k. `micro_*`
 pool every key. `exact_match` is the share of rows whose canonical pair sets are equal, `malformed_rate`
 the share the parser flags (`attributes.parse`), `mean_keys` the mean number of distinct keys predicted.
+`group_agreement` says how consistent strings are within groups (a product's listings).
 """
 
 from __future__ import annotations
@@ -56,3 +57,24 @@ def attribute_quality(predicted: Sequence[str], reference: Sequence[str]) -> dic
   return {"per_key": per_key, "micro_precision": mp, "micro_recall": mr, "micro_f1": _f1(mp, mr),
           "exact_match": _ratio(exact, n), "malformed_rate": _ratio(malformed, n),
           "mean_keys": _ratio(keys, n), "num_rows": n}
+
+
+def group_agreement(texts: Sequence[str], groups: Sequence[int]) -> float:
+  """Share of key values that agree between two strings of the same group (e.g. the listings of one
+  product), over every pair within a group and the keys both strings name; 0 without such pairs.
+
+  Retrieval needs it as much as accuracy: values that change from one listing of a product to the next
+  pull the product's listings apart."""
+  if len(texts) != len(groups):
+    raise ValueError(f"group_agreement: {len(texts)} strings for {len(groups)} group ids")
+  by_group: dict[int, list[dict[str, str]]] = {}
+  for text, group in zip(texts, groups):
+    by_group.setdefault(int(group), []).append(_as_dict(parse_attributes(text).pairs))
+  agree = shared = 0
+  for members in by_group.values():
+    for i in range(len(members)):
+      for j in range(i + 1, len(members)):
+        keys = set(members[i]) & set(members[j])
+        agree += sum(members[i][k] == members[j][k] for k in keys)
+        shared += len(keys)
+  return _ratio(agree, shared)

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from afmrl_jax import parallel
-from afmrl_jax.attributes.quality import attribute_quality
+from afmrl_jax.attributes.quality import attribute_quality, group_agreement
 from afmrl_jax.fields import Checked, non_negative, positive
 
 
@@ -96,7 +96,9 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
   return {"f1_vs_truth": truth["micro_f1"], "f1_vs_teacher": metrics["vs_teacher"]["micro_f1"],
           "teacher_f1_vs_truth": metrics["teacher_vs_truth"]["micro_f1"], "exact_match": truth["exact_match"],
           "malformed_rate": truth["malformed_rate"], "no_eos_rate": metrics["no_eos_rate"],
-          "mean_keys": truth["mean_keys"], "tokens_per_s": metrics["tokens_per_s"], "rows": metrics["rows"]}
+          "mean_keys": truth["mean_keys"], "product_agreement": metrics["product_agreement"],
+          "teacher_product_agreement": metrics["teacher_product_agreement"],
+          "tokens_per_s": metrics["tokens_per_s"], "rows": metrics["rows"]}
 
 
 def _image_tag(image: np.ndarray) -> str:
@@ -118,7 +120,9 @@ def write_reports(out_dir: str, metrics: dict[str, Any], examples: list[dict[str
                  f"{revealed.get(key, 0.0):.2f} |")
   head = (f"Against the ground truth: micro F1 {truth['micro_f1']:.3f}, exact match {truth['exact_match']:.3f}, "
           f"malformed {truth['malformed_rate']:.3f}, mean keys {truth['mean_keys']:.2f}; against the teacher: "
-          f"micro F1 {metrics['vs_teacher']['micro_f1']:.3f}. {metrics['rows']} listings, "
+          f"micro F1 {metrics['vs_teacher']['micro_f1']:.3f}. Values agreeing between listings of one product: "
+          f"{metrics['product_agreement']:.3f} (teacher {metrics['teacher_product_agreement']:.3f}). "
+          f"{metrics['rows']} listings, "
           f"{metrics['tokens_per_s']:.0f} generated tokens/s.\n\n")
   with open(os.path.join(out_dir, "metrics.md"), "w", encoding="utf-8") as f:
     f.write(head + "\n".join(lines) + "\n")
@@ -146,6 +150,10 @@ def evaluate_generator(model, tokenizer, table, data_config, options: AttributeE
       "vs_teacher": attribute_quality(predicted, [table.teacher_attributes[i] for i in rows]),
       "teacher_vs_truth": attribute_quality([table.teacher_attributes[i] for i in rows], truths),
       "title_reveals": title_revealed_keys([table.title[i] for i in rows], truths),
+      # Do the listings of one product get the same values? (teacher for reference)
+      "product_agreement": group_agreement(predicted, [table.true_product_id[i] for i in rows]),
+      "teacher_product_agreement": group_agreement([table.teacher_attributes[i] for i in rows],
+                                                   [table.true_product_id[i] for i in rows]),
       "rows": len(rows),
       "no_eos_rate": timing["no_eos"] / max(timing["rows"], 1),
       "tokens_per_s": timing["new_tokens"] / max(timing["seconds"], 1e-9),
