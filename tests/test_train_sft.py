@@ -130,7 +130,7 @@ def test_sft_learns_to_copy_the_title_colour(tmp_path):
   model = state_lib.create_sharded(lambda: VLModel(vl, rngs=nnx.Rngs(0)), mesh, nnx.Param)
   opt = state_lib.OptimizerConfig(learning_rate=3e-3, warmup_steps=10)
   tx = state_lib.make_optimizer(opt, 600)
-  grid = generator_data.GeneratorEncoder(tok, cfg).image_grid_thw
+  grid = generator_data.image_grid_thw(cfg)
   step_fn = loop_lib.make_train_step(model.graphdef, tx, loss_fn=sft_step.make_loss_fn(grid))
   data = iter(generator_data.sft_dataset(train_table, tok, cfg, shard_options=grain.sharding.NoSharding()))
   result = loop_lib.resume_and_run(step_fn, model, tx, data, mesh=mesh,

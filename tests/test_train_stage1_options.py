@@ -94,8 +94,6 @@ def test_hf_checkpoint_weights_are_loaded(tmp_path):
 
 
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused():
-  from afmrl_jax.train import stage1
-
   class FakeTokenizer:
     def __len__(self):
       return 500
@@ -106,4 +104,4 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused():
   config = stage1_configs.get_config("ci")
   config.model.arch.vocab_size = 64
   with pytest.raises(ValueError, match="The tokenizer has 500 tokens but the model's vocabulary is 64"):
-    stage1.create_model(schema.parse(config), FakeTokenizer(), mesh_of({"data": 1, "fsdp": 1, "tensor": 1}))
+    builders.create_model(schema.parse(config), FakeTokenizer(), mesh_of({"data": 1, "fsdp": 1, "tensor": 1}))

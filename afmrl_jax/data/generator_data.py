@@ -67,6 +67,11 @@ class GenerationOptions(Checked):
   output_dir: str = "generated"  # relative to the workdir
 
 
+def image_grid_thw(config: GeneratorDataConfig) -> tuple[int, int, int]:
+  """(t, h, w) patch grid shared by every image of these examples."""
+  return tuple(int(g) for g in image_patches.grid_thw(config.image_size, config.image_size))
+
+
 class GeneratorEncoder:
   """Turns (category, image, title[, answer]) into the arrays of one example."""
 
@@ -75,9 +80,8 @@ class GeneratorEncoder:
     self.ids = tokenizer_lib.special_ids(tokenizer)
     self._text = tokenizer_lib.ThreadSafeEncoder(tokenizer)
     self.patch_cfg = image_patches.PatchConfig()
-    grid = image_patches.grid_thw(config.image_size, config.image_size)
-    self.image_grid_thw = tuple(int(g) for g in grid)
-    self.num_image_tokens = int(np.prod(grid)) // self.patch_cfg.merge_size ** 2
+    self.image_grid_thw = image_grid_thw(config)
+    self.num_image_tokens = int(np.prod(self.image_grid_thw)) // self.patch_cfg.merge_size ** 2
 
   def prompt(self, category: str, title: str) -> tuple[np.ndarray, np.ndarray]:
     """(prompt_ids, prompt_mask) int32 [Tp], left-padded."""

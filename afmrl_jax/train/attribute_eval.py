@@ -140,8 +140,8 @@ def evaluate_generator(model, tokenizer, table, data_config, options: AttributeE
   from afmrl_jax.data import generator_data
   rows = np.arange(len(table) if not options.num_rows else min(options.num_rows, len(table)))
   batches = generator_data.prompt_batches(table, tokenizer, data_config, rows, with_answers=False)
-  enc = generator_data.GeneratorEncoder(tokenizer, data_config)
-  generated, _, timing = generate_strings(model, tokenizer, batches, enc.image_grid_thw, mesh, sampling)
+  generated, _, timing = generate_strings(model, tokenizer, batches, generator_data.image_grid_thw(data_config),
+                                          mesh, sampling)
   ids = [int(table.listing_id[i]) for i in rows]
   predicted = [generated[i] for i in ids]
   truths = [table.product_attributes[i] for i in rows]

@@ -96,3 +96,34 @@ def load_hf_weights(model: Any, run: Any, mesh: Any) -> None:
   with jax.set_mesh(mesh):
     load(module, run.model.hf_checkpoint, mesh)
   _, model.params, model.rest = nnx.split(module, trainable_filter(run), ...)
+
+
+def create_model(run: Any, tokenizer, mesh) -> Any:
+  """The run's model, created sharded (+ LoRA), with the HF checkpoint's weights if one is set."""
+  from afmrl_jax.train import state as state_lib
+  vl = vl_config(run, tokenizer)
+  if len(tokenizer) > vl.text.vocab_size:
+    raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
+                     f"{vl.text.vocab_size}: the checkpoint and the tokenizer (config.model.tokenizer) do not match.")
+  build = model_constructor(run, vl)
+  model = state_lib.create_sharded(build, mesh, trainable_filter(run))
+  if run.model.hf_checkpoint:
+    load_hf_weights(model, run, mesh)
+  return model
+
+
+def restore_model(run: Any, checkpoint_dir: str, tokenizer, mesh) -> tuple[Any, int]:
+  """The run's model with the trainable params of the latest checkpoint in `checkpoint_dir`."""
+  from afmrl_jax.train import checkpointing
+  from afmrl_jax.train import state as state_lib
+  model = create_model(run, tokenizer, mesh)
+  tx = state_lib.make_optimizer(run.optimizer, run.train.num_steps)
+  checkpointer = checkpointing.Checkpointer(checkpoint_dir, keep=run.checkpoint.keep, async_save=False)
+  try:
+    state, step = checkpointer.restore_latest(state_lib.train_state_shapes(tx, model, mesh))
+  finally:
+    checkpointer.close()
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint in {checkpoint_dir}; train first.")
+  model.params = state["params"]
+  return model, step

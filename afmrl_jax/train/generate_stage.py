@@ -32,7 +32,7 @@ from afmrl_jax.data import generator_data
 from afmrl_jax.data.table import ListingTable
 from afmrl_jax.generate.filters import SamplingConfig
 from afmrl_jax.generate.sampling import eos_ids_of
-from afmrl_jax.train import attribute_eval, builders, checkpointing, schema, stage1, stage1_data
+from afmrl_jax.train import attribute_eval, builders, checkpointing, schema, stage1_data
 from afmrl_jax.train import logging as train_logging
 
 def shard_path(folder: str, k: int) -> str:
@@ -61,15 +61,15 @@ def _rows(catalog, splits) -> tuple[ListingTable, np.ndarray]:
 def _load_generator(run: schema.Run, tokenizer, mesh):
   """The generator module: the latest checkpoint of `checkpoint.restore_dir`, else the HF checkpoint."""
   if run.checkpoint.restore_dir:
-    model, _ = stage1.restore_model(run, checkpointing.checkpoint_dir(run.checkpoint.restore_dir), tokenizer, mesh)
+    model, _ = builders.restore_model(run, checkpointing.checkpoint_dir(run.checkpoint.restore_dir), tokenizer, mesh)
   else:
-    model = stage1.create_model(run, tokenizer, mesh)
+    model = builders.create_model(run, tokenizer, mesh)
   return model.merge()
 
 
 def _shard_lines(model, tokenizer, table, rows, data_cfg, mesh, sampling, rng_key) -> tuple[str, dict]:
   batches = generator_data.prompt_batches(table, tokenizer, data_cfg, rows, with_answers=False)
-  grid = generator_data.GeneratorEncoder(tokenizer, data_cfg).image_grid_thw
+  grid = generator_data.image_grid_thw(data_cfg)
   texts, cut, stats = attribute_eval.generate_strings(model, tokenizer, batches, grid, mesh, sampling, rng_key)
   lines = []
   for i in rows:

@@ -30,6 +30,7 @@ from afmrl_jax import parallel
 from afmrl_jax.fields import Checked, non_negative, positive
 from afmrl_jax.train import checkpointing
 from afmrl_jax.train import logging as train_logging
+from afmrl_jax.train import state as state_lib
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -63,7 +64,8 @@ class LoopResult:
 
 def _device_batch(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """The numeric arrays of a host batch (strings and display fields stay on the host)."""
-  return {key: np.asarray(value) for key, value in batch.items() if np.asarray(value).dtype.kind in "biuf"}
+  arrays = {key: np.asarray(value) for key, value in batch.items()}
+  return {key: arr for key, arr in arrays.items() if arr.dtype.kind in "biuf"}
 
 
 def _describe_batch(ids: Any) -> str:
@@ -108,7 +110,6 @@ def resume_and_run(step_fn: Callable, model: Any, tx: optax.GradientTransformati
   """What every stage does after building its step: a fresh train state for `model`
   (`train.state.ShardedModel`), resumed from the latest checkpoint of `workdir` (the data iterator too)
   unless `checkpoint.resume` is off, then `run`."""
-  from afmrl_jax.train import state as state_lib
   shardings = state_lib.state_shardings(tx, model, mesh)
   state = state_lib.init_train_state(tx, model, mesh, shardings)
   checkpointer = checkpointing.Checkpointer.for_workdir(workdir, checkpoint)

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,6 +35,16 @@ def _clean(value: Any) -> Any:
   if isinstance(value, np.integer):
     return int(value)
   return value
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+  """`payload` as sorted, indented JSON at `path`, written by process 0 only (summaries, config.json)."""
+  jax = sys.modules.get("jax")
+  if jax is not None and jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(payload, f, indent=1, sort_keys=True, default=str)
 
 
 def write_metrics_json(path: str, metrics: Mapping[str, float],

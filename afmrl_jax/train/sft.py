@@ -19,7 +19,7 @@ from afmrl_jax.data import generator_data
 from afmrl_jax.data.table import ListingTable
 from afmrl_jax.generate.filters import SamplingConfig
 from afmrl_jax.generate.sampling import eos_ids_of
-from afmrl_jax.train import attribute_eval, builders, checkpointing, schema, sft_step, stage1, stage1_data
+from afmrl_jax.train import attribute_eval, builders, checkpointing, report, schema, sft_step, stage1_data
 from afmrl_jax.train import loop as loop_lib
 from afmrl_jax.train import state as state_lib
 
@@ -38,7 +38,7 @@ def greedy(run: schema.Run, vl) -> SamplingConfig:
 def train(run: schema.Run | Any, workdir: str):
   """Runs (or resumes) SFT; returns (loop result, trained model, catalog, tokenizer)."""
   run = schema.parse(run)
-  stage1.write_json(os.path.join(workdir, "config.json"), run.to_dict())
+  report.write_json(os.path.join(workdir, "config.json"), run.to_dict())
 
   # Mesh.
   mesh = parallel.make_mesh(run.mesh)
@@ -47,10 +47,10 @@ def train(run: schema.Run | Any, workdir: str):
   catalog, tokenizer, _ = stage1_data.load_catalog(run, workdir)
   cfg = data_config(run)
   train_iter = iter(generator_data.sft_dataset(ListingTable.from_catalog(catalog, "train"), tokenizer, cfg))
-  image_grid_thw = generator_data.GeneratorEncoder(tokenizer, cfg).image_grid_thw
+  image_grid_thw = generator_data.image_grid_thw(cfg)
 
   # Model and sharding.
-  model = stage1.create_model(run, tokenizer, mesh)
+  model = builders.create_model(run, tokenizer, mesh)
   tx = state_lib.make_optimizer(run.optimizer, run.train.num_steps)
 
   # Step: answer-token cross-entropy.
@@ -78,7 +78,7 @@ def evaluate_checkpoint(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
   run = schema.parse(run)
   catalog, tokenizer, _ = stage1_data.load_catalog(run, workdir)
   ckpt_dir = checkpointing.checkpoint_dir(run.checkpoint.restore_dir or workdir)
-  model, step = stage1.restore_model(run, ckpt_dir, tokenizer, parallel.make_mesh(run.mesh))
+  model, step = builders.restore_model(run, ckpt_dir, tokenizer, parallel.make_mesh(run.mesh))
   return {"step": step, "checkpoint_dir": ckpt_dir, "attribute_eval": evaluate(run, model, catalog, tokenizer, workdir)}
 
 
@@ -98,5 +98,5 @@ def train_and_evaluate(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
   if run.train.eval_at_end and not result.stopped_early:
     summary["attribute_eval"] = evaluate(run, model, catalog, tokenizer, workdir)
   summary["wall_s"] = time.perf_counter() - t0
-  stage1.write_json(os.path.join(workdir, "summary.json"), summary)
+  report.write_json(os.path.join(workdir, "summary.json"), summary)
   return summary

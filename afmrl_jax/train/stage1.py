@@ -8,12 +8,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
 
-import jax
 from absl import logging
 
 from afmrl_jax import parallel
@@ -21,6 +19,7 @@ from afmrl_jax.fields import narrow
 from afmrl_jax.losses.config import AGCLConfig
 from afmrl_jax.train import builders
 from afmrl_jax.train import checkpointing
+from afmrl_jax.train import report
 from afmrl_jax.train import loop as loop_lib
 from afmrl_jax.train import schema
 from afmrl_jax.train import stage1_data
@@ -28,31 +27,11 @@ from afmrl_jax.train import stage1_step
 from afmrl_jax.train import state as state_lib
 
 
-def create_model(run: schema.Run, tokenizer, mesh) -> state_lib.ShardedModel:
-  """The run's model, created sharded (+ LoRA), with the HF checkpoint's weights if one is set."""
-  vl = builders.vl_config(run, tokenizer)
-  if len(tokenizer) > vl.text.vocab_size:
-    raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
-                     f"{vl.text.vocab_size}: the checkpoint and the tokenizer (config.model.tokenizer) do not match.")
-  build = builders.model_constructor(run, vl)
-  model = state_lib.create_sharded(build, mesh, builders.trainable_filter(run))
-  if run.model.hf_checkpoint:
-    builders.load_hf_weights(model, run, mesh)
-  return model
-
-
-def write_json(path: str, payload: dict[str, Any]) -> None:
-  if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-      json.dump(payload, f, indent=1, sort_keys=True, default=str)
-
-
 def train(run: schema.Run | Any, workdir: str, data: stage1_data.Stage1Data | None = None, mesh=None
           ) -> tuple[loop_lib.LoopResult, state_lib.ShardedModel, stage1_data.Stage1Data]:
   """Runs (or resumes) stage-1 training; returns the loop result, the trained model and the data."""
   run = schema.parse(run)
-  write_json(os.path.join(workdir, "config.json"), run.to_dict())
+  report.write_json(os.path.join(workdir, "config.json"), run.to_dict())
 
   # Mesh: (data, fsdp, tensor); the batch is split over data x fsdp.
   mesh = mesh or parallel.make_mesh(run.mesh)
@@ -62,7 +41,7 @@ def train(run: schema.Run | Any, workdir: str, data: stage1_data.Stage1Data | No
   train_iter = data.train_iter()
 
   # Model and sharding: parameters created on their shards; frozen weights live in `model.rest`.
-  model = create_model(run, data.tokenizer, mesh)
+  model = builders.create_model(run, data.tokenizer, mesh)
   tx = state_lib.make_optimizer(run.optimizer, run.train.num_steps)
 
   # Step: AGCL over the whole global batch, by plain autodiff or GradCache.
@@ -115,23 +94,8 @@ def train_and_evaluate(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
   if run.train.eval_at_end and not result.stopped_early:
     summary["eval"] = run_evaluation(run, workdir, model, data, mesh, step=None)
   summary["wall_s"] = time.perf_counter() - t0
-  write_json(os.path.join(workdir, "summary.json"), summary)
+  report.write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
-
-
-def restore_model(run: schema.Run, checkpoint_dir: str, tokenizer, mesh) -> tuple[state_lib.ShardedModel, int]:
-  """The run's model with the trainable params of the latest checkpoint in `checkpoint_dir`."""
-  model = create_model(run, tokenizer, mesh)
-  tx = state_lib.make_optimizer(run.optimizer, run.train.num_steps)
-  checkpointer = checkpointing.Checkpointer(checkpoint_dir, keep=run.checkpoint.keep, async_save=False)
-  try:
-    state, step = checkpointer.restore_latest(state_lib.train_state_shapes(tx, model, mesh))
-  finally:
-    checkpointer.close()
-  if step is None:
-    raise FileNotFoundError(f"No checkpoint in {checkpoint_dir}; train first.")
-  model.params = state["params"]
-  return model, step
 
 
 def evaluate_checkpoint(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
@@ -140,7 +104,7 @@ def evaluate_checkpoint(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
   mesh = parallel.make_mesh(run.mesh)
   ckpt_dir = checkpointing.checkpoint_dir(run.checkpoint.restore_dir or workdir)
   data = stage1_data.make(run, workdir)
-  model, step = restore_model(run, ckpt_dir, data.tokenizer, mesh)
+  model, step = builders.restore_model(run, ckpt_dir, data.tokenizer, mesh)
   logging.info("Evaluating %s step %d.", ckpt_dir, step)
   metrics = run_evaluation(run, workdir, model, data, mesh, step=step)
   return {"step": step, "checkpoint_dir": ckpt_dir, "eval": metrics}
