@@ -85,7 +85,7 @@ def _shard(shard_options, batch_size: int) -> tuple[int, int, int]:
   return p, n, batch_size // n
 
 
-class _Encoder:
+class ListingEncoder:
   """Turns (image, text, attribute strings) into the arrays of one side of an element."""
 
   def __init__(self, tokenizer, stats, config: PipelineConfig):
@@ -190,7 +190,7 @@ def train_dataset(table: ListingTable, tokenizer, stats, config: PipelineConfig 
     raise ValueError("PipelineConfig.fresh_views needs fresh_view_config (the synthetic CatalogConfig)")
   p, _, local_b = _shard(shard_options, config.batch_size)
   plan = _Plan(table, config)
-  enc = _Encoder(tokenizer, stats, config)
+  enc = ListingEncoder(tokenizer, stats, config)
   by_product = table.rows_by_product()
   b = config.batch_size
   per_epoch = plan.batches_per_epoch
@@ -262,7 +262,7 @@ def eval_dataset(table: ListingTable, tokenizer, stats, config: PipelineConfig =
   if side not in ("query", "candidate"):
     raise ValueError(f"eval_dataset side must be 'query' or 'candidate', got {side!r}")
   p, _, local_b = _shard(shard_options, config.eval_batch_size)
-  enc = _Encoder(tokenizer, stats, config)
+  enc = ListingEncoder(tokenizer, stats, config)
   instruction = config.query_instruction if side == "query" else config.candidate_instruction
   b = config.eval_batch_size
   n_global = -(-len(table) // b)

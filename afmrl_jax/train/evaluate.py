@@ -171,8 +171,14 @@ def compute_metrics(query: dict[str, Any], gallery: dict[str, Any], ranked_rows:
   return out
 
 
-def _retriever_options(cfg: EvalConfig) -> dict[str, Any]:
-  if cfg.retriever == "exact":
+def make_index(cfg: EvalConfig, kind: str | None = None):
+  """An unbuilt retriever of `kind` (default `cfg.retriever`) with `cfg`'s ScaNN / exact options."""
+  kind = kind or cfg.retriever
+  return make_retriever(kind, **_retriever_options(cfg, kind))
+
+
+def _retriever_options(cfg: EvalConfig, kind: str) -> dict[str, Any]:
+  if kind == "exact":
     backend = cfg.exact_backend
     if backend == "auto":
       jax = sys.modules.get("jax")
@@ -222,7 +228,7 @@ def evaluate(
   k = min(want, n - 1 if cfg.exclude_self and n > 1 else n)
   search_k = min(k + 1, n) if cfg.exclude_self else k
 
-  retriever = make_retriever(cfg.retriever, **_retriever_options(cfg))
+  retriever = make_index(cfg)
   retriever.build(gallery["embeddings"], np.arange(n, dtype=np.int64))
   rows, scores = retriever.search(query["embeddings"], search_k)
   if cfg.exclude_self:

@@ -77,10 +77,13 @@ def _describe_batch(ids: Any) -> str:
 
 
 def make_train_step(graphdef: Any, tx: optax.GradientTransformation,
-                    loss_fn: Callable | None = None, grad_fn: Callable | None = None) -> Callable:
+                    loss_fn: Callable | None = None, grad_fn: Callable | None = None,
+                    updates_per_step: int = 1) -> Callable:
   """step(state, rest, batch) -> (state, metrics): gradients of the loss w.r.t. `state['params']`.
 
   loss_fn(model, batch) -> (loss, metrics); or grad_fn(params, rest, batch) -> ((loss, metrics), grads).
+  updates_per_step: optimizer updates on the same batch per step (GRPO's inner epochs); the metrics are
+  the last update's, and `state['step']` counts steps, not updates.
   """
   if (loss_fn is None) == (grad_fn is None):
     raise ValueError("make_train_step: give exactly one of loss_fn and grad_fn.")
@@ -93,9 +96,11 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation,
   compute = grad_fn or default_grad_fn
 
   def step(state, rest, batch):
-    (loss, metrics), grads = compute(state["params"], rest, batch)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    params, opt_state = state["params"], state["opt_state"]
+    for _ in range(updates_per_step):
+      (loss, metrics), grads = compute(params, rest, batch)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
     metrics = dict(metrics)
     metrics["loss"] = loss
     metrics["grad_norm"] = optax.global_norm(grads)
@@ -106,7 +111,7 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation,
 
 def resume_and_run(step_fn: Callable, model: Any, tx: optax.GradientTransformation, data: Iterator, *,
                    mesh: Mesh, options: TrainOptions, checkpoint: checkpointing.CheckpointOptions,
-                   workdir: str, examples_per_step: int) -> LoopResult:
+                   workdir: str, examples_per_step: int, rollout: Callable | None = None) -> LoopResult:
   """What every stage does after building its step: a fresh train state for `model`
   (`train.state.ShardedModel`), resumed from the latest checkpoint of `workdir` (the data iterator too)
   unless `checkpoint.resume` is off, then `run`."""
@@ -116,7 +121,8 @@ def resume_and_run(step_fn: Callable, model: Any, tx: optax.GradientTransformati
   if checkpointer is not None and checkpoint.resume:
     state, _ = checkpointer.restore_latest(state, data)
   return run(step_fn, state, model.rest, data, mesh=mesh, shardings=(shardings, model.rest_shardings),
-             options=options, workdir=workdir, examples_per_step=examples_per_step, checkpointer=checkpointer)
+             options=options, workdir=workdir, examples_per_step=examples_per_step, checkpointer=checkpointer,
+             rollout=rollout)
 
 
 class _PendingMetrics:
@@ -148,7 +154,7 @@ class _PendingMetrics:
 
 def run(step_fn: Callable, state: dict[str, Any], rest: Any, data: Iterator, *, mesh: Mesh,
         shardings: tuple[Any, Any], options: TrainOptions, workdir: str, examples_per_step: int,
-        checkpointer: checkpointing.Checkpointer | None = None) -> LoopResult:
+        checkpointer: checkpointing.Checkpointer | None = None, rollout: Callable | None = None) -> LoopResult:
   """Trains from `state['step']` to `options.num_steps` (or a stop); see the module docstring.
 
   Args:
@@ -158,6 +164,8 @@ def run(step_fn: Callable, state: dict[str, Any], rest: Any, data: Iterator, *, 
     data: iterator of process-local batch dicts with `get_state()` / `set_state()`.
     shardings: (train-state shardings, frozen-variable shardings).
     checkpointer: saves every `checkpointer.every` steps, at the end and on a stop; None = no saves.
+    rollout: rollout(state, host_batch) -> (host batch, host metrics): turns what `data` yields into the
+      step's batch with the current state (RL: sample, score); its metrics are logged with the step's.
   """
   state_sh, rest_sh = shardings
   jitted = jax.jit(step_fn, in_shardings=(state_sh, rest_sh, None),
@@ -176,12 +184,15 @@ def run(step_fn: Callable, state: dict[str, Any], rest: Any, data: Iterator, *, 
   try:
     with checkpointing.stop_on_signals() as stop_request, jax.set_mesh(mesh), parallel.logical_rules():
       while step < options.num_steps:
-        host_batch = next(data)
+        host_batch, host_metrics = next(data), {}
+        if rollout is not None:
+          host_batch, host_metrics = rollout(state, host_batch)
         batch = parallel.global_batch(_device_batch(host_batch), mesh)
         if compiled is None:  # compile once; the cost analysis gives the FLOPs per step
           compiled = jitted.lower(state, rest, batch).compile()
           flops = logger.flops = train_logging.compiled_flops(compiled)
         state, metrics = compiled(state, rest, batch)
+        metrics = dict(metrics, **host_metrics)
         step += 1
         pending.add(step, metrics, host_batch.get("listing_id"))
         if step == start + 1:  # time from the end of the first step (it includes compilation)

@@ -121,11 +121,11 @@ def plot_recall_curve(metrics: Mapping[str, float], path: str) -> bool:
   return True
 
 
-def load_train_losses(path: str | None) -> tuple[np.ndarray, np.ndarray] | None:
-  """(steps, losses) from a JSON-lines (or JSON list) file of {"step", "loss", ...} rows.
+def load_train_losses(path: str | None, key: str = "loss") -> tuple[np.ndarray, np.ndarray] | None:
+  """(steps, values of `key`) from a JSON-lines (or JSON list) file of {"step", "loss", ...} rows.
 
-  Rows without a finite `loss` (e.g. eval scalars) are skipped; after a resume a step may appear twice
-  and the last row wins. None when the file is missing or holds no loss.
+  Rows without a finite `key` (e.g. eval scalars) are skipped; after a resume a step may appear twice
+  and the last row wins. None when the file is missing or holds no such value.
   """
   if not path or not os.path.isfile(path):
     return None
@@ -138,18 +138,20 @@ def load_train_losses(path: str | None) -> tuple[np.ndarray, np.ndarray] | None:
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
   by_step = {}
   for row in rows:
-    if isinstance(row, Mapping) and "step" in row and isinstance(row.get("loss"), (int, float)):
-      if math.isfinite(row["loss"]):
-        by_step[int(row["step"])] = float(row["loss"])
+    if isinstance(row, Mapping) and "step" in row and isinstance(row.get(key), (int, float)):
+      if math.isfinite(row[key]):
+        by_step[int(row["step"])] = float(row[key])
   if not by_step:
     return None
   steps = np.array(sorted(by_step))
   return steps, np.array([by_step[s] for s in steps])
 
 
-def plot_loss_curve(train_metrics_path: str | None, path: str) -> bool:
-  """Training loss against step (raw and a moving average). False when there is no loss to plot."""
-  data = load_train_losses(train_metrics_path)
+def plot_loss_curve(train_metrics_path: str | None, path: str, key: str = "loss",
+                    label: str = "training loss") -> bool:
+  """`key` (default the training loss) against step, raw and a moving average. False when the file
+  holds none."""
+  data = load_train_losses(train_metrics_path, key)
   if data is None:
     return False
   steps, losses = data
@@ -157,14 +159,14 @@ def plot_loss_curve(train_metrics_path: str | None, path: str) -> bool:
   fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=110)
   few = len(losses) < 30  # short runs: mark the logged points
   ax.plot(steps, losses, "o-" if few else "-", color="#3182bd" if few else "#9ecae1", lw=1, ms=3,
-          label="loss")
+          label=key)
   window = len(losses) // 20
   if window >= 3:  # smoothing a handful of points only hides them
     smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
     ax.plot(steps[window - 1:], smooth, color="#08519c", lw=2, label=f"moving average ({window})")
   ax.set_xlabel("step")
-  ax.set_ylabel("training loss")
-  ax.set_title("Training loss")
+  ax.set_ylabel(label)
+  ax.set_title(label[0].upper() + label[1:])
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()

@@ -30,17 +30,20 @@ from afmrl_jax.fields import Checked, InvalidFields, check, choice, field_proble
 from afmrl_jax.losses.config import AGCLConfig
 from afmrl_jax.models.lora import LoRAConfig
 from afmrl_jax.parallel import MeshShape
+from afmrl_jax.rl.algo import GRPOConfig
+from afmrl_jax.rl.reward import RewardOptions
 from afmrl_jax.train.attribute_eval import AttributeEvalOptions
 from afmrl_jax.train.builders import ModelOptions
 from afmrl_jax.train.checkpointing import CheckpointOptions
 from afmrl_jax.train.evaluate import EvalConfig
 from afmrl_jax.train.loop import TrainOptions
+from afmrl_jax.train.rar_rollout import RAROptions
 from afmrl_jax.train.stage1_data import AttributeOptions
 from afmrl_jax.train.stage1_step import GradCacheOptions
 from afmrl_jax.train.state import OptimizerConfig
 
-STAGES = ("stage1", "eval", "sft", "generate")
-PLANNED_STAGES = ("stage2", "cit")
+STAGES = ("stage1", "eval", "sft", "generate", "stage2")
+PLANNED_STAGES = ("cit",)
 DTYPES = ("float32", "bfloat16")
 TASKS = ("representation", "generator")
 STRATEGIES = ("dense", "all_gather", "ring")
@@ -107,6 +110,9 @@ class Run:
   generator: GeneratorDataConfig = GeneratorDataConfig()  # the generator's examples (sft, generate)
   sft_eval: AttributeEvalOptions = AttributeEvalOptions()  # attribute quality after SFT
   generation: GenerationOptions = GenerationOptions()  # the generate stage
+  rar: RAROptions = RAROptions()  # stage 2: policy, environment, rollouts
+  grpo: GRPOConfig = GRPOConfig()  # stage 2: the GRPO objective
+  reward: RewardOptions = RewardOptions()  # stage 2: the retrieval reward
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -232,3 +238,20 @@ def parse(config: Any, root: type = Run) -> Any:
   if problems:
     raise ConfigError(problems)
   return root(**{k: v for k, v in values.items() if v is not None})
+
+
+def load_saved(workdir: str) -> Run:
+  """The typed `Run` a finished stage wrote to `<workdir>/config.json` (derived fields dropped: the
+  trainer derives them again)."""
+  import json
+  import os
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} does not exist: {workdir} is not the workdir of a finished run.")
+  with open(path, encoding="utf-8") as f:
+    saved = json.load(f)
+  for section, names in DERIVED.items():
+    for name in names:
+      saved.get(section, {}).pop(name, None)
+  known = {f.name for f in dataclasses.fields(Run)}
+  return parse({k: v for k, v in saved.items() if k in known})

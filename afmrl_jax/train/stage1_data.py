@@ -42,9 +42,13 @@ class Stage1Data:
   idf: np.ndarray
   avg_doc_len: float
   train_iter: Callable[[], Iterator]
-  eval_batches: Callable[[str], Iterator]  # 'gallery' | 'query' -> batch dicts for train.evaluate
+  # eval_batches(split, side=None) -> batch dicts for train.evaluate; side 'query' | 'candidate'
+  # (default: 'candidate' for the gallery split, else 'query')
+  eval_batches: Callable[..., Iterator]
   listings_by_id: Callable[[], Mapping[int, Any]]
   catalog: Any
+  stats: Any = None  # attributes.bm25.CorpusStats of the BM25 terms
+  pipeline: Any = None  # the completed data.pipeline.PipelineConfig
 
 
 def read_generated_attributes(path: str, known_ids=None, skip_bad_rows: bool = False) -> dict[int, str]:
@@ -150,10 +154,10 @@ def make(run: Any, workdir: str) -> Stage1Data:
 
   tables: dict[str, Any] = {}
 
-  def eval_batches(split: str):
+  def eval_batches(split: str, side: str | None = None):
     if split not in tables:
       tables[split] = ListingTable.from_catalog(catalog, split)
-    side = "candidate" if split == "gallery" else "query"
+    side = side or ("candidate" if split == "gallery" else "query")
     ds = pipeline.eval_dataset(tables[split], tokenizer, stats, pipe, side=side,
                                attributes_by_listing=generated, terms_by_listing=generated)
     for batch in ds:
@@ -168,4 +172,4 @@ def make(run: Any, workdir: str) -> Stage1Data:
 
   return Stage1Data(tokenizer=tokenizer, image_grid_thw=image_grid_thw, idf=np.asarray(stats.idf, np.float32),
                     avg_doc_len=float(stats.avg_doc_len), train_iter=train_iter, eval_batches=eval_batches,
-                    listings_by_id=listings_by_id, catalog=catalog)
+                    listings_by_id=listings_by_id, catalog=catalog, stats=stats, pipeline=pipe)

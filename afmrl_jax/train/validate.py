@@ -131,6 +131,31 @@ def _paths(catalog, attributes, checkpoint) -> list[str]:
   return problems
 
 
+def _rar(rar, mesh, num_devices: int) -> list[str]:
+  """Stage 2's policy and environment are finished runs; its Q x G rows split over the batch shards."""
+  problems = []
+  for name, kind in (("policy", "SFT"), ("environment", "stage-1")):
+    path = getattr(rar, name)
+    if not path:
+      problems.append(f"config.rar.{name} is required: the workdir of a finished {kind} run.")
+    elif not os.path.isfile(os.path.join(path, "config.json")) or not checkpointing.has_checkpoint(path):
+      problems.append(f"config.rar.{name}={path!r} is not a finished {kind} workdir (config.json and "
+                      "checkpoints/ expected).")
+  rows = rar.queries_per_step * rar.group_size
+  if rows % rar.rollout_chunks:
+    problems.append(f"config.rar.rollout_chunks={rar.rollout_chunks} must divide the {rows} rows per step "
+                    "(queries_per_step x group_size).")
+  elif mesh is not None:
+    try:
+      data, fsdp, _ = parallel.resolve_mesh_shape(mesh, num_devices)
+    except ValueError as e:
+      return problems + [str(e)]
+    if (rows // rar.rollout_chunks) % (data * fsdp):
+      problems.append(f"config.rar: the {rows // rar.rollout_chunks} rows of a rollout chunk must be divisible by "
+                      f"the {data * fsdp} batch shards of the mesh.")
+  return problems
+
+
 def validate(config: Any, workdir: str, *, num_devices: int | None = None,
              num_processes: int | None = None) -> schema.Run:
   """The typed run of `config`; raises ConfigError listing every bad value."""
@@ -148,6 +173,8 @@ def validate(config: Any, workdir: str, *, num_devices: int | None = None,
     problems += _batch(parts["pipeline"], parts["mesh"], parts["gradcache"], num_devices, num_processes)
   problems += _paths(parts["catalog"], parts["attributes"], parts["checkpoint"])
   problems += _workdir(workdir)
+  if parts["stage"] == "stage2" and parts["rar"] is not None:
+    problems += _rar(parts["rar"], parts["mesh"], num_devices)
   needs_checkpoint = parts["stage"] == "eval" or (parts["stage"] == "generate" and not model.hf_checkpoint)
   if needs_checkpoint and not problems:
     source = parts["checkpoint"].restore_dir or workdir

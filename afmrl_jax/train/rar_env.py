@@ -1,0 +1,105 @@
+"""The environment of RAR: a finished stage-1 run, frozen, with its gallery index and an enriched-query
+encoder.
+
+`Environment.load(run, workdir, mesh)` restores the stage-1 model of `run.rar.environment` (its own
+`config.json` says how it was built and which attributes its listings carry), embeds the gallery split
+on the candidate side exactly as that run's evaluation does, and builds the reward's index once, saved
+under `<workdir>/rar_index` and reloaded on resume. `score(listing_ids, texts, ended)` then appends each
+sampled string to its query listing's title, embeds the query side with the frozen model and scores the
+ranks (`rl.reward.RetrievalReward`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from absl import logging
+
+from afmrl_jax.data import pipeline as pipeline_lib
+from afmrl_jax.data import prompts
+from afmrl_jax.data.table import ListingTable
+from afmrl_jax.retrieval import load_retriever
+from afmrl_jax.rl.reward import RetrievalReward, RewardOptions, malformed_flags
+from afmrl_jax.train import builders, checkpointing, schema, stage1_data, stage1_step
+from afmrl_jax.train.evaluate import embed_all, make_index
+
+INDEX_DIR = "rar_index"
+
+
+class Environment:
+  """The frozen stage-1 model as a reward: enriched query -> embedding -> ranks in the gallery."""
+
+  def __init__(self, run: schema.Run, data: stage1_data.Stage1Data, embed_fn, reward: RetrievalReward,
+               query_table: ListingTable):
+    self.run, self.data, self.embed_fn, self.reward = run, data, embed_fn, reward
+    self.table = query_table
+    self.row_of = {int(lid): i for i, lid in enumerate(query_table.listing_id)}
+    self.encoder = pipeline_lib.ListingEncoder(data.tokenizer, data.stats, data.pipeline)
+    self._pixels: dict[int, np.ndarray] = {}
+
+  @classmethod
+  def load(cls, run: schema.Run, workdir: str, mesh, batch_size: int) -> "Environment":
+    """The environment of `run.rar.environment`, embedding `batch_size` queries per call."""
+    env_dir = run.rar.environment
+    env_run = schema.load_saved(env_dir)
+    if env_run.task != "representation":
+      raise ValueError(f"config.rar.environment={env_dir} is a {env_run.task} run; it must be a stage-1 "
+                       "(representation) workdir.")
+    data = stage1_data.make(env_run, env_dir)
+    model, step = builders.restore_model(env_run, checkpointing.checkpoint_dir(env_dir), data.tokenizer, mesh)
+    logging.info("RAR environment: %s at step %d.", env_dir, step)
+    parts = (model.graphdef, model.params, model.rest)
+    embed_fn = stage1_step.make_embed_fn(parts, mesh, data.image_grid_thw, batch_size)
+
+    # The gallery: embedded once on the candidate side, indexed, saved in the workdir.
+    index_dir = os.path.join(workdir, INDEX_DIR)
+    ids_path = os.path.join(index_dir, "gallery_ids.npz")
+    if os.path.isfile(ids_path):
+      retriever = load_retriever(index_dir)
+      with np.load(ids_path) as z:
+        gallery_listing, gallery_product = z["listing_id"], z["product_id"]
+    else:
+      gallery_fn = stage1_step.make_embed_fn(parts, mesh, data.image_grid_thw, env_run.pipeline.eval_batch_size)
+      gallery = embed_all(gallery_fn, data.eval_batches(run.rar.gallery_split, "candidate"), "gallery")
+      gallery_listing, gallery_product = gallery["listing_id"], gallery["product_id"]
+      retriever = make_index(env_run.eval, run.reward.retriever)
+      retriever.build(gallery["embeddings"], np.arange(len(gallery_listing), dtype=np.int64))
+      tmp = index_dir + ".tmp"
+      retriever.save(tmp)
+      np.savez(os.path.join(tmp, "gallery_ids.npz"), listing_id=gallery_listing, product_id=gallery_product)
+      os.replace(tmp, index_dir)  # a half-written index is never loaded
+    reward = RetrievalReward(retriever, gallery_listing, gallery_product, run.reward)
+    table = ListingTable.from_catalog(data.catalog, run.rar.query_split)
+    return cls(env_run, data, embed_fn, reward, table)
+
+  def _pixel_values(self, row: int) -> np.ndarray:
+    if row not in self._pixels:
+      self._pixels[row] = self.encoder.pixels(self.table.image(row))
+    return self._pixels[row]
+
+  def query_inputs(self, listing_ids: Sequence[int], texts: Sequence[str]) -> dict[str, np.ndarray]:
+    """Query-side model inputs of `title + attributes: text` for each (listing, text):
+    input_ids / attention_mask int32 [n, T], pixel_values float32 [n, P, Dp]."""
+    instruction = self.data.pipeline.query_instruction
+    ids, masks, pixels = [], [], []
+    for lid, text in zip(listing_ids, texts):
+      row = self.row_of[int(lid)]
+      i, m = self.encoder.prompts.build(instruction, prompts.prompt_text(self.table.title[row], text))
+      ids.append(i)
+      masks.append(m)
+      pixels.append(self._pixel_values(row))
+    return {"input_ids": np.stack(ids), "attention_mask": np.stack(masks), "pixel_values": np.stack(pixels)}
+
+  def product_ids(self, listing_ids: Sequence[int]) -> np.ndarray:
+    """The true product id of each query listing (relisted duplicates count as the same product)."""
+    return np.asarray([self.table.true_product_id[self.row_of[int(lid)]] for lid in listing_ids], np.int64)
+
+  def score(self, listing_ids: Sequence[int], texts: Sequence[str], ended: Sequence[bool]
+            ) -> tuple[np.ndarray, dict[str, float]]:
+    """Rewards float32 [n] of the sampled strings `texts` for query listings `listing_ids`, and their
+    means (`rl.reward.RetrievalReward`)."""
+    embeddings = self.embed_fn(self.query_inputs(listing_ids, texts))
+    return self.reward(embeddings, np.asarray(listing_ids), self.product_ids(listing_ids),
+                       malformed_flags(texts, ended))

@@ -1,0 +1,133 @@
+"""Stage 2, RAR: GRPO on the attribute generator, with a frozen stage-1 model's retrieval as the reward.
+
+    python -m afmrl_jax.main --config=configs/stage2.py:tiny --workdir=/tmp/rar \\
+        --config.rar.policy=/tmp/sft --config.rar.environment=/tmp/stage1
+
+`train_and_evaluate(run, workdir)`: the policy starts from the SFT run `rar.policy` (its architecture,
+tokenizer and prompt format come from that run's config.json; the KL reference stays frozen at its
+weights); each step samples G strings for Q query listings, scores them with the environment
+(`train.rar_env`), and takes `rar.updates_per_step` clipped GRPO updates (`train.stage2_step`). The
+train state, the query stream's position and (through the step) the sampling keys are checkpointed, so
+a resumed run continues bitwise. At the end the greedy policy's attribute quality is scored like SFT's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from afmrl_jax import parallel
+from afmrl_jax.data import generator_data
+from afmrl_jax.data.table import ListingTable
+from afmrl_jax.generate.sampling import eos_ids_of
+from afmrl_jax.train import builders, checkpointing, rar_env, rar_rollout, report, schema, sft, stage1_data
+from afmrl_jax.train import loop as loop_lib
+from afmrl_jax.train import stage2_step
+from afmrl_jax.train import state as state_lib
+
+
+def policy_run(run: schema.Run) -> schema.Run:
+  """The SFT run of `run.rar.policy`, with this run's mesh and attribute evaluation."""
+  saved = schema.load_saved(run.rar.policy)
+  return dataclasses.replace(saved, mesh=run.mesh, sft_eval=run.sft_eval)
+
+
+def _check_same_catalog(policy_table: ListingTable, env_table: ListingTable, run: schema.Run) -> None:
+  same = (np.array_equal(policy_table.listing_id, env_table.listing_id)
+          and policy_table.title == env_table.title)
+  if not same:
+    raise ValueError(f"config.rar.policy={run.rar.policy} and config.rar.environment={run.rar.environment} "
+                     f"were trained on different catalogs (their '{run.rar.query_split}' splits differ).")
+
+
+def train(run: schema.Run | Any, workdir: str):
+  """Runs (or resumes) RAR; returns (loop result, policy model, its run, catalog, tokenizer)."""
+  run = schema.parse(run)
+  report.write_json(os.path.join(workdir, "config.json"), run.to_dict())
+  if jax.process_count() > 1:
+    raise NotImplementedError("stage2 runs in one process (the reward is scored on one host); run it on "
+                              "one host, with every local device in the mesh.")
+  o = run.rar
+  rows_per_step = o.queries_per_step * o.group_size
+
+  # Mesh.
+  mesh = parallel.make_mesh(run.mesh)
+
+  # Policy and reference: the SFT generator; the reference keeps its weights (the train state copies them).
+  prun = policy_run(run)
+  catalog, tokenizer, _ = stage1_data.load_catalog(prun, o.policy)
+  model, _ = builders.restore_model(prun, checkpointing.checkpoint_dir(o.policy), tokenizer, mesh)
+  ref_params = model.params
+  vl = builders.vl_config(prun, tokenizer)
+
+  # Environment: the frozen stage-1 model, its gallery index (built once, saved in the workdir).
+  env = rar_env.Environment.load(run, workdir, mesh, batch_size=rows_per_step // o.rollout_chunks)
+  query_table = ListingTable.from_catalog(catalog, o.query_split)
+  _check_same_catalog(query_table, env.table, run)
+
+  # Data: Q query listings per step, in a seeded order whose position is checkpointed.
+  data_cfg = dataclasses.replace(sft.data_config(prun), batch_size=o.queries_per_step, seed=o.seed)
+  queries = iter(generator_data.sft_dataset(query_table, tokenizer, data_cfg))
+  grid = generator_data.image_grid_thw(data_cfg)
+
+  # Rollout and step: G samples per query scored by the environment, then clipped GRPO updates.
+  rollout = rar_rollout.Rollout(model, ref_params, env, tokenizer, grid, o, run.grpo, eos_ids_of(vl),
+                                vl.text.pad_token_id or 0, mesh)
+  tx = state_lib.make_optimizer(run.optimizer, run.train.num_steps)
+  loss_fn = stage2_step.make_loss_fn(grid, run.grpo, rollout.sampling.logprob_temperature)
+  step_fn = loop_lib.make_train_step(model.graphdef, tx, loss_fn=loss_fn, updates_per_step=o.updates_per_step)
+
+  # Checkpoint and loop.
+  result = loop_lib.resume_and_run(step_fn, model, tx, queries, mesh=mesh, options=run.train,
+                                   checkpoint=run.checkpoint, workdir=workdir, examples_per_step=rows_per_step,
+                                   rollout=rollout)
+  model.params = result.state["params"]
+  return result, model, prun, catalog, tokenizer
+
+
+def reward_trend(metrics_path: str) -> dict[str, float]:
+  """First and last tenth of the logged steps: mean reward, attribute keys, malformed rate; the share
+  of step time spent in the reward."""
+  out: dict[str, float] = {}
+  for key in ("reward_mean", "attribute_keys", "malformed_rate", "reward_equal_groups"):
+    data = report.load_train_losses(metrics_path, key)
+    if data is None:
+      continue
+    values = data[1]
+    tenth = max(1, len(values) // 10)
+    out[f"{key}_first"] = float(values[:tenth].mean())
+    out[f"{key}_last"] = float(values[-tenth:].mean())
+  reward_s = report.load_train_losses(metrics_path, "reward_s")
+  step_s = report.load_train_losses(metrics_path, "step_time_s")
+  if reward_s is not None and step_s is not None:
+    common = np.intersect1d(reward_s[0], step_s[0])
+    r = dict(zip(*reward_s))
+    s = dict(zip(*step_s))
+    if len(common):
+      out["reward_time_share"] = float(np.sum([r[c] for c in common]) / np.sum([s[c] for c in common]))
+  return out
+
+
+def train_and_evaluate(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
+  """The `stage2` stage; returns a JSON-able summary (also `<workdir>/summary.json`)."""
+  t0 = time.perf_counter()
+  run = schema.parse(run)
+  result, model, prun, catalog, tokenizer = train(run, workdir)
+  metrics_path = os.path.join(workdir, run.train.metrics_file)
+  summary: dict[str, Any] = {
+      "step": result.step, "stopped_early": result.stopped_early, "stop_reason": result.stop_reason,
+      "steps_per_s": result.steps_per_s, **reward_trend(metrics_path),
+  }
+  report.plot_loss_curve(metrics_path, os.path.join(workdir, "reward_curve.png"), key="reward_mean",
+                         label="mean reward")
+  # Evaluation: the greedy policy's attribute quality on listings never trained on, as after SFT.
+  if run.train.eval_at_end and not result.stopped_early:
+    summary["attribute_eval"] = sft.evaluate(prun, model, catalog, tokenizer, workdir)
+  summary["wall_s"] = time.perf_counter() - t0
+  report.write_json(os.path.join(workdir, "summary.json"), summary)
+  return summary
