@@ -12,8 +12,9 @@ reward scores the ranks of the query's same-product listings:
 A string that does not parse as `key: value` pairs, or was cut at the decode budget without EOS, gets
 `malformed_reward` (-0.1) whatever it retrieves. With 3-4 listings per product in a gallery of a few
 thousand, Recall@50 is 1 for almost every sample and a group's rewards are all equal (no advantage, no
-learning signal): `equal_group_share` reports how often, and the defaults (reciprocal rank over the top
-10) are chosen where that share is small.
+learning signal): `equal_group_share` reports how often (`launch/reward_signal.py` measures it for every
+kind and k), and the defaults (nDCG over the top 20, which also credits every sibling listing found, not
+only the first) are chosen where that share is small.
 
 Host-side NumPy: the ranks come back from the index (ScaNN or exact) as arrays on the host.
 """
@@ -29,15 +30,15 @@ from afmrl_jax.attributes.parse import parse_attributes
 from afmrl_jax.fields import Checked, choice, positive
 from afmrl_jax.retrieval import metrics as retrieval_metrics
 
-REWARD_KINDS = ("reciprocal_rank", "recall", "ndcg")
+REWARD_KINDS = ("ndcg", "recall", "reciprocal_rank")
 RETRIEVERS = ("scann", "exact")
 
 
 @dataclasses.dataclass(frozen=True)
 class RewardOptions(Checked):
   """How a sampled string is scored."""
-  kind: str = choice("reciprocal_rank", REWARD_KINDS)
-  k: int = positive(10)  # ranks searched and scored (the paper: recall at k = 50)
+  kind: str = choice("ndcg", REWARD_KINDS)
+  k: int = positive(20)  # ranks searched and scored (the paper: recall at k = 50)
   malformed_reward: float = -0.1  # a string that does not parse, or has no EOS
   retriever: str = choice("scann", RETRIEVERS)  # gallery index: ScaNN (saved in the workdir) or exact
 

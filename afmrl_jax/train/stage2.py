@@ -45,15 +45,29 @@ def _check_same_catalog(policy_table: ListingTable, env_table: ListingTable, run
                      f"were trained on different catalogs (their '{run.rar.query_split}' splits differ).")
 
 
-def train(run: schema.Run | Any, workdir: str):
-  """Runs (or resumes) RAR; returns (loop result, policy model, its run, catalog, tokenizer)."""
+@dataclasses.dataclass
+class Stage2Parts:
+  """What a RAR step is made of (also what `launch/bench_rar.py` times piece by piece)."""
+  run: schema.Run
+  policy_run: schema.Run
+  mesh: Any
+  model: state_lib.ShardedModel  # the policy, at the SFT weights until trained
+  environment: rar_env.Environment
+  queries: Any  # iterator of Q query prompts per step (get_state / set_state)
+  rollout: rar_rollout.Rollout
+  tx: Any
+  step_fn: Any
+  catalog: Any
+  tokenizer: Any
+
+
+def build(run: schema.Run | Any, workdir: str) -> Stage2Parts:
+  """The mesh, policy, environment, query stream, rollout and step of `run` (nothing trained yet)."""
   run = schema.parse(run)
-  report.write_json(os.path.join(workdir, "config.json"), run.to_dict())
   if jax.process_count() > 1:
     raise NotImplementedError("stage2 runs in one process (the reward is scored on one host); run it on "
                               "one host, with every local device in the mesh.")
   o = run.rar
-  rows_per_step = o.queries_per_step * o.group_size
 
   # Mesh.
   mesh = parallel.make_mesh(run.mesh)
@@ -62,11 +76,11 @@ def train(run: schema.Run | Any, workdir: str):
   prun = policy_run(run)
   catalog, tokenizer, _ = stage1_data.load_catalog(prun, o.policy)
   model, _ = builders.restore_model(prun, checkpointing.checkpoint_dir(o.policy), tokenizer, mesh)
-  ref_params = model.params
   vl = builders.vl_config(prun, tokenizer)
 
   # Environment: the frozen stage-1 model, its gallery index (built once, saved in the workdir).
-  env = rar_env.Environment.load(run, workdir, mesh, batch_size=rows_per_step // o.rollout_chunks)
+  rows_per_chunk = o.queries_per_step * o.group_size // o.rollout_chunks
+  env = rar_env.Environment.load(run, workdir, mesh, batch_size=rows_per_chunk)
   query_table = ListingTable.from_catalog(catalog, o.query_split)
   _check_same_catalog(query_table, env.table, run)
 
@@ -76,18 +90,26 @@ def train(run: schema.Run | Any, workdir: str):
   grid = generator_data.image_grid_thw(data_cfg)
 
   # Rollout and step: G samples per query scored by the environment, then clipped GRPO updates.
-  rollout = rar_rollout.Rollout(model, ref_params, env, tokenizer, grid, o, run.grpo, eos_ids_of(vl),
+  rollout = rar_rollout.Rollout(model, model.params, env, tokenizer, grid, o, run.grpo, eos_ids_of(vl),
                                 vl.text.pad_token_id or 0, mesh)
   tx = state_lib.make_optimizer(run.optimizer, run.train.num_steps)
   loss_fn = stage2_step.make_loss_fn(grid, run.grpo, rollout.sampling.logprob_temperature)
   step_fn = loop_lib.make_train_step(model.graphdef, tx, loss_fn=loss_fn, updates_per_step=o.updates_per_step)
+  return Stage2Parts(run, prun, mesh, model, env, queries, rollout, tx, step_fn, catalog, tokenizer)
 
-  # Checkpoint and loop.
-  result = loop_lib.resume_and_run(step_fn, model, tx, queries, mesh=mesh, options=run.train,
-                                   checkpoint=run.checkpoint, workdir=workdir, examples_per_step=rows_per_step,
-                                   rollout=rollout)
-  model.params = result.state["params"]
-  return result, model, prun, catalog, tokenizer
+
+def train(run: schema.Run | Any, workdir: str) -> tuple[loop_lib.LoopResult, Stage2Parts]:
+  """Runs (or resumes) RAR; returns the loop result and the parts (`parts.model` holds the trained policy)."""
+  run = schema.parse(run)
+  report.write_json(os.path.join(workdir, "config.json"), run.to_dict())
+  parts = build(run, workdir)
+  # Checkpoint and loop: the policy's train state and the query position; sampling keys follow the step.
+  result = loop_lib.resume_and_run(parts.step_fn, parts.model, parts.tx, parts.queries, mesh=parts.mesh,
+                                   options=run.train, checkpoint=run.checkpoint, workdir=workdir,
+                                   examples_per_step=run.rar.queries_per_step * run.rar.group_size,
+                                   rollout=parts.rollout)
+  parts.model.params = result.state["params"]
+  return result, parts
 
 
 def reward_trend(metrics_path: str) -> dict[str, float]:
@@ -117,7 +139,7 @@ def train_and_evaluate(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
   """The `stage2` stage; returns a JSON-able summary (also `<workdir>/summary.json`)."""
   t0 = time.perf_counter()
   run = schema.parse(run)
-  result, model, prun, catalog, tokenizer = train(run, workdir)
+  result, parts = train(run, workdir)
   metrics_path = os.path.join(workdir, run.train.metrics_file)
   summary: dict[str, Any] = {
       "step": result.step, "stopped_early": result.stopped_early, "stop_reason": result.stop_reason,
@@ -127,7 +149,8 @@ def train_and_evaluate(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
                          label="mean reward")
   # Evaluation: the greedy policy's attribute quality on listings never trained on, as after SFT.
   if run.train.eval_at_end and not result.stopped_early:
-    summary["attribute_eval"] = sft.evaluate(prun, model, catalog, tokenizer, workdir)
+    summary["attribute_eval"] = sft.evaluate(parts.policy_run, parts.model, parts.catalog, parts.tokenizer,
+                                             workdir)
   summary["wall_s"] = time.perf_counter() - t0
   report.write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
