@@ -3,8 +3,8 @@
 `--config` is an ml_collections config file (`get_config(arg)`; the part after ':' picks a preset) and
 any field can be overridden as `--config.section.field=value`. `config.stage` selects what runs:
 `stage1` (AGCL training, then evaluation), `eval` (evaluation of a trained workdir), `sft` (the
-attribute generator), `generate` (its attributes for a catalog) or `stage2` (RAR: GRPO on the generator
-with a retrieval reward); `cit` is planned. The config is validated before anything compiles; a renamed
+attribute generator), `generate` (its attributes for a catalog), `stage2` (RAR: GRPO on the generator
+with a retrieval reward) or `cit` (the whole chain, each stage in a sub-directory). The config is validated before anything compiles; a renamed
 or unknown `--config.` key is refused with one line naming the right one.
 """
 
@@ -24,14 +24,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, log
 
 def run(config, workdir: str) -> dict:
   """Validates `config` and runs its stage; returns the stage's summary dict."""
-  from afmrl_jax.train import generate_stage, sft, stage1, stage2
-  from afmrl_jax.train.validate import validate
-  run_config = validate(config, workdir)
-  evaluators = {"representation": stage1.evaluate_checkpoint, "generator": sft.evaluate_checkpoint}
-  stages = {"stage1": stage1.train_and_evaluate, "eval": evaluators[run_config.task],
-            "sft": sft.train_and_evaluate, "generate": generate_stage.run_generation,
-            "stage2": stage2.train_and_evaluate}
-  return stages[run_config.stage](run_config, workdir)
+  from afmrl_jax.train.stages import run_stage
+  return run_stage(config, workdir)
 
 
 def bad_override(argv: list[str]) -> str | None:
@@ -41,7 +35,8 @@ def bad_override(argv: list[str]) -> str | None:
   """
   from afmrl_jax.train import schema
   known = set(_dotted(schema.defaults()))
-  free_form = ("model.arch.",)  # an HF config.json dict: its keys come from the preset, not the schema
+  # An HF config.json dict, and the cit chain's stage configs: their keys come from the presets.
+  free_form = ("model.arch.", "cit.stages.")
   for arg in argv:
     if arg.startswith("--config.") and "=" in arg:
       key = arg[len("--config."):].split("=", 1)[0]

@@ -57,6 +57,7 @@ class PipelineConfig(Checked):
   text_attributes: str = choice("none", ATTRIBUTE_SOURCES)  # attributes appended to the prompt text
   term_source: str = choice("teacher", ATTRIBUTE_SOURCES[1:])  # attribute string that gives the BM25 terms
   seed: int = 0  # order, candidate choice and fresh views are functions of (seed, epoch, position)
+  train_fraction: float = bounded(1.0, 0.01, 1.0)  # share of the training products used (seeded, whole products)
   num_epochs: int = positive(1_000_000)  # length of the training stream (effectively endless by default)
   query_instruction: str = prompts.QUERY_INSTRUCTION
   candidate_instruction: str = prompts.CANDIDATE_INSTRUCTION

@@ -45,6 +45,20 @@ class ListingTable:
       self._by_product = {int(p): rows for p, rows in zip(ids, np.split(order, starts[1:]))}
     return self._by_product
 
+  def take(self, rows: Sequence[int], name: str | None = None) -> "ListingTable":
+    """The table of `rows` (in that order); images are still read from this table's source."""
+    rows = np.asarray(rows, np.int64)
+    columns = ("listing_id", "product_id", "true_product_id", "family_id", "category", "title",
+               "teacher_attributes", "product_attributes")
+    metas = [{f: getattr(self, f)[i] for f in columns} for i in rows]
+    return ListingTable(metas, lambda i: self._image_fn(int(rows[i])), self.categories, name=name or self.name)
+
+  def product_share(self, fraction: float, seed: int) -> "ListingTable":
+    """A seeded `fraction` of the products, with all of their listings (pairs stay whole)."""
+    products = np.unique(self.product_id)
+    keep = np.random.default_rng([seed, 211]).permutation(products)[:max(1, int(round(fraction * len(products))))]
+    return self.take(np.flatnonzero(np.isin(self.product_id, keep)))
+
   def product_row(self, i: int) -> catalog_lib.Product:
     """The (synthetic) product of row i, for fresh views."""
     return catalog_lib.Product(int(self.product_id[i]), int(self.true_product_id[i]), int(self.family_id[i]),

@@ -33,6 +33,9 @@ class CheckpointOptions(Checked):
   async_save: bool = True
   resume: bool = True  # resume from the latest checkpoint in the workdir
   restore_dir: str = ""  # eval stage: the training workdir to load from; '' = this workdir
+  # Start training from the trainable params of this workdir's latest checkpoint (fresh optimizer, step 0)
+  # when the run's own workdir has no checkpoint yet; '' = from the model's init.
+  init_from: str = ""
 
 
 def checkpoint_dir(path: str) -> str:
@@ -127,6 +130,22 @@ class Checkpointer:
     """Waits for pending async saves, then releases the manager."""
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def restore_params(workdir: str, state: dict[str, Any]) -> Any:
+  """The trainable params of the latest checkpoint of `workdir`, onto the shardings of `state['params']`
+  (`state` is a train state of the same model and optimizer kind)."""
+  checkpointer = Checkpointer(checkpoint_dir(workdir), async_save=False)
+  try:
+    step = checkpointer.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"config.checkpoint.init_from={workdir!r} holds no checkpoint.")
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    restored, _ = checkpointer.restore(step, abstract)
+  finally:
+    checkpointer.close()
+  logging.info("Initialised the params from %s step %d.", workdir, step)
+  return restored["params"]
 
 
 class StopRequest:

@@ -114,12 +114,15 @@ def resume_and_run(step_fn: Callable, model: Any, tx: optax.GradientTransformati
                    workdir: str, examples_per_step: int, rollout: Callable | None = None) -> LoopResult:
   """What every stage does after building its step: a fresh train state for `model`
   (`train.state.ShardedModel`), resumed from the latest checkpoint of `workdir` (the data iterator too)
-  unless `checkpoint.resume` is off, then `run`."""
+  unless `checkpoint.resume` is off, else started from `checkpoint.init_from`'s params; then `run`."""
   shardings = state_lib.state_shardings(tx, model, mesh)
   state = state_lib.init_train_state(tx, model, mesh, shardings)
   checkpointer = checkpointing.Checkpointer.for_workdir(workdir, checkpoint)
+  resumed = None
   if checkpointer is not None and checkpoint.resume:
-    state, _ = checkpointer.restore_latest(state, data)
+    state, resumed = checkpointer.restore_latest(state, data)
+  if resumed is None and checkpoint.init_from:
+    state = dict(state, params=checkpointing.restore_params(checkpoint.init_from, state))
   return run(step_fn, state, model.rest, data, mesh=mesh, shardings=(shardings, model.rest_shardings),
              options=options, workdir=workdir, examples_per_step=examples_per_step, checkpointer=checkpointer,
              rollout=rollout)

@@ -35,6 +35,7 @@ from afmrl_jax.rl.reward import RewardOptions
 from afmrl_jax.train.attribute_eval import AttributeEvalOptions
 from afmrl_jax.train.builders import ModelOptions
 from afmrl_jax.train.checkpointing import CheckpointOptions
+from afmrl_jax.train.cit import CITOptions
 from afmrl_jax.train.evaluate import EvalConfig
 from afmrl_jax.train.loop import TrainOptions
 from afmrl_jax.train.rar_rollout import RAROptions
@@ -42,8 +43,8 @@ from afmrl_jax.train.stage1_data import AttributeOptions
 from afmrl_jax.train.stage1_step import GradCacheOptions
 from afmrl_jax.train.state import OptimizerConfig
 
-STAGES = ("stage1", "eval", "sft", "generate", "stage2")
-PLANNED_STAGES = ("cit",)
+STAGES = ("stage1", "eval", "sft", "generate", "stage2", "cit")
+PLANNED_STAGES: tuple[str, ...] = ()
 DTYPES = ("float32", "bfloat16")
 TASKS = ("representation", "generator")
 STRATEGIES = ("dense", "all_gather", "ring")
@@ -113,6 +114,7 @@ class Run:
   rar: RAROptions = RAROptions()  # stage 2: policy, environment, rollouts
   grpo: GRPOConfig = GRPOConfig()  # stage 2: the GRPO objective
   reward: RewardOptions = RewardOptions()  # stage 2: the retrieval reward
+  cit: CITOptions = CITOptions()  # the cit chain: every stage's config
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

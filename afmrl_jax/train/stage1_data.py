@@ -142,6 +142,8 @@ def make(run: Any, workdir: str) -> Stage1Data:
                                           run.attributes.skip_bad_rows)
   pipe = pipeline_config(run)
   train_table = ListingTable.from_catalog(catalog, "train")
+  if pipe.train_fraction < 1.0:
+    train_table = train_table.product_share(pipe.train_fraction, pipe.seed)
   image_grid_thw = tuple(int(g) for g in pipeline.image_grid_thw(pipe))
   fresh = synthetic_catalog_config(run) if pipe.fresh_views else None
   if pipe.fresh_views and run.catalog.manifest:

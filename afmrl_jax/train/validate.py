@@ -125,6 +125,9 @@ def _paths(catalog, attributes, checkpoint) -> list[str]:
     if src not in ("teacher", "true") and not os.path.isfile(src):
       problems.append(f"config.attributes.source={src!r} is neither 'teacher', 'true' nor an existing "
                       "generated-attributes JSONL file.")
+  if checkpoint is not None and checkpoint.init_from and not checkpointing.has_checkpoint(checkpoint.init_from):
+    problems.append(f"config.checkpoint.init_from={checkpoint.init_from!r} holds no checkpoint; give the "
+                    "workdir of a training run of the same model.")
   if checkpoint is not None and checkpoint.restore_dir and not os.path.isdir(checkpoint.restore_dir):
     problems.append(f"config.checkpoint.restore_dir={checkpoint.restore_dir!r} does not exist; give the "
                     "workdir of a training run.")

@@ -1,0 +1,209 @@
+"""Stage 2 (RAR): GRPO steps move the policy the way the reward points (and would not with the advantage
+sign flipped); a run stopped after step 2 and resumed is bitwise the uninterrupted one, with the real
+environment; `validate` names a missing policy run."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import configs.sft as sft_configs
+import configs.stage1 as stage1_configs
+import configs.stage2 as stage2_configs
+from afmrl_jax.data import generator_data
+from afmrl_jax.data.table import ListingTable
+from afmrl_jax.generate.logprobs import completion_logprobs
+from afmrl_jax.rl import algo
+from afmrl_jax.train import rar_env, sft, stage1, stage1_data, stage2
+from afmrl_jax.train.validate import ConfigError, validate
+
+
+def _small(config, cache, steps, **overrides):
+  """`config` on the small shared catalog of `cache`, `steps` steps, no evaluation at the end."""
+  config.catalog.cache_dir = str(cache)
+  config.catalog.families_per_category = 4
+  config.pipeline.fresh_views = False  # rendering views costs more than the ci models here
+  config.train.num_steps = steps
+  config.train.eval_at_end = False
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  return config
+
+
+@pytest.fixture(autouse=True, scope="module")
+def compilation_cache(tmp_path_factory):
+  """Every stage-2 run here compiles the same programs: keep them in a persistent cache for this module."""
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  old = {n: getattr(jax.config, n) for n in names}
+  jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update(names[1], 0.0)
+  jax.config.update(names[2], 0)
+  yield
+  for n, v in old.items():
+    jax.config.update(n, v)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+  return tmp_path_factory.mktemp("rar")
+
+
+@pytest.fixture(scope="module")
+def sft_workdir(root):
+  """A `ci` SFT run of 4 steps (one checkpoint): the policy and KL reference of every stage-2 run here."""
+  workdir = str(root / "sft")
+  sft.train(_small(sft_configs.get_config("ci"), root / "cache", 4), workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def runs(root, sft_workdir):
+  """The SFT run and a 2-step `ci` stage-1 run with enriched queries on the same catalog (the environment)."""
+  workdir = str(root / "stage1")
+  config = _small(stage1_configs.get_config("ci"), root / "cache", 2, **{"attributes.enrich_queries": True})
+  stage1.train(config, workdir)
+  return {"cache": root / "cache", "policy": sft_workdir, "environment": workdir}
+
+
+def _stage2_config(cache, policy, environment="", steps=4, **overrides):
+  config = _small(stage2_configs.get_config("ci"), cache, steps, **overrides)
+  config.rar.policy = policy
+  config.rar.environment = environment
+  return config
+
+
+def _metrics(workdir):
+  """step -> its metrics row (the last one written for that step)."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {row["step"]: row for row in map(json.loads, f)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The sign of a GRPO step
+
+
+class _EndingReward:
+  """A stand-in environment: `sign` for a sampled string that ended (EOS within rar.max_new_tokens), 0 for
+  one cut at the budget. sign = +1 prefers short strings, -1 long ones."""
+
+  def __init__(self, table, sign):
+    self.table, self.sign = table, sign
+
+  def score(self, listing_ids, texts, ended):
+    ended = np.asarray(ended, bool)
+    return (self.sign * ended).astype(np.float32), {"ended_rate": float(ended.mean())}
+
+
+def _eos_logprob(parts, params):
+  """Mean log-probability of ending at once (a completion of just EOS) over the first query prompts."""
+  data_cfg = sft.data_config(parts.policy_run)
+  grid = generator_data.image_grid_thw(data_cfg)
+  batch = next(iter(generator_data.prompt_batches(parts.environment.table, parts.tokenizer, data_cfg,
+                                                  with_answers=False)))
+  b = len(batch["prompt_ids"])
+  model = nnx.merge(parts.model.graphdef, params, parts.model.rest)
+  logp = completion_logprobs(model, jnp.asarray(batch["prompt_ids"]), jnp.asarray(batch["prompt_mask"]),
+                             jnp.full((b, 1), parts.rollout.eos, jnp.int32), jnp.ones((b,), jnp.int32),
+                             jnp.asarray(batch["pixel_values"]), grid,
+                             temperature=parts.rollout.sampling.logprob_temperature)
+  return float(jnp.mean(logp))
+
+
+@pytest.mark.parametrize("sign, flip_advantages, direction", [
+    (1.0, False, +1),   # prefer strings that end: ending at once becomes likelier
+    (-1.0, False, -1),  # prefer strings cut at the budget: less likely
+    (1.0, True, -1),    # a flipped advantage sign (a bug) moves the policy against the reward
+], ids=["prefer_short", "prefer_long", "flipped_advantage_sign"])
+def test_grpo_steps_follow_the_reward_sign(sign, flip_advantages, direction, sft_workdir, root, tmp_path,
+                                           monkeypatch):
+  def load(run, workdir, mesh, batch_size):
+    catalog, _, _ = stage1_data.load_catalog(stage2.policy_run(run), run.rar.policy)
+    return _EndingReward(ListingTable.from_catalog(catalog, run.rar.query_split), sign)
+
+  monkeypatch.setattr(rar_env.Environment, "load", staticmethod(load))
+  if flip_advantages:
+    grpo = algo.ADVANTAGES["grpo"]
+    monkeypatch.setitem(algo.ADVANTAGES, "grpo", lambda rewards, eps=1e-6: -grpo(rewards, eps))
+  config = _stage2_config(root / "cache", sft_workdir, steps=4, **{"optimizer.learning_rate": 1e-2,
+                                                                     "checkpoint.enabled": False})
+  result, parts = stage2.train(config, str(tmp_path))
+  assert result.step == 4 and not result.stopped_early
+  rows = _metrics(str(tmp_path))
+  assert min(rows[s]["reward_equal_groups"] for s in rows) < 1, rows  # some group carried a preference
+  before = _eos_logprob(parts, parts.rollout.ref_params)  # the SFT weights
+  after = _eos_logprob(parts, parts.model.params)
+  # Observed: -6.14 -> -5.30 (prefer short), -> -7.20 (prefer long, flipped sign).
+  assert (after - before) * direction > 0.25, (before, after)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resume
+
+COMPARED = ("loss", "policy_loss", "kl", "entropy", "grad_norm", "reward_mean", "reward_std",
+            "reward_equal_groups", "recall@20", "hit@1", "completion_tokens", "attribute_keys")
+
+
+@pytest.mark.slow
+def test_stage2_resume_is_bitwise(runs, tmp_path, monkeypatch):
+  """The real environment (frozen stage-1 model, gallery index saved in the workdir and reloaded on resume).
+  The 4-step ci SFT policy writes no well-formed string, so every reward would be the constant malformed
+  penalty and every advantage 0; the penalty is switched off to make the retrieval rewards, hence the
+  updates, depend on what was sampled."""
+  monkeypatch.setattr(rar_env, "malformed_flags", lambda texts, ended=None: np.zeros(len(texts), bool))
+  config = lambda **kw: _stage2_config(runs["cache"], runs["policy"], runs["environment"], steps=4, **kw)
+  full, full_parts = stage2.train(config(), str(tmp_path / "full"))
+  workdir = str(tmp_path / "split")
+  first, _ = stage2.train(config(**{"train.stop_after_steps": 2}), workdir)
+  assert first.stopped_early and first.step == 2
+  second, _ = stage2.train(config(), workdir)
+  assert second.step == 4 and not second.stopped_early and min(second.losses) == 3
+  assert os.path.isdir(os.path.join(workdir, rar_env.INDEX_DIR))
+
+  for s in range(1, 5):
+    assert (first.losses if s <= 2 else second.losses)[s] == full.losses[s], s
+  want, got = _metrics(str(tmp_path / "full")), _metrics(workdir)
+  assert sorted(want) == sorted(got) == [1, 2, 3, 4]
+  assert min(want[s]["reward_equal_groups"] for s in want) < 1, want  # some advantage was not 0
+  for s in range(1, 5):
+    assert {k: got[s][k] for k in COMPARED} == {k: want[s][k] for k in COMPARED}, s
+  for a, b in ((second.state["params"], full.state["params"]), (second.state["opt_state"], full.state["opt_state"])):
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, a), jax.tree.map(np.asarray, b))
+  # The policy moved away from the SFT weights (so equal parameters say something).
+  sft_params = full_parts.rollout.ref_params
+  moved = jax.tree.map(lambda p, r: bool(np.any(np.asarray(p) != np.asarray(r))), full.state["params"], sft_params)
+  assert any(jax.tree.leaves(moved))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _problems(config, workdir):
+  with pytest.raises(ConfigError) as info:
+    validate(config, str(workdir), num_devices=8, num_processes=1)
+  return info.value
+
+
+@pytest.mark.parametrize("policy", ["", "missing", "not_a_run"])
+def test_stage2_validate_refuses_missing_runs(policy, tmp_path):
+  (tmp_path / "not_a_run").mkdir()  # a directory, but no config.json nor checkpoints
+  path = str(tmp_path / policy) if policy else ""
+  config = _stage2_config(tmp_path / "cache", path)
+  assert config.stage == "stage2"
+  error = _problems(config, tmp_path / "work")
+  (problem,) = [p for p in error.problems if "config.rar.policy" in p]
+  assert "config.rar.policy" in str(error)
+  assert ("is required" in problem) if not policy else (f"config.rar.policy={path!r} is not a finished SFT" in problem)
+  assert any("config.rar.environment is required" in p for p in error.problems)
+
+
+def test_stage2_validate_accepts_a_finished_policy_run(sft_workdir, tmp_path):
+  config = _stage2_config(tmp_path / "cache", sft_workdir)  # the environment still missing
+  error = _problems(config, tmp_path / "work")
+  assert error.problems == ["config.rar.environment is required: the workdir of a finished stage-1 run."]
