@@ -7,8 +7,9 @@
 #   ARMS     default: every arm below
 # Environment: PRESET (default tiny), STEPS (default: the preset's), MARGIN (uniform-margin control,
 # default 1.0), EXTRA (more --config overrides for every run), PYTHON (default .venv/bin/python),
-# BASELINE (the arm of the paired differences, default infonce), SFT_ATTRIBUTES (the generate stage's
-# attributes.jsonl, for agcl_sft_enriched).
+# BASELINE (the arm of the paired differences, default infonce), SFT_ATTRIBUTES and RAR_ATTRIBUTES (the
+# generate stage's attributes.jsonl of the SFT and of the RAR generator, for agcl_sft_enriched and
+# agcl_rar_enriched).
 #
 # Seeds change the model init, the batch order and the fresh views (model.param_seed,
 # pipeline.seed); the catalog is the same for every run, so arms are compared on the same data
@@ -42,6 +43,7 @@ declare -A ARM_FLAGS=(
   [agcl_enriched]="--config.attributes.enrich_queries=True"
   [agcl_true_enriched]="--config.attributes.source=true --config.attributes.enrich_queries=True"
   [agcl_sft_enriched]="--config.attributes.source=${SFT_ATTRIBUTES:-} --config.attributes.enrich_queries=True"
+  [agcl_rar_enriched]="--config.attributes.source=${RAR_ATTRIBUTES:-} --config.attributes.enrich_queries=True"
 )
 DEFAULT_ARMS="infonce agcl agcl_published uniform_margin agcl_mask_margin agcl_mask_attribute agcl_mask_positive agcl_family_mixed infonce_family_mixed agcl_no_duplicates infonce_no_duplicates infonce_enriched agcl_enriched"
 ARMS=${3:-$DEFAULT_ARMS}

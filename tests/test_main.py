@@ -33,10 +33,10 @@ def test_bad_values_exit_with_one_sentence_each(tmp_path):
   assert "config.pipeline.batching='families' is not one of ['random', 'family_mixed']." in proc.stderr
 
 
-def test_future_stage_and_unknown_preset(tmp_path):
+def test_cit_without_its_stage_configs_and_unknown_preset(tmp_path):
   proc = _main("--config=configs/stage1.py:ci", f"--workdir={tmp_path}", "--config.stage=cit")
   assert proc.returncode == 2
-  assert "config.stage='cit' is not implemented yet" in proc.stderr
+  assert "config.cit.stages lacks the 'generate', 'sft', 'stage1', 'stage2' configs" in proc.stderr
   proc = _main("--config=configs/stage1.py:giant", f"--workdir={tmp_path}")
   assert proc.returncode != 0 and "Unknown config preset 'giant'" in proc.stderr
 

@@ -109,7 +109,7 @@ def _eos_logprob(parts, params):
   b = len(batch["prompt_ids"])
   model = nnx.merge(parts.model.graphdef, params, parts.model.rest)
   logp = completion_logprobs(model, jnp.asarray(batch["prompt_ids"]), jnp.asarray(batch["prompt_mask"]),
-                             jnp.full((b, 1), parts.rollout.eos, jnp.int32), jnp.ones((b,), jnp.int32),
+                             jnp.full((b, 1), parts.rollout.sampling.eos_ids[0], jnp.int32), jnp.ones((b,), jnp.int32),
                              jnp.asarray(batch["pixel_values"]), grid,
                              temperature=parts.rollout.sampling.logprob_temperature)
   return float(jnp.mean(logp))
@@ -138,8 +138,9 @@ def test_grpo_steps_follow_the_reward_sign(sign, flip_advantages, direction, sft
   assert min(rows[s]["reward_equal_groups"] for s in rows) < 1, rows  # some group carried a preference
   before = _eos_logprob(parts, parts.rollout.ref_params)  # the SFT weights
   after = _eos_logprob(parts, parts.model.params)
-  # Observed: -6.14 -> -5.30 (prefer short), -> -7.20 (prefer long, flipped sign).
-  assert (after - before) * direction > 0.25, (before, after)
+  # Observed: -6.53 -> -5.70 (prefer short), -> -7.00 (prefer long; flipped sign). A flipped sign in the
+  # loss (clipped_policy_loss) swaps the two, so every case here fails then too.
+  assert (after - before) * direction > 0.2, (before, after)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -149,7 +150,6 @@ COMPARED = ("loss", "policy_loss", "kl", "entropy", "grad_norm", "reward_mean", 
             "reward_equal_groups", "recall@20", "hit@1", "completion_tokens", "attribute_keys")
 
 
-@pytest.mark.slow
 def test_stage2_resume_is_bitwise(runs, tmp_path, monkeypatch):
   """The real environment (frozen stage-1 model, gallery index saved in the workdir and reloaded on resume).
   The 4-step ci SFT policy writes no well-formed string, so every reward would be the constant malformed

@@ -103,11 +103,12 @@ def test_eval_stage_needs_a_checkpoint(tmp_path):
   assert "config.checkpoint.restore_dir" in problem and "does not exist" in problem
 
 
-def test_future_stage_is_not_implemented(tmp_path):
+def test_unknown_stage(tmp_path):
   config = stage1_configs.get_config("ci")
-  config.stage = "stage2"
+  config.stage = "stage3"
   (problem,) = problems_of(config, tmp_path)
-  assert problem == "config.stage='stage2' is not implemented yet; available: ['stage1', 'eval', 'sft', 'generate']."
+  assert problem == ("config.stage='stage3' is not one of ['stage1', 'eval', 'sft', 'generate', 'stage2', "
+                     "'cit'].")
 
 
 def test_gradcache_chunk_must_divide_local_batch(tmp_path):

@@ -108,6 +108,7 @@ class RetrievalReward:
     self.listing_ids = np.asarray(gallery_listing_ids, np.int64)
     self.product_ids = np.asarray(gallery_product_ids, np.int64)
     self.options = options
+    self._positives: dict[tuple[int, int], int] = {}
     if options.k >= len(self.listing_ids):
       raise ValueError(f"config.reward.k={options.k} must be smaller than the gallery ({len(self.listing_ids)} "
                        "listings).")
@@ -119,8 +120,18 @@ class RetrievalReward:
     rows, _ = self.retriever.search(embeddings, k + 1)
     rows = retrieval_metrics.exclude_self(self.listing_ids[rows], np.asarray(listing_ids), k, rows)[1]
     hits = retrieval_metrics.relevance(self.product_ids[rows], np.asarray(product_ids, np.int64))
-    positives = retrieval_metrics.count_positives(product_ids, self.product_ids, listing_ids, self.listing_ids)
-    return hits, positives
+    return hits, self.num_positives(listing_ids, product_ids)
+
+  def num_positives(self, listing_ids: np.ndarray, product_ids: np.ndarray) -> np.ndarray:
+    """int64 [n]: gallery listings of each query's product, its own listing excluded (memoised per
+    listing: a query comes back G times per step and once per epoch)."""
+    pairs = list(zip(np.asarray(listing_ids).tolist(), np.asarray(product_ids).tolist()))
+    new = sorted(set(pairs) - self._positives.keys())
+    if new:
+      lids, pids = np.asarray(new, np.int64).T
+      counts = retrieval_metrics.count_positives(pids, self.product_ids, lids, self.listing_ids)
+      self._positives.update(zip(new, counts.tolist()))
+    return np.asarray([self._positives[p] for p in pairs], np.int64)
 
   def __call__(self, embeddings: np.ndarray, listing_ids: np.ndarray, product_ids: np.ndarray,
                malformed: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:

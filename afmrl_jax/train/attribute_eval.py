@@ -34,10 +34,10 @@ class AttributeEvalOptions(Checked):
   output_dir: str = "attribute_eval"  # relative to the workdir
 
 
-def decode_text(tokenizer, tokens: np.ndarray, length: int, eos_id: int) -> tuple[str, bool]:
-  """(text of the first `length` tokens without EOS, whether it ended with EOS)."""
+def decode_text(tokenizer, tokens: np.ndarray, length: int, eos_ids: tuple[int, ...]) -> tuple[str, bool]:
+  """(text of the first `length` tokens without EOS, whether it ended with one of `eos_ids`)."""
   row = [int(t) for t in tokens[:length]]
-  ended = bool(row) and row[-1] == eos_id
+  ended = bool(row) and row[-1] in eos_ids
   if ended:
     row = row[:-1]
   return tokenizer.decode(row, skip_special_tokens=True).strip(), ended
@@ -50,7 +50,7 @@ def generate_strings(model, tokenizer, batches, image_grid_thw, mesh, sampling, 
 
   rng: the sampling key (batch i draws from fold_in(rng, i)); unused when greedy."""
   from afmrl_jax.generate import sampling as sampling_lib
-  eos = sampling.eos_ids[0] if sampling.eos_ids else -1
+  eos = tuple(sampling.eos_ids)
   rng = jax.random.key(0) if rng is None else rng
   out: dict[int, str] = {}
   cut: set[int] = set()

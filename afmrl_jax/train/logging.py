@@ -89,7 +89,14 @@ def _drop_rows_after(path: str, step: int) -> None:
     return
   with open(path, encoding="utf-8") as f:
     rows = [line for line in f if line.strip()]
-  kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
+
+  def before(line: str) -> bool:
+    try:
+      return json.loads(line).get("step", 0) <= step
+    except json.JSONDecodeError:  # a line a kill cut short
+      return False
+
+  kept = [line for line in rows if before(line)]
   if len(kept) != len(rows):
     with open(path, "w", encoding="utf-8") as f:
       f.writelines(kept)

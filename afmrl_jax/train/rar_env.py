@@ -12,6 +12,7 @@ ranks (`rl.reward.RetrievalReward`).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,8 +33,9 @@ class Environment:
   """The frozen stage-1 model as a reward: enriched query -> embedding -> ranks in the gallery."""
 
   def __init__(self, run: schema.Run, data: stage1_data.Stage1Data, embed_fn, reward: RetrievalReward,
-               query_table: ListingTable):
+               query_table: ListingTable, batch_size: int):
     self.run, self.data, self.embed_fn, self.reward = run, data, embed_fn, reward
+    self.batch_size = batch_size  # rows per embed_fn call
     self.table = query_table
     self.row_of = {int(lid): i for i, lid in enumerate(query_table.listing_id)}
     self.encoder = pipeline_lib.ListingEncoder(data.tokenizer, data.stats, data.pipeline)
@@ -72,7 +74,7 @@ class Environment:
       os.replace(tmp, index_dir)  # a half-written index is never loaded
     reward = RetrievalReward(retriever, gallery_listing, gallery_product, run.reward)
     table = ListingTable.from_catalog(data.catalog, run.rar.query_split)
-    return cls(env_run, data, embed_fn, reward, table)
+    return cls(env_run, data, embed_fn, reward, table, batch_size)
 
   def _pixel_values(self, row: int) -> np.ndarray:
     if row not in self._pixels:
@@ -99,7 +101,13 @@ class Environment:
   def score(self, listing_ids: Sequence[int], texts: Sequence[str], ended: Sequence[bool]
             ) -> tuple[np.ndarray, dict[str, float]]:
     """Rewards float32 [n] of the sampled strings `texts` for query listings `listing_ids`, and their
-    means (`rl.reward.RetrievalReward`)."""
-    embeddings = self.embed_fn(self.query_inputs(listing_ids, texts))
-    return self.reward(embeddings, np.asarray(listing_ids), self.product_ids(listing_ids),
-                       malformed_flags(texts, ended))
+    means (`rl.reward.RetrievalReward`) with the seconds spent embedding (`embed_s`: tokenize + frozen
+    model) and searching and scoring (`search_s`)."""
+    t0 = time.perf_counter()
+    b = self.batch_size
+    embeddings = np.concatenate([self.embed_fn(self.query_inputs(listing_ids[i:i + b], texts[i:i + b]))
+                                 for i in range(0, len(texts), b)])
+    t1 = time.perf_counter()
+    rewards, info = self.reward(embeddings, np.asarray(listing_ids), self.product_ids(listing_ids),
+                                malformed_flags(texts, ended))
+    return rewards, dict(info, embed_s=t1 - t0, search_s=time.perf_counter() - t1)

@@ -53,6 +53,8 @@ class RAROptions(Checked):
   query_split: str = choice("train", SPLITS)  # the query listings of the rollouts
   gallery_split: str = choice("train", SPLITS)  # the reward's gallery (never an evaluation split)
   seed: int = non_negative(0)  # sampling keys: fold_in(key(seed), step)
+  # At the end: the greedy reward of the SFT policy and of the tuned one on this many query listings (0 = off)
+  eval_queries: int = non_negative(256)
 
 
 class Rollout:
@@ -66,7 +68,7 @@ class Rollout:
     self.graphdef, self.rest, self.ref_params = model.graphdef, model.rest, ref_params
     self.env, self.tokenizer, self.grid = environment, tokenizer, tuple(image_grid_thw)
     self.options, self.grpo, self.mesh = options, grpo, mesh
-    self.eos = eos_ids[0] if eos_ids else -1
+    self.eos = tuple(eos_ids)
     self.sampling = SamplingConfig(temperature=options.temperature, top_p=options.top_p,
                                    max_new_tokens=options.max_new_tokens, eos_ids=eos_ids, pad_id=pad_id)
     temperature = self.sampling.logprob_temperature
@@ -114,8 +116,11 @@ class Rollout:
     # Reward: decode and score chunk c on the host while the device still samples the later chunks.
     rewards, texts, infos, reward_s, out = [], [], [], 0.0, {k: [] for k in ("completion", "completion_length")}
     extras: dict[str, list] = {}
+    wait_s = 0.0
     for chunk, (gen, extra) in zip(chunks, pending):
+      t1 = time.perf_counter()
       tokens, lengths = np.asarray(gen.tokens), np.asarray(gen.lengths)
+      wait_s += time.perf_counter() - t1
       t1 = time.perf_counter()
       decoded = [decode_text(self.tokenizer, t, int(m), self.eos) for t, m in zip(tokens, lengths)]
       chunk_texts = [d[0] for d in decoded]
@@ -140,10 +145,11 @@ class Rollout:
     metrics = {
         "reward_mean": float(reward.mean()), "reward_std": float(reward.std()),
         "reward_equal_groups": equal_group_share(reward),
-        **{k: float(np.mean([i[k] for i in infos])) for k in infos[0]},
+        **{k: float(np.mean([i[k] for i in infos])) for k in infos[0] if not k.endswith("_s")},
+        **{k: float(np.sum([i[k] for i in infos])) for k in infos[0] if k.endswith("_s")},
         "attribute_keys": float(np.mean([len(parse_attributes(t).pairs) for t in texts])),
         "completion_tokens": float(lengths.mean()),
         "rollout_tokens_per_s": float(lengths.sum() / max(rollout_s, 1e-9)),
-        "rollout_s": rollout_s, "reward_s": reward_s,
+        "rollout_s": rollout_s, "reward_s": reward_s, "sample_wait_s": wait_s,
     }
     return batch, metrics

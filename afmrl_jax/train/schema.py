@@ -44,7 +44,6 @@ from afmrl_jax.train.stage1_step import GradCacheOptions
 from afmrl_jax.train.state import OptimizerConfig
 
 STAGES = ("stage1", "eval", "sft", "generate", "stage2", "cit")
-PLANNED_STAGES: tuple[str, ...] = ()
 DTYPES = ("float32", "bfloat16")
 TASKS = ("representation", "generator")
 STRATEGIES = ("dense", "all_gather", "ring")

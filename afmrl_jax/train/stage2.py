@@ -25,7 +25,8 @@ from afmrl_jax import parallel
 from afmrl_jax.data import generator_data
 from afmrl_jax.data.table import ListingTable
 from afmrl_jax.generate.sampling import eos_ids_of
-from afmrl_jax.train import builders, checkpointing, rar_env, rar_rollout, report, schema, sft, stage1_data
+from afmrl_jax.train import attribute_eval, builders, checkpointing, rar_env, rar_rollout, report, schema, sft
+from afmrl_jax.train import stage1_data
 from afmrl_jax.train import loop as loop_lib
 from afmrl_jax.train import stage2_step
 from afmrl_jax.train import state as state_lib
@@ -112,6 +113,22 @@ def train(run: schema.Run | Any, workdir: str) -> tuple[loop_lib.LoopResult, Sta
   return result, parts
 
 
+def greedy_reward(parts: Stage2Parts, params, num_rows: int) -> dict[str, float]:
+  """Mean reward (and its parts) of the greedy strings of the policy at `params` for the first `num_rows`
+  query listings: a fixed set, so the SFT and the tuned policy are compared on the same queries."""
+  table = parts.environment.table
+  rows = np.arange(min(num_rows, len(table)))
+  data_cfg = sft.data_config(parts.policy_run)
+  batches = generator_data.prompt_batches(table, parts.tokenizer, data_cfg, rows, with_answers=False)
+  vl = builders.vl_config(parts.policy_run, parts.tokenizer)
+  texts, cut, _ = attribute_eval.generate_strings(parts.model.merge(params), parts.tokenizer, batches,
+                                                  generator_data.image_grid_thw(data_cfg), parts.mesh,
+                                                  sft.greedy(parts.policy_run, vl))
+  ids = [int(i) for i in table.listing_id[rows]]
+  rewards, info = parts.environment.score(ids, [texts[i] for i in ids], [i not in cut for i in ids])
+  return {"reward": float(rewards.mean()), **{k: v for k, v in info.items() if not k.endswith("_s")}}
+
+
 def reward_trend(metrics_path: str) -> dict[str, float]:
   """First and last tenth of the logged steps: mean reward, attribute keys, malformed rate; the share
   of step time spent in the reward."""
@@ -147,7 +164,11 @@ def train_and_evaluate(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
   }
   report.plot_loss_curve(metrics_path, os.path.join(workdir, "reward_curve.png"), key="reward_mean",
                          label="mean reward")
-  # Evaluation: the greedy policy's attribute quality on listings never trained on, as after SFT.
+  # Evaluation: the greedy reward of the SFT and of the tuned policy on the same queries; the tuned
+  # policy's attribute quality on listings never trained on, as after SFT.
+  if run.train.eval_at_end and not result.stopped_early and run.rar.eval_queries:
+    summary["greedy_reward_sft"] = greedy_reward(parts, parts.rollout.ref_params, run.rar.eval_queries)
+    summary["greedy_reward_rar"] = greedy_reward(parts, parts.model.params, run.rar.eval_queries)
   if run.train.eval_at_end and not result.stopped_early:
     summary["attribute_eval"] = sft.evaluate(parts.policy_run, parts.model, parts.catalog, parts.tokenizer,
                                              workdir)

@@ -15,14 +15,15 @@ from typing import Any
 
 from afmrl_jax import parallel
 from afmrl_jax.train import checkpointing, schema
+from afmrl_jax.train.cit import CONFIG_OF
 from afmrl_jax.train.schema import ConfigError
+
+CIT_STAGE_CONFIGS = tuple(sorted(set(CONFIG_OF.values())))
 
 __all__ = ["ConfigError", "validate"]
 
 
 def _stage(stage: str) -> list[str]:
-  if stage in schema.PLANNED_STAGES:
-    return [f"config.stage={stage!r} is not implemented yet; available: {list(schema.STAGES)}."]
   if stage not in schema.STAGES:
     return [f"config.stage={stage!r} is not one of {list(schema.STAGES)}."]
   return []
@@ -137,13 +138,20 @@ def _paths(catalog, attributes, checkpoint) -> list[str]:
 def _rar(rar, mesh, num_devices: int) -> list[str]:
   """Stage 2's policy and environment are finished runs; its Q x G rows split over the batch shards."""
   problems = []
-  for name, kind in (("policy", "SFT"), ("environment", "stage-1")):
+  for name, kind, stages in (("policy", "SFT", ("sft", "stage2")), ("environment", "stage-1", ("stage1",))):
     path = getattr(rar, name)
+    config_json = os.path.join(path, "config.json")
     if not path:
       problems.append(f"config.rar.{name} is required: the workdir of a finished {kind} run.")
-    elif not os.path.isfile(os.path.join(path, "config.json")) or not checkpointing.has_checkpoint(path):
+    elif not os.path.isfile(config_json) or not checkpointing.has_checkpoint(path):
       problems.append(f"config.rar.{name}={path!r} is not a finished {kind} workdir (config.json and "
                       "checkpoints/ expected).")
+    else:
+      with open(config_json, encoding="utf-8") as f:
+        saved_stage = json.load(f).get("stage")
+      if saved_stage not in stages:
+        problems.append(f"config.rar.{name}={path!r} is a {saved_stage!r} run; it must be a {kind} run "
+                        f"(stage {' or '.join(stages)}).")
   rows = rar.queries_per_step * rar.group_size
   if rows % rar.rollout_chunks:
     problems.append(f"config.rar.rollout_chunks={rar.rollout_chunks} must divide the {rows} rows per step "
@@ -178,6 +186,11 @@ def validate(config: Any, workdir: str, *, num_devices: int | None = None,
   problems += _workdir(workdir)
   if parts["stage"] == "stage2" and parts["rar"] is not None:
     problems += _rar(parts["rar"], parts["mesh"], num_devices)
+  if parts["stage"] == "cit" and parts["cit"] is not None:
+    missing = sorted(set(CIT_STAGE_CONFIGS) - set(parts["cit"].stages))
+    if missing:
+      problems.append(f"config.cit.stages lacks the {', '.join(repr(m) for m in missing)} configs; start from "
+                      "configs/cit.py, which fills them.")
   needs_checkpoint = parts["stage"] == "eval" or (parts["stage"] == "generate" and not model.hf_checkpoint)
   if needs_checkpoint and not problems:
     source = parts["checkpoint"].restore_dir or workdir
