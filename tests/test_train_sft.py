@@ -11,6 +11,7 @@ import configs.sft as sft_configs
 from afmrl_jax.models.config import VLConfig
 from afmrl_jax.models.vl_model import VLModel
 from afmrl_jax.train import checkpointing, sft, sft_step
+from tests.small_runs import small
 
 GRID = (1, 4, 4)  # 56x56 images: 16 patches, 4 merged image tokens
 B, TP, TA = 3, 12, 6
@@ -66,16 +67,7 @@ def test_loss_is_answer_only_masked_cross_entropy():
 
 
 def _config(tmp_path, steps, **overrides):
-  config = sft_configs.get_config("ci")
-  config.catalog.cache_dir = str(tmp_path / "cache")
-  config.catalog.families_per_category = 4
-  config.pipeline.fresh_views = False
-  config.train.num_steps = steps
-  config.train.eval_at_end = False
-  for key, value in overrides.items():
-    section, name = key.split(".")
-    config[section][name] = value
-  return config
+  return small(sft_configs.get_config("ci"), tmp_path / "cache", steps, **overrides)
 
 
 def test_stop_and_resume_is_bitwise(tmp_path):

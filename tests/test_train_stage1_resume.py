@@ -4,10 +4,6 @@ and loss; and a SIGTERM to `python -m afmrl_jax.main` saves a checkpoint and exi
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -25,18 +21,7 @@ def cache(tmp_path_factory):
   return tmp_path_factory.mktemp("data_cache")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def compilation_cache(tmp_path_factory):
-  """The three runs compile the same programs: keep them in a persistent cache for this module."""
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  old = {n: getattr(jax.config, n) for n in names}
-  jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update(names[1], 0.0)
-  jax.config.update(names[2], 0)
-  yield
-  for n, v in old.items():
-    jax.config.update(n, v)
+pytestmark = pytest.mark.usefixtures("module_compilation_cache")
 
 
 def _losses(workdir):

@@ -20,33 +20,10 @@ from afmrl_jax.generate.logprobs import completion_logprobs
 from afmrl_jax.rl import algo
 from afmrl_jax.train import rar_env, sft, stage1, stage1_data, stage2
 from afmrl_jax.train.validate import ConfigError, validate
+from tests.small_runs import small
 
 
-def _small(config, cache, steps, **overrides):
-  """`config` on the small shared catalog of `cache`, `steps` steps, no evaluation at the end."""
-  config.catalog.cache_dir = str(cache)
-  config.catalog.families_per_category = 4
-  config.pipeline.fresh_views = False  # rendering views costs more than the ci models here
-  config.train.num_steps = steps
-  config.train.eval_at_end = False
-  for key, value in overrides.items():
-    section, name = key.split(".")
-    config[section][name] = value
-  return config
-
-
-@pytest.fixture(autouse=True, scope="module")
-def compilation_cache(tmp_path_factory):
-  """Every stage-2 run here compiles the same programs: keep them in a persistent cache for this module."""
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  old = {n: getattr(jax.config, n) for n in names}
-  jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update(names[1], 0.0)
-  jax.config.update(names[2], 0)
-  yield
-  for n, v in old.items():
-    jax.config.update(n, v)
+pytestmark = pytest.mark.usefixtures("module_compilation_cache")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +35,7 @@ def root(tmp_path_factory):
 def sft_workdir(root):
   """A `ci` SFT run of 4 steps (one checkpoint): the policy and KL reference of every stage-2 run here."""
   workdir = str(root / "sft")
-  sft.train(_small(sft_configs.get_config("ci"), root / "cache", 4), workdir)
+  sft.train(small(sft_configs.get_config("ci"), root / "cache", 4), workdir)
   return workdir
 
 
@@ -66,13 +43,13 @@ def sft_workdir(root):
 def runs(root, sft_workdir):
   """The SFT run and a 2-step `ci` stage-1 run with enriched queries on the same catalog (the environment)."""
   workdir = str(root / "stage1")
-  config = _small(stage1_configs.get_config("ci"), root / "cache", 2, **{"attributes.enrich_queries": True})
+  config = small(stage1_configs.get_config("ci"), root / "cache", 2, **{"attributes.enrich_queries": True})
   stage1.train(config, workdir)
   return {"cache": root / "cache", "policy": sft_workdir, "environment": workdir}
 
 
 def _stage2_config(cache, policy, environment="", steps=4, **overrides):
-  config = _small(stage2_configs.get_config("ci"), cache, steps, **overrides)
+  config = small(stage2_configs.get_config("ci"), cache, steps, **overrides)
   config.rar.policy = policy
   config.rar.environment = environment
   return config

@@ -22,7 +22,7 @@ from afmrl_jax.data import pipeline as pipeline_lib
 from afmrl_jax.data import prompts
 from afmrl_jax.data.table import ListingTable
 from afmrl_jax.retrieval import load_retriever
-from afmrl_jax.rl.reward import RetrievalReward, RewardOptions, malformed_flags
+from afmrl_jax.rl.reward import RetrievalReward, malformed_flags
 from afmrl_jax.train import builders, checkpointing, schema, stage1_data, stage1_step
 from afmrl_jax.train.evaluate import embed_all, make_index
 

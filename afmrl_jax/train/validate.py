@@ -41,6 +41,11 @@ def _workdir(workdir: str) -> list[str]:
   return []
 
 
+def _json_field(path: str, key: str) -> Any:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f).get(key)
+
+
 # The architectures each stage's model may have (HF `model_type` of a checkpoint's config.json).
 VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
@@ -55,8 +60,7 @@ def _model_paths(model) -> list[str]:
     elif not os.path.isfile(config_json):
       problems.append(f"config.model.hf_checkpoint={model.hf_checkpoint!r} has no config.json.")
     else:
-      with open(config_json, encoding="utf-8") as f:
-        model_type = json.load(f).get("model_type")
+      model_type = _json_field(config_json, "model_type")
       if model_type not in VL_MODEL_TYPES:
         problems.append(f"config.model.hf_checkpoint={model.hf_checkpoint!r} is a {model_type!r} model; this "
                         f"stage needs a vision-language model ({', '.join(VL_MODEL_TYPES)}).")
@@ -147,8 +151,7 @@ def _rar(rar, mesh, num_devices: int) -> list[str]:
       problems.append(f"config.rar.{name}={path!r} is not a finished {kind} workdir (config.json and "
                       "checkpoints/ expected).")
     else:
-      with open(config_json, encoding="utf-8") as f:
-        saved_stage = json.load(f).get("stage")
+      saved_stage = _json_field(config_json, "stage")
       if saved_stage not in stages:
         problems.append(f"config.rar.{name}={path!r} is a {saved_stage!r} run; it must be a {kind} run "
                         f"(stage {' or '.join(stages)}).")
