@@ -42,6 +42,11 @@ def test_malformed_flags():
   ended = [True, True, False, True]
   np.testing.assert_array_equal(R.malformed_flags(texts, ended), [False, True, True, True])
   np.testing.assert_array_equal(R.malformed_flags(texts), [False, True, False, True])
+  # Strict format: keys from the known set only, no run of keys hidden in a value.
+  strict = ["color: red; size: m", "color: belt: belt", "colour: red", "color = red"]
+  known = frozenset({"color", "size"})
+  np.testing.assert_array_equal(R.malformed_flags(strict, known_keys=known), [False, True, True, False])
+  np.testing.assert_array_equal(R.malformed_flags(strict), [False, False, False, False])
 
 
 def _toy_gallery():

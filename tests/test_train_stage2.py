@@ -132,7 +132,7 @@ def test_stage2_resume_is_bitwise(runs, tmp_path, monkeypatch):
   The 4-step ci SFT policy writes no well-formed string, so every reward would be the constant malformed
   penalty and every advantage 0; the penalty is switched off to make the retrieval rewards, hence the
   updates, depend on what was sampled."""
-  monkeypatch.setattr(rar_env, "malformed_flags", lambda texts, ended=None: np.zeros(len(texts), bool))
+  monkeypatch.setattr(rar_env, "malformed_flags", lambda texts, *_: np.zeros(len(texts), bool))
   config = lambda **kw: _stage2_config(runs["cache"], runs["policy"], runs["environment"], steps=4, **kw)
   full, full_parts = stage2.train(config(), str(tmp_path / "full"))
   workdir = str(tmp_path / "split")

@@ -40,6 +40,9 @@ class RewardOptions(Checked):
   kind: str = choice("ndcg", REWARD_KINDS)
   k: int = positive(20)  # ranks searched and scored (the paper: recall at k = 50)
   malformed_reward: float = -0.1  # a string that does not parse, or has no EOS
+  # Also malformed: a key the training teacher strings never use, or a value holding ':' / '=' (a run
+  # of keys). Without it a policy can learn well-formed nonsense that the frozen model likes.
+  strict_format: bool = True
   retriever: str = choice("scann", RETRIEVERS)  # gallery index: ScaNN (saved in the workdir) or exact
 
 
@@ -79,9 +82,20 @@ def rank_scores(hits: np.ndarray, num_positives: np.ndarray, kind: str, k: int) 
   raise ValueError(f"reward kind must be one of {REWARD_KINDS}, got {kind!r}.")
 
 
-def malformed_flags(texts: Sequence[str], ended: Sequence[bool] | None = None) -> np.ndarray:
-  """bool [n]: the string does not parse as `key: value` pairs, or (with `ended`) had no EOS."""
-  bad = np.array([parse_attributes(t).malformed for t in texts], bool)
+def _bad_format(text: str, known_keys) -> bool:
+  parsed = parse_attributes(text)
+  if parsed.malformed:
+    return True
+  if known_keys is None:
+    return False
+  return any(k not in known_keys or ":" in v or "=" in v for k, v in parsed.pairs)
+
+
+def malformed_flags(texts: Sequence[str], ended: Sequence[bool] | None = None,
+                    known_keys: frozenset[str] | None = None) -> np.ndarray:
+  """bool [n]: the string does not parse as `key: value` pairs, (with `ended`) had no EOS, or (with
+  `known_keys`) names a key outside `known_keys` or has a value holding ':' or '='."""
+  bad = np.array([_bad_format(t, known_keys) for t in texts], bool)
   if ended is not None:
     bad |= ~np.asarray(ended, bool)
   return bad

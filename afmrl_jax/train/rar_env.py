@@ -21,6 +21,7 @@ from absl import logging
 from afmrl_jax.data import pipeline as pipeline_lib
 from afmrl_jax.data import prompts
 from afmrl_jax.data.table import ListingTable
+from afmrl_jax.attributes.parse import parse_attributes
 from afmrl_jax.retrieval import load_retriever
 from afmrl_jax.rl.reward import RetrievalReward, malformed_flags
 from afmrl_jax.train import builders, checkpointing, schema, stage1_data, stage1_step
@@ -39,6 +40,9 @@ class Environment:
     self.table = query_table
     self.row_of = {int(lid): i for i, lid in enumerate(query_table.listing_id)}
     self.encoder = pipeline_lib.ListingEncoder(data.tokenizer, data.stats, data.pipeline)
+    # The keys a well-formed string may use: those of the teacher's strings for these listings.
+    self.known_keys = (frozenset(k for t in query_table.teacher_attributes for k, _ in parse_attributes(t).pairs)
+                       if reward.options.strict_format else None)
     self._pixels: dict[int, np.ndarray] = {}
 
   @classmethod
@@ -109,5 +113,5 @@ class Environment:
                                  for i in range(0, len(texts), b)])
     t1 = time.perf_counter()
     rewards, info = self.reward(embeddings, np.asarray(listing_ids), self.product_ids(listing_ids),
-                                malformed_flags(texts, ended))
+                                malformed_flags(texts, ended, self.known_keys))
     return rewards, dict(info, embed_s=t1 - t0, search_s=time.perf_counter() - t1)
