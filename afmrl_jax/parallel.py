@@ -152,6 +152,8 @@ def maybe_initialize_distributed() -> bool:
   with more than one task. Returns True if initialised.
   """
   env = os.environ
+  # CPU processes (local multi-process runs, tests) exchange collectives through gloo.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   multi_task = any(int(env.get(k, "1")) > 1 for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
   tpu_pod = "TPU_WORKER_HOSTNAMES" in env and "," in env.get("TPU_WORKER_HOSTNAMES", "")
   if "JAX_COORDINATOR_ADDRESS" in env:
@@ -164,3 +166,10 @@ def maybe_initialize_distributed() -> bool:
     jax.distributed.initialize()
     return True
   return False
+
+
+def barrier(name: str) -> None:
+  """Returns once every process has reached the barrier `name` (at once with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,19 +33,25 @@ def sft_workdir(tmp_path_factory):
   return root
 
 
-def _generate(root, workdir, **popen):
+def _generate(root, workdir, env=None, **popen):
   args = [sys.executable, "-m", "afmrl_jax.main", *ARGS, f"--workdir={workdir}",
           f"--config.catalog.cache_dir={root / 'cache'}", f"--config.checkpoint.restore_dir={root / 'sft'}"]
-  return subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          **popen)
+  return subprocess.Popen(args, cwd=ROOT, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, **popen)
 
 
-def test_kill_9_midway_then_rerun_gives_every_listing_once_and_the_same_bytes(sft_workdir):
+@pytest.fixture(scope="module")
+def whole_run(sft_workdir):
+  """The bytes of one uninterrupted single-process run."""
   root = sft_workdir
   whole = _generate(root, root / "whole")
   out, _ = whole.communicate(timeout=600)
   assert whole.returncode == 0, out[-3000:]
-  expected = (root / "whole" / "generated" / "attributes.jsonl").read_bytes()
+  return (root / "whole" / "generated" / "attributes.jsonl").read_bytes()
+
+
+def test_kill_9_midway_then_rerun_gives_every_listing_once_and_the_same_bytes(sft_workdir, whole_run):
+  root, expected = sft_workdir, whole_run
   rows = [json.loads(line) for line in expected.decode().splitlines()]
   ids = [r["listing_id"] for r in rows]
   assert ids == sorted(set(ids)) and len(ids) > 32  # every listing once, in listing-id order
@@ -66,3 +73,31 @@ def test_kill_9_midway_then_rerun_gives_every_listing_once_and_the_same_bytes(sf
   assert summary["resumed_shards"] >= 2 and summary["listings"] == len(ids)
   assert (folder / "attributes.jsonl").read_bytes() == expected
   assert not [name for name in os.listdir(folder) if ".tmp-" in name]  # a killed write's leftovers are gone
+
+
+def test_two_processes_write_the_union_once_with_the_same_bytes_as_one(sft_workdir, whole_run):
+  """Two `jax.distributed` processes (one CPU device each) split the shards; process 0 joins them."""
+  root = sft_workdir
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  procs = []
+  for pid in range(2):
+    env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+    procs.append(_generate(root, root / "two", env=env))
+  outs = []
+  for p in procs:
+    try:
+      out, _ = p.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      pytest.fail("two-process generation timed out")
+    assert p.returncode == 0, out[-3000:]
+    outs.append(out)
+  assert "[process 0] shard 1/" in outs[0] and "[process 1] shard 2/" in outs[1]  # each its own shards
+  summary = json.loads(outs[0][outs[0].index("{"):])
+  num_shards = len(list((root / "two" / "generated").glob("shard-*.jsonl")))
+  assert summary["generated_now"] < summary["listings"] and num_shards >= 4
+  assert (root / "two" / "generated" / "attributes.jsonl").read_bytes() == whole_run

@@ -9,7 +9,11 @@ shards of `generation.shard_size`; each shard is generated in batches and commit
 to a temporary file, then renamed) as `<workdir>/<output_dir>/shard-NNNNN.jsonl`. A rerun skips the
 committed shards, so a run killed at any point (kill -9 included) continues where it stopped and never
 writes a listing twice or loses one; with greedy decoding the result is byte-identical to an
-uninterrupted run. When every shard is there they are joined into `<output_dir>/attributes.jsonl`:
+uninterrupted run. With several processes (`jax.distributed`), process p generates shards p, p + P, ...
+on its own devices and, once every process has committed its shards, process 0 joins them: the output
+is the union, each listing exactly once, and the same bytes as one process (each shard's sampling key
+depends on the shard, not on the process). The output folder must be shared by the processes. When
+every shard is there they are joined into `<output_dir>/attributes.jsonl`:
 one `{"listing_id", "attributes", "malformed"}` per line, the file `config.attributes.source` takes.
 A string without EOS by `max_new_tokens` is cut there and counted as malformed, never an exception.
 """
@@ -23,6 +27,7 @@ import sys
 import time
 from typing import Any
 
+import grain
 import jax
 import numpy as np
 
@@ -68,7 +73,9 @@ def _load_generator(run: schema.Run, tokenizer, mesh):
 
 
 def _shard_lines(model, tokenizer, table, rows, data_cfg, mesh, sampling, rng_key) -> tuple[str, dict]:
-  batches = generator_data.prompt_batches(table, tokenizer, data_cfg, rows, with_answers=False)
+  # Each process generates whole shards on its own devices: its batches are the shard's, not a slice.
+  batches = generator_data.prompt_batches(table, tokenizer, data_cfg, rows, with_answers=False,
+                                          shard_options=grain.sharding.NoSharding())
   grid = generator_data.image_grid_thw(data_cfg)
   texts, cut, stats = attribute_eval.generate_strings(model, tokenizer, batches, grid, mesh, sampling, rng_key)
   lines = []
@@ -83,12 +90,11 @@ def run_generation(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
   """The `generate` stage; returns a summary (counts, malformed rate, listings/s, the output path)."""
   run = schema.parse(run)
   opts = run.generation
-  if jax.process_count() > 1:
-    raise NotImplementedError("The generate stage runs in one process (each process would need its own "
-                              "mesh over its local devices); run it on one host.")
 
-  # Mesh, data, model.
-  mesh = parallel.make_mesh(run.mesh)
+  # Mesh: each process generates its own shards on its own devices (`mesh` is the per-process shape).
+  mesh = parallel.make_mesh(run.mesh, devices=jax.local_devices())
+
+  # Data and model.
   catalog, tokenizer, _ = stage1_data.load_catalog(run, workdir)
   table, rows = _rows(catalog, opts.splits)
   data_cfg = dataclasses.replace(run.generator, image_size=run.catalog.image_size)
@@ -103,12 +109,16 @@ def run_generation(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
   # Shards: skip the committed ones, generate and commit the rest.
   folder = os.path.join(workdir, opts.output_dir)
   os.makedirs(folder, exist_ok=True)
-  for name in os.listdir(folder):  # a write that a kill interrupted: never committed, never read
-    if ".tmp-" in name:
-      os.remove(os.path.join(folder, name))
   num_shards = -(-len(rows) // opts.shard_size)
-  todo = [k for k in range(num_shards) if not os.path.exists(shard_path(folder, k))]
-  done_rows = len(rows) - sum(len(rows[k * opts.shard_size:(k + 1) * opts.shard_size]) for k in todo)
+  mine = range(jax.process_index(), num_shards, jax.process_count())
+  mine_prefixes = tuple(os.path.basename(shard_path(folder, k)) + ".tmp-" for k in mine)
+  for name in os.listdir(folder):  # this process's writes that a kill interrupted: never committed, never read
+    if name.startswith(mine_prefixes):
+      os.remove(os.path.join(folder, name))
+  todo = [k for k in mine if not os.path.exists(shard_path(folder, k))]
+  my_rows = sum(len(rows[k * opts.shard_size:(k + 1) * opts.shard_size]) for k in mine)
+  done_rows = my_rows - sum(len(rows[k * opts.shard_size:(k + 1) * opts.shard_size]) for k in todo)
+  prefix = f"[process {jax.process_index()}] " if jax.process_count() > 1 else ""
   t0, made = time.perf_counter(), 0
   for k in todo:
     shard_rows = rows[k * opts.shard_size:(k + 1) * opts.shard_size]
@@ -117,16 +127,19 @@ def run_generation(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
     write_atomically(shard_path(folder, k), text)
     made += len(shard_rows)
     rate = made / (time.perf_counter() - t0)
-    left = len(rows) - done_rows - made
-    print(f"shard {k + 1}/{num_shards} | {train_logging.progress_bar(done_rows + made, len(rows))} | "
+    left = my_rows - done_rows - made
+    print(f"{prefix}shard {k + 1}/{num_shards} | {train_logging.progress_bar(done_rows + made, my_rows)} | "
           f"{rate:.1f} listings/s | ETA {train_logging.format_duration(left / rate)}", file=sys.stdout, flush=True)
 
-  # Join: one file, listing-id order, every listing exactly once.
+  # Join (process 0, after every process committed its shards): one file, listing-id order, each listing once.
+  parallel.barrier("generate_shards_committed")
+  if jax.process_index() != 0:
+    return {"generated_now": made, "shards": len(mine)}
   text = "".join(open(shard_path(folder, k), encoding="utf-8").read() for k in range(num_shards))
   out = os.path.join(folder, "attributes.jsonl")
   write_atomically(out, text)
   records = [json.loads(line) for line in text.splitlines()]
   elapsed = time.perf_counter() - t0
-  return {"output": out, "listings": len(records), "generated_now": made, "resumed_shards": num_shards - len(todo),
+  return {"output": out, "listings": len(records), "generated_now": made, "resumed_shards": len(mine) - len(todo),
           "malformed_rate": float(np.mean([r["malformed"] for r in records])),
           "listings_per_s": made / elapsed if made and elapsed > 0 else None}
