@@ -2,6 +2,7 @@
 sign flipped); a run stopped after step 2 and resumed is bitwise the uninterrupted one, with the real
 environment; `validate` names a missing policy run."""
 
+import dataclasses
 import json
 import os
 
@@ -118,6 +119,36 @@ def test_grpo_steps_follow_the_reward_sign(sign, flip_advantages, direction, sft
   # Observed: -6.53 -> -5.70 (prefer short), -> -7.00 (prefer long; flipped sign). A flipped sign in the
   # loss (clipped_policy_loss) swaps the two, so every case here fails then too.
   assert (after - before) * direction > 0.2, (before, after)
+
+
+def test_lora_policy_trains_only_adapters_on_frozen_sft_weights(sft_workdir, root, tmp_path, monkeypatch):
+  """`lora.enabled`: the policy starts equal to SFT (zero adapters), the reward moves it the way it points,
+  only adapters are trained and checkpointed, and the generate stage's loader rebuilds the tuned policy."""
+  def load(run, workdir, mesh, batch_size):
+    catalog, _, _ = stage1_data.load_catalog(stage2.policy_run(run), run.rar.policy)
+    return _EndingReward(ListingTable.from_catalog(catalog, run.rar.query_split), 1.0)
+
+  monkeypatch.setattr(rar_env.Environment, "load", staticmethod(load))
+  config = _stage2_config(root / "cache", sft_workdir, steps=4, **{"optimizer.learning_rate": 1e-1,
+                                                                     "lora.enabled": True})
+  config.lora.rank = 4
+  result, parts = stage2.train(config, str(tmp_path))
+  assert result.step == 4
+  kinds = {type(v).__name__ for v in jax.tree.leaves(parts.model.params, is_leaf=lambda x: isinstance(x, nnx.Variable))}
+  assert kinds == {"LoRAParam"}, kinds
+  # The frozen base is the SFT generator, bit for bit.
+  sft_model = stage2.policy_model(dataclasses.replace(parts.run, lora=dataclasses.replace(parts.run.lora, enabled=False)),
+                                  parts.policy_run, parts.tokenizer, parts.mesh)
+  frozen = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+  base = nnx.to_pure_dict(nnx.state(parts.model.merge(), frozen))
+  jax.tree.map(np.testing.assert_array_equal, base, nnx.to_pure_dict(nnx.state(sft_model.merge(), frozen)))
+  sft_logp = _eos_logprob(dataclasses.replace(parts, model=sft_model), sft_model.params)
+  assert _eos_logprob(parts, parts.rollout.ref_params) == pytest.approx(sft_logp, abs=1e-5)  # zero adapters = SFT
+  after = _eos_logprob(parts, parts.model.params)
+  assert after - sft_logp > 0.2, (sft_logp, after)
+  # What the generate stage loads from this workdir: the SFT weights plus the last checkpoint's adapters.
+  tuned = stage2.tuned_policy(str(tmp_path), parts.tokenizer, parts.mesh)
+  assert _eos_logprob(dataclasses.replace(parts, model=tuned), tuned.params) == pytest.approx(after, abs=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------

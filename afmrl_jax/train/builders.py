@@ -112,11 +112,11 @@ def create_model(run: Any, tokenizer, mesh) -> Any:
   return model
 
 
-def restore_model(run: Any, checkpoint_dir: str, tokenizer, mesh) -> tuple[Any, int]:
-  """The run's model with the trainable params of the latest checkpoint in `checkpoint_dir`."""
+def restore_latest_params(model: Any, run: Any, checkpoint_dir: str, mesh) -> int:
+  """Sets `model.params` to the trainable params of the latest checkpoint in `checkpoint_dir`; returns its
+  step. `run` gives the optimizer whose state shares the checkpoint."""
   from afmrl_jax.train import checkpointing
   from afmrl_jax.train import state as state_lib
-  model = create_model(run, tokenizer, mesh)
   tx = state_lib.make_optimizer(run.optimizer, run.train.num_steps)
   checkpointer = checkpointing.Checkpointer(checkpoint_dir, keep=run.checkpoint.keep, async_save=False)
   try:
@@ -126,4 +126,10 @@ def restore_model(run: Any, checkpoint_dir: str, tokenizer, mesh) -> tuple[Any, 
   if step is None:
     raise FileNotFoundError(f"No checkpoint in {checkpoint_dir}; train first.")
   model.params = state["params"]
-  return model, step
+  return step
+
+
+def restore_model(run: Any, checkpoint_dir: str, tokenizer, mesh) -> tuple[Any, int]:
+  """The run's model with the trainable params of the latest checkpoint in `checkpoint_dir`."""
+  model = create_model(run, tokenizer, mesh)
+  return model, restore_latest_params(model, run, checkpoint_dir, mesh)

@@ -37,7 +37,7 @@ from afmrl_jax.data import generator_data
 from afmrl_jax.data.table import ListingTable
 from afmrl_jax.generate.filters import SamplingConfig
 from afmrl_jax.generate.sampling import eos_ids_of
-from afmrl_jax.train import attribute_eval, builders, checkpointing, schema, stage1_data
+from afmrl_jax.train import attribute_eval, builders, checkpointing, schema, stage1_data, stage2
 from afmrl_jax.train import logging as train_logging
 
 def shard_path(folder: str, k: int) -> str:
@@ -64,9 +64,13 @@ def _rows(catalog, splits) -> tuple[ListingTable, np.ndarray]:
 
 
 def _load_generator(run: schema.Run, tokenizer, mesh):
-  """The generator module: the latest checkpoint of `checkpoint.restore_dir`, else the HF checkpoint."""
-  if run.checkpoint.restore_dir:
-    model, _ = builders.restore_model(run, checkpointing.checkpoint_dir(run.checkpoint.restore_dir), tokenizer, mesh)
+  """The generator module: the latest checkpoint of `checkpoint.restore_dir` (an SFT run, or a stage-2
+  run: its tuned parameters, LoRA adapters or all, on its SFT policy), else the HF checkpoint."""
+  restore_dir = run.checkpoint.restore_dir
+  if restore_dir and schema.saved_stage(restore_dir) == "stage2":
+    model = stage2.tuned_policy(restore_dir, tokenizer, mesh)
+  elif restore_dir:
+    model, _ = builders.restore_model(run, checkpointing.checkpoint_dir(restore_dir), tokenizer, mesh)
   else:
     model = builders.create_model(run, tokenizer, mesh)
   return model.merge()

@@ -241,6 +241,17 @@ def parse(config: Any, root: type = Run) -> Any:
   return root(**{k: v for k, v in values.items() if v is not None})
 
 
+def saved_stage(workdir: str) -> str | None:
+  """The stage of the run that wrote `<workdir>/config.json`, None without one."""
+  import json
+  import os
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f).get("stage")
+
+
 def load_saved(workdir: str) -> Run:
   """The typed `Run` a finished stage wrote to `<workdir>/config.json` (derived fields dropped: the
   trainer derives them again)."""

@@ -20,11 +20,13 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 
 from afmrl_jax import parallel
 from afmrl_jax.data import generator_data
 from afmrl_jax.data.table import ListingTable
 from afmrl_jax.generate.sampling import eos_ids_of
+from afmrl_jax.models import lora as lora_lib
 from afmrl_jax.train import attribute_eval, builders, checkpointing, rar_env, rar_rollout, report, schema, sft
 from afmrl_jax.train import stage1_data
 from afmrl_jax.train import loop as loop_lib
@@ -36,6 +38,34 @@ def policy_run(run: schema.Run) -> schema.Run:
   """The SFT run of `run.rar.policy`, with this run's mesh and attribute evaluation."""
   saved = schema.load_saved(run.rar.policy)
   return dataclasses.replace(saved, mesh=run.mesh, sft_eval=run.sft_eval)
+
+
+def policy_model(run: schema.Run, prun: schema.Run, tokenizer, mesh) -> state_lib.ShardedModel:
+  """The policy at the starting weights of `run.rar.policy` (an SFT run, or a stage-2 run's tuned
+  generator): every parameter trainable, or with `run.lora.enabled` only fresh adapters (zero-initialised,
+  so the policy starts equal to its start) on the frozen starting weights."""
+  if prun.stage == "stage2":
+    start = tuned_policy(run.rar.policy, tokenizer, mesh)
+  else:
+    start, _ = builders.restore_model(prun, checkpointing.checkpoint_dir(run.rar.policy), tokenizer, mesh)
+  if not run.lora.enabled and not prun.lora.enabled:
+    return start
+  target = dataclasses.replace(prun, lora=run.lora)
+  fresh = state_lib.create_sharded(builders.model_constructor(target, builders.vl_config(prun, tokenizer)),
+                                   mesh, builders.trainable_filter(target))
+  module = fresh.merge()
+  # The starting weights (adapters they carry folded in) into the frozen base of every projection.
+  nnx.update(module, nnx.state(lora_lib.merge_lora(start.merge()), nnx.Param))
+  graphdef, params, rest = nnx.split(module, builders.trainable_filter(target), ...)
+  return state_lib.ShardedModel(graphdef, params, rest, fresh.param_shardings, fresh.rest_shardings)
+
+
+def tuned_policy(workdir: str, tokenizer, mesh) -> state_lib.ShardedModel:
+  """The generator a stage-2 run in `workdir` trained: its latest checkpoint on top of its SFT policy."""
+  run = schema.load_saved(workdir)
+  model = policy_model(run, policy_run(run), tokenizer, mesh)
+  builders.restore_latest_params(model, run, checkpointing.checkpoint_dir(workdir), mesh)
+  return model
 
 
 def _check_same_catalog(policy_table: ListingTable, env_table: ListingTable, run: schema.Run) -> None:
@@ -76,7 +106,7 @@ def build(run: schema.Run | Any, workdir: str) -> Stage2Parts:
   # Policy and reference: the SFT generator; the reference keeps its weights (the train state copies them).
   prun = policy_run(run)
   catalog, tokenizer, _ = stage1_data.load_catalog(prun, o.policy)
-  model, _ = builders.restore_model(prun, checkpointing.checkpoint_dir(o.policy), tokenizer, mesh)
+  model = policy_model(run, prun, tokenizer, mesh)
   vl = builders.vl_config(prun, tokenizer)
 
   # Environment: the frozen stage-1 model, its gallery index (built once, saved in the workdir).
