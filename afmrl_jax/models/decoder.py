@@ -14,8 +14,8 @@ from flax import nnx
 
 from afmrl_jax.models import rope
 from afmrl_jax.models.config import TextConfig
-from afmrl_jax.models.layers import (INIT_STD, GatedMLP, RMSNorm, attention, can_fuse, decode_attention,
-                                     dense, fused_dense)
+from afmrl_jax.models.layers import (INIT_STD, GatedMLP, RMSNorm, as_rows, attention, decode_attention, dense,
+                                     project)
 from afmrl_jax.models.sharding import constrain, param, spec_for
 
 
@@ -82,11 +82,7 @@ class Attention(nnx.Module):
     Returns (`[B, T, E]`, (k, v) with the new keys/values written, or None).
     """
     b, t, _ = x.shape
-    projections = (self.q_proj, self.k_proj, self.v_proj)
-    if layer_cache is not None and can_fuse(*projections):  # inference: one matmul for q, k, v
-      q, k, v = fused_dense(x, projections)
-    else:
-      q, k, v = (p(x) for p in projections)
+    q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), fused=layer_cache is not None)
     q = q.reshape(b, t, self.num_heads, self.head_dim)
     k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
     v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -100,12 +96,12 @@ class Attention(nnx.Module):
       new = (k, v)
       if t == 1:  # decoding: attend over the cache where it lies
         out = decode_attention(q, k, v, allowed, self.head_dim ** -0.5)
-        return self.o_proj(out.reshape(b, t, -1)), new
+        return as_rows(self.o_proj, out.reshape(b, t, -1)), new
       k, v = k.astype(q.dtype), v.astype(q.dtype)
     k = constrain(k, 'batch', 'seq', 'kv_heads', None)
     v = constrain(v, 'batch', 'seq', 'kv_heads', None)
     out = attention(q, k, v, allowed, self.head_dim ** -0.5)
-    return self.o_proj(out.reshape(b, t, -1)), new
+    return as_rows(self.o_proj, out.reshape(b, t, -1)), new
 
 
 class DecoderLayer(nnx.Module):

@@ -2,10 +2,12 @@
 RMSNorm / LayerNorm with HF numerics, SwiGLU and GELU MLPs, masked dot-product attention.
 
 Projections are plain `nnx.Linear` (kernel `[in, out]`, the transpose of HF's `weight`), so LoRA
-and checkpoint code can treat every projection alike. For inference, `fused_dense` runs several
-projections of one input (q/k/v, gate/up) as a single matmul over their concatenated kernels, and
-`decode_attention` attends one new token per row over a KV cache in the cache's own layout: on a
-CPU the decode step is dominated by the number of small kernels it launches, not by arithmetic.
+and checkpoint code can treat every projection alike. `fused_dense` runs several projections of one
+input (q/k/v, gate/up) as a single matmul over their concatenated kernels, and `as_rows` runs them on
+the tokens as one `[N, E]` matrix: fewer, larger, 2-D matmuls, which XLA's CPU backend runs (forward and
+gradients) much closer to its matmul peak than the same work on `[B, T, E]`. `decode_attention`
+attends one new token per row over a KV cache in the cache's own layout: on a CPU the decode step is
+dominated by the number of small kernels it launches, not by arithmetic.
 """
 from __future__ import annotations
 
@@ -85,6 +87,23 @@ def can_fuse(*projections: nnx.Module) -> bool:
   return mesh.empty or mesh.shape.get('tensor', 1) == 1
 
 
+def as_rows(fn, x: jax.Array):
+  """`fn` applied to `x [..., E]` as one `[N, E]` matrix; every output reshaped back to `[..., F]`."""
+  lead = x.shape[:-1]
+  out = fn(x.reshape(-1, x.shape[-1]))
+  back = lambda y: y.reshape(lead + y.shape[1:])
+  return [back(y) for y in out] if isinstance(out, (list, tuple)) else back(out)
+
+
+def project(x: jax.Array, projections, *, fused: bool = False) -> list[jax.Array]:
+  """`[p(x) for p in projections]` on `x [..., E]` as `[N, E]` rows; with `fused`, one matmul when
+  `can_fuse` allows (inference: fewer kernels per decode step; training keeps separate matmuls, which
+  run as fast there and keep a zero-initialised LoRA model bitwise equal to its base)."""
+  if fused and can_fuse(*projections):
+    return as_rows(lambda rows: fused_dense(rows, projections), x)
+  return as_rows(lambda rows: [p(rows) for p in projections], x)
+
+
 def fused_dense(x: jax.Array, projections) -> list[jax.Array]:
   """`[p(x) for p in projections]` as one matmul over the kernels concatenated along `out`.
 
@@ -116,12 +135,11 @@ class GatedMLP(nnx.Module):
     self.act = activation(act)
 
   def __call__(self, x: jax.Array, *, fused: bool = False) -> jax.Array:
-    """x `[..., dim]` -> `[..., dim]`; `fused`: gate and up as one matmul when `can_fuse` allows."""
-    if fused and can_fuse(self.gate_proj, self.up_proj):
-      gate, up = fused_dense(x, (self.gate_proj, self.up_proj))
-    else:
-      gate, up = self.gate_proj(x), self.up_proj(x)
-    return self.down_proj(self.act(gate) * up)
+    """x `[..., dim]` -> `[..., dim]` on `[N, dim]` rows; `fused`: gate and up as one matmul (`project`)."""
+    def rows(r):
+      gate, up = project(r, (self.gate_proj, self.up_proj), fused=fused)
+      return self.down_proj(self.act(gate) * up)
+    return as_rows(rows, x)
 
 
 class PlainMLP(nnx.Module):
@@ -135,7 +153,7 @@ class PlainMLP(nnx.Module):
     self.act = activation(act)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(self.act(self.fc1(x)))
+    return as_rows(lambda rows: self.fc2(self.act(self.fc1(rows))), x)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | None,

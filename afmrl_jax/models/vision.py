@@ -22,7 +22,8 @@ from flax import nnx
 
 from afmrl_jax.models import rope
 from afmrl_jax.models.config import VisionConfig
-from afmrl_jax.models.layers import GatedMLP, LayerNorm, PlainMLP, RMSNorm, activation, attention, dense
+from afmrl_jax.models.layers import (GatedMLP, LayerNorm, PlainMLP, RMSNorm, activation, as_rows, attention,
+                                     dense)
 from afmrl_jax.models.sharding import constrain
 
 
@@ -74,7 +75,7 @@ class VisionAttention(nnx.Module):
   def __call__(self, x, cos, sin, layout):
     """x `[B, P, W]`, cos/sin `[P, Dh]`, layout from `segment_layout` -> `[B, P, W]`."""
     b, p, w = x.shape
-    qkv = self.qkv(x).reshape(b, p, 3, self.num_heads, self.head_dim)
+    qkv = as_rows(self.qkv, x).reshape(b, p, 3, self.num_heads, self.head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
     scale = self.head_dim ** -0.5
@@ -83,7 +84,7 @@ class VisionAttention(nnx.Module):
       out = attention(fold(q), fold(k), fold(v), None, scale).reshape(b, p, self.num_heads, -1)
     else:
       out = attention(q, k, v, None if layout is None else jnp.asarray(layout)[None], scale)
-    return self.proj(out.reshape(b, p, w))
+    return as_rows(self.proj, out.reshape(b, p, w))
 
 
 class VisionBlock(nnx.Module):
@@ -122,7 +123,7 @@ class PatchMerger(nnx.Module):
   def __call__(self, x):
     b, p, w = x.shape
     x = self.ln_q(x).reshape(b, p // self.unit, self.unit * w)
-    return self.mlp_2(self.act(self.mlp_0(x)))
+    return as_rows(lambda rows: self.mlp_2(self.act(self.mlp_0(rows))), x)
 
 
 class VisionTower(nnx.Module):
@@ -155,7 +156,7 @@ class VisionTower(nnx.Module):
     if p != t * h * w or dp != cfg.patch_dim or h % m or w % m:
       raise ValueError(f'vision: pixel_values {pixel_values.shape} do not match image_grid_thw '
                        f'{grid_thw} (need [B, t*h*w, {cfg.patch_dim}] with h, w multiples of {m})')
-    x = self.patch_embed(pixel_values.astype(self.dtype))
+    x = as_rows(self.patch_embed, pixel_values.astype(self.dtype))
     cos, sin = rope.vision_cos_sin((t, h, w), cfg.width // cfg.num_heads, cfg.rope_theta, m)
     frames = np.arange(p) // (h * w)  # HF attends within each frame (cu_seqlens per frame)
     if cfg.arch == 'qwen2_vl':
