@@ -31,7 +31,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
-from launch.bench_stage1 import make_batch, model_config  # noqa: E402
+from launch.bench_stage1 import IMAGE, make_batch, model_config  # noqa: E402
 
 
 def best_time(fn, *args, repeats: int) -> float:
@@ -132,6 +132,55 @@ def profile(preset: str, batch: int, repeats: int) -> dict:
   return out
 
 
+def profile_hf(preset: str, batch: int, repeats: int, padded: bool = True) -> dict:
+  """The same parts of the HF PyTorch model (`transformers.Qwen2VLForConditionalGeneration`), same threads."""
+  import torch
+  import transformers as tf
+  config, vl = model_config(preset)
+  g = 112 // 14
+  grid = (1, g, g)
+  batch_np = make_batch(batch, 32, grid, seed=0)
+  torch.manual_seed(0)
+  model = tf.Qwen2VLForConditionalGeneration(tf.Qwen2VLConfig(**vl.to_hf_dict())).train()
+  ids = np.concatenate([batch_np["query_input_ids"], batch_np["candidate_input_ids"]])
+  mask = np.concatenate([batch_np["query_attention_mask"], batch_np["candidate_attention_mask"]])
+  pixels = np.concatenate([batch_np["query_pixel_values"], batch_np["candidate_pixel_values"]])
+  n = len(ids)
+  pixel_t = torch.tensor(pixels.reshape(-1, pixels.shape[-1]), requires_grad=False)
+  grid_t = torch.tensor([grid] * n)
+  inner = model.model
+  with torch.no_grad():
+    embeds = inner.get_input_embeddings()(torch.tensor(ids, dtype=torch.long))
+    ids_t = torch.tensor(ids, dtype=torch.long)
+    positions, _ = inner.get_rope_index(ids_t, (ids_t == IMAGE).long(), grid_t,
+                                        attention_mask=torch.tensor(mask, dtype=torch.long))
+  mask_t = torch.tensor(mask, dtype=torch.long) if padded else None
+
+  def timed(fn) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      fn()
+      times.append(time.perf_counter() - t0)
+    return min(times)
+
+  def vision():
+    out = inner.visual(pixel_t, grid_thw=grid_t)
+    out = out.pooler_output if hasattr(out, "pooler_output") else out
+    out = torch.cat(list(out)) if isinstance(out, (list, tuple)) else out
+    out.sum().backward()
+    model.zero_grad(set_to_none=True)
+
+  def text():
+    hidden = inner.language_model(inputs_embeds=embeds, attention_mask=mask_t, position_ids=positions).last_hidden_state
+    hidden[:, -1].sum().backward()
+    model.zero_grad(set_to_none=True)
+
+  return {"vision": {"seconds": timed(vision)}, "text": {"seconds": timed(text)},
+          "torch_threads": torch.get_num_threads()}
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--preset", default="bench-small")
@@ -142,17 +191,20 @@ def main() -> None:
   load_before = os.getloadavg()[0]
   peak = matmul_peak(args.repeats)
   parts = profile(args.preset, args.batch, args.repeats)
-  result = {"preset": args.preset, "batch": args.batch, "matmul_peak_gflops": peak / 1e9, "parts": parts,
+  hf = profile_hf(args.preset, args.batch, args.repeats)
+  result = {"preset": args.preset, "batch": args.batch, "matmul_peak_gflops": peak / 1e9, "parts": parts, "hf": hf,
             "load_average": [load_before, os.getloadavg()[0]], "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "cpu_count": os.cpu_count()}
   step = parts["step"]["seconds"]
   print(f"matmul peak {peak / 1e9:.0f} GFLOP/s; load average {load_before:.2f} -> {os.getloadavg()[0]:.2f}")
-  print("| part | s | share of step | GFLOP | GFLOP/s | share of peak |")
-  print("|---|---|---|---|---|---|")
+  print("| part | s | share of step | GFLOP | GFLOP/s | share of peak | HF s | HF / ours |")
+  print("|---|---|---|---|---|---|---|---|")
   for name, p in parts.items():
     rate = p["gflop"] / p["seconds"]
+    h = hf.get(name, {}).get("seconds")
+    ref = f"{h:.3f} | {h / p['seconds']:.2f}x" if h else "- | -"
     print(f"| {name} | {p['seconds']:.3f} | {p['seconds'] / step:.0%} | {p['gflop']:.1f} | {rate:.0f} | "
-          f"{rate / (peak / 1e9):.0%} |")
+          f"{rate / (peak / 1e9):.0%} | {ref} |")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=1)
