@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import bench_common  # launch/ (this script's folder) is on sys.path
+
 IMAGE, VIDEO, V_START, V_END = 8000, 8001, 8002, 8003
 
 
@@ -117,20 +119,6 @@ def ours_runner(model, ids, mask, pixels, grid, new_tokens: int):
     jax.block_until_ready(out)
     assert out.tokens.shape == (ids.shape[0], new_tokens)
   return run
-
-
-def bench_interleaved(runners: dict, repeats: int) -> dict:
-  """Times every runner once per round, round after round, so that all of them see the same
-  (shared-machine) load; one warm-up call each first. Returns {name: [seconds per round]}."""
-  for run in runners.values():
-    run()
-  times = {name: [] for name in runners}
-  for _ in range(repeats):
-    for name, run in runners.items():
-      t0 = time.perf_counter()
-      run()
-      times[name].append(time.perf_counter() - t0)
-  return times
 
 
 ROOFLINE_PRESETS = {
@@ -230,7 +218,9 @@ def main() -> None:
              "load_average": os.getloadavg()[0]}
   sides = (("hf_generate", hf_runner, hf), ("afmrl_jax", ours_runner, ours))
   runners = {(name, k): make(model, ids, mask, pixels, grid, k) for name, make, model in sides for k in (n, 1)}
-  times = bench_interleaved(runners, args.repeats)
+  measured = bench_common.interleaved(runners, args.repeats)
+  times = measured["times"]
+  results["load_per_round"] = measured["load"]
   for name, _, _ in sides:
     total, one = statistics.median(times[name, n]), statistics.median(times[name, 1])
     decode_s = max(total - one, 1e-9)
@@ -257,10 +247,18 @@ def main() -> None:
     r = results[name]
     print(f"| {name} | {r['generate_s']:.3f} | {r['tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.0f} | "
           f"{r['ms_per_decode_step']:.2f} |")
-  print(f"speed-up (ratio of medians): end-to-end {results['speedup_end_to_end']:.2f}x, "
-        f"decode-only {results['speedup_decode']:.2f}x; median of per-round ratios: end-to-end "
-        f"{results['speedup_end_to_end_paired_median']:.2f}x, decode-only {results['speedup_decode_paired_median']:.2f}x; "
-        f"load average at the end {results['load_average_end']:.1f}")
+  line, ratio = bench_common.speedup_line("decode-only, median rounds", results["afmrl_jax"]["ms_per_decode_step"],
+                                         results["hf_generate"]["ms_per_decode_step"], results["load_average"])
+  if ratio is None:
+    for key in ("speedup_end_to_end", "speedup_decode", "speedup_decode_paired_median",
+                "speedup_end_to_end_paired_median"):
+      results[key] = None
+    print(line)
+  else:
+    print(f"speed-up (ratio of medians): end-to-end {results['speedup_end_to_end']:.2f}x, "
+          f"decode-only {results['speedup_decode']:.2f}x; median of per-round ratios: end-to-end "
+          f"{results['speedup_end_to_end_paired_median']:.2f}x, decode-only "
+          f"{results['speedup_decode_paired_median']:.2f}x; load average at the end {results['load_average_end']:.1f}")
   if args.json:
     with open(args.json, "w") as f:
       json.dump(results, f, indent=2)

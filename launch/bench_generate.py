@@ -27,7 +27,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import bench_decode  # noqa: E402  (the shared HF model, prompts and interleaved timing)
+import bench_common  # noqa: E402  (interleaved timing, the load gate)
+import bench_decode  # noqa: E402  (the shared HF model and prompts)
 
 
 def hf_greedy(model, ids, mask, pixels, grid, new_tokens: int):
@@ -82,11 +83,13 @@ def main() -> None:
   b, n = args.batch, args.new_tokens
   sides = (("hf_generate", hf_greedy, hf), ("afmrl_jax", ours_greedy, ours))
   runners = {(name, k): make(model, ids, mask, pixels, grid, k) for name, make, model in sides for k in (n, 1)}
-  times = bench_decode.bench_interleaved(runners, args.repeats)
+  measured = bench_common.interleaved(runners, args.repeats)
+  times = measured["times"]
   results = {"config": "bench-small generator, greedy", "batch": b, "prompt_tokens": int(ids.shape[1]),
              "new_tokens": n, "device": str(jax.devices()[0].device_kind), "torch_threads": torch.get_num_threads(),
              "xla_flags": os.environ.get("XLA_FLAGS", ""), "cpu_count": os.cpu_count(),
-             "load_average_start": load_start, "load_average_end": os.getloadavg()[0]}
+             "load_average_start": load_start, "load_average_end": os.getloadavg()[0],
+             "load_per_round": measured["load"]}
   for name, _, _ in sides:
     total, one = statistics.median(times[name, n]), statistics.median(times[name, 1])
     results[name] = {"generate_s": total, "listings_per_s": b / total, "tokens_per_s": b * n / total,
@@ -103,10 +106,12 @@ def main() -> None:
     r = results[name]
     print(f"| {name} | {r['generate_s']:.3f} / {r['min_generate_s']:.3f} | {r['listings_per_s']:.1f} | "
           f"{r['tokens_per_s']:.0f} | {r['prefill_share']:.2f} |")
-  line = (f"speed-up: {results['speedup']:.2f}x (ratio of medians), {results['speedup_paired_median']:.2f}x "
-          "(median of per-round ratios)")
-  if load_start > 1.0:
-    line = f"WARNING: load average {load_start:.2f} > 1.0 at the start; the ratio is not trustworthy. " + line
+  line, ratio = bench_common.speedup_line("generation, median rounds", results["afmrl_jax"]["generate_s"],
+                                         results["hf_generate"]["generate_s"], load_start)
+  if ratio is None:
+    results["speedup"] = results["speedup_paired_median"] = None
+  else:
+    line += f"; median of per-round ratios {results['speedup_paired_median']:.2f}x"
   print(line)
   if args.json:
     with open(args.json, "w") as f:
