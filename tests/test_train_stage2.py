@@ -147,7 +147,8 @@ def test_lora_policy_trains_only_adapters_on_frozen_sft_weights(sft_workdir, roo
   after = _eos_logprob(parts, parts.model.params)
   assert after - sft_logp > 0.2, (sft_logp, after)
   # What the generate stage loads from this workdir: the SFT weights plus the last checkpoint's adapters.
-  tuned = stage2.tuned_policy(str(tmp_path), parts.tokenizer, parts.mesh)
+  tuned, step = stage2.tuned_policy(str(tmp_path), parts.tokenizer, parts.mesh)
+  assert step == 4
   assert _eos_logprob(dataclasses.replace(parts, model=tuned), tuned.params) == pytest.approx(after, abs=1e-6)
 
 

@@ -68,7 +68,7 @@ def _load_generator(run: schema.Run, tokenizer, mesh):
   run: its tuned parameters, LoRA adapters or all, on its SFT policy), else the HF checkpoint."""
   restore_dir = run.checkpoint.restore_dir
   if restore_dir and schema.saved_stage(restore_dir) == "stage2":
-    model = stage2.tuned_policy(restore_dir, tokenizer, mesh)
+    model, _ = stage2.tuned_policy(restore_dir, tokenizer, mesh)
   elif restore_dir:
     model, _ = builders.restore_model(run, checkpointing.checkpoint_dir(restore_dir), tokenizer, mesh)
   else:

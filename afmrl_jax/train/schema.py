@@ -252,6 +252,29 @@ def saved_stage(workdir: str) -> str | None:
     return json.load(f).get("stage")
 
 
+# The sections an `eval` command sets itself; everything else comes from the evaluated run's config.json.
+EVAL_SECTIONS = ("eval", "sft_eval", "mesh", "checkpoint")
+_TASK_OF_STAGE = {"stage1": "representation", "sft": "generator", "stage2": "generator"}
+
+
+def for_evaluation(run: Run, workdir: str) -> tuple[Run, list[str]]:
+  """The run to evaluate: the config the trained workdir (`checkpoint.restore_dir`, else `workdir`)
+  stored, with this command's `EVAL_SECTIONS`; and the names of the other fields this command set
+  differently (they are ignored). Without a stored config, `run` itself."""
+  source = run.checkpoint.restore_dir or workdir
+  stage = saved_stage(source)
+  if stage not in _TASK_OF_STAGE:
+    return run, []
+  saved = load_saved(source)
+  kept = {name: getattr(run, name) for name in EVAL_SECTIONS}
+  out = dataclasses.replace(saved, stage="eval", task=_TASK_OF_STAGE[stage], **kept)
+  ignored = [f"{name}.{f.name}" for name in (f.name for f in dataclasses.fields(Run))
+             if name not in EVAL_SECTIONS and dataclasses.is_dataclass(getattr(run, name))
+             for f in dataclasses.fields(getattr(run, name))
+             if getattr(getattr(run, name), f.name) != getattr(getattr(out, name), f.name)]
+  return out, ignored
+
+
 def load_saved(workdir: str) -> Run:
   """The typed `Run` a finished stage wrote to `<workdir>/config.json` (derived fields dropped: the
   trainer derives them again)."""

@@ -77,8 +77,14 @@ def evaluate_checkpoint(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
   workdir), scored on `sft_eval.split`."""
   run = schema.parse(run)
   catalog, tokenizer, _ = stage1_data.load_catalog(run, workdir)
-  ckpt_dir = checkpointing.checkpoint_dir(run.checkpoint.restore_dir or workdir)
-  model, step = builders.restore_model(run, ckpt_dir, tokenizer, parallel.make_mesh(run.mesh))
+  source = run.checkpoint.restore_dir or workdir
+  ckpt_dir = checkpointing.checkpoint_dir(source)
+  mesh = parallel.make_mesh(run.mesh)
+  if schema.saved_stage(source) == "stage2":  # a RAR run: its tuned parameters on its SFT policy
+    from afmrl_jax.train import stage2  # stage2 builds on this module
+    model, step = stage2.tuned_policy(source, tokenizer, mesh)
+  else:
+    model, step = builders.restore_model(run, ckpt_dir, tokenizer, mesh)
   return {"step": step, "checkpoint_dir": ckpt_dir, "attribute_eval": evaluate(run, model, catalog, tokenizer, workdir)}
 
 

@@ -45,7 +45,7 @@ def policy_model(run: schema.Run, prun: schema.Run, tokenizer, mesh) -> state_li
   generator): every parameter trainable, or with `run.lora.enabled` only fresh adapters (zero-initialised,
   so the policy starts equal to its start) on the frozen starting weights."""
   if prun.stage == "stage2":
-    start = tuned_policy(run.rar.policy, tokenizer, mesh)
+    start, _ = tuned_policy(run.rar.policy, tokenizer, mesh)
   else:
     start, _ = builders.restore_model(prun, checkpointing.checkpoint_dir(run.rar.policy), tokenizer, mesh)
   if not run.lora.enabled and not prun.lora.enabled:
@@ -60,12 +60,13 @@ def policy_model(run: schema.Run, prun: schema.Run, tokenizer, mesh) -> state_li
   return state_lib.ShardedModel(graphdef, params, rest, fresh.param_shardings, fresh.rest_shardings)
 
 
-def tuned_policy(workdir: str, tokenizer, mesh) -> state_lib.ShardedModel:
-  """The generator a stage-2 run in `workdir` trained: its latest checkpoint on top of its SFT policy."""
+def tuned_policy(workdir: str, tokenizer, mesh) -> tuple[state_lib.ShardedModel, int]:
+  """(the generator a stage-2 run in `workdir` trained: its latest checkpoint on top of its SFT policy,
+  that checkpoint's step)."""
   run = schema.load_saved(workdir)
   model = policy_model(run, policy_run(run), tokenizer, mesh)
-  builders.restore_latest_params(model, run, checkpointing.checkpoint_dir(workdir), mesh)
-  return model
+  step = builders.restore_latest_params(model, run, checkpointing.checkpoint_dir(workdir), mesh)
+  return model, step
 
 
 def _check_same_catalog(policy_table: ListingTable, env_table: ListingTable, run: schema.Run) -> None:
