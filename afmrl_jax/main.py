@@ -64,11 +64,13 @@ def main(argv):
   from afmrl_jax import parallel
   if parallel.maybe_initialize_distributed():
     logging.info("Initialised multi-host JAX.")
-  from afmrl_jax.train.schema import ConfigError
+  from afmrl_jax.errors import UserError
   try:
     summary = run(config, _WORKDIR.value or "")
-  except ConfigError as e:
+  except UserError as e:  # the user's config, data, workdir or checkpoint: what to change, no traceback
     print(str(e), file=sys.stderr)
+    if e.hint:
+      print(f"hint: {e.hint}", file=sys.stderr)
     sys.exit(2)
   import jax
   if jax.process_index() == 0:

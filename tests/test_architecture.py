@@ -6,21 +6,22 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Package (or top-level module) -> the afmrl_jax packages it may import besides itself.
-LEAVES = {"fields", "vectors"}
+LEAVES = {"fields", "vectors", "errors"}
 ALLOWED = {
     "fields": set(),
     "vectors": set(),
+    "errors": set(),
     "parallel": set(),
     "attributes": set(),
     "losses": {"fields", "vectors"},
     "retrieval": {"vectors"},
-    "data": {"attributes", "fields"},
+    "data": {"attributes", "fields", "errors"},
     "models": {"fields", "vectors", "parallel"},
     "generate": {"models", "parallel"},
     "rl": {"generate", "models", "retrieval", "losses", "attributes", "fields", "vectors", "parallel"},
     "train": {"data", "attributes", "models", "generate", "losses", "retrieval", "rl", "fields", "vectors",
-              "parallel"},
-    "main": {"train", "parallel"},
+              "parallel", "errors"},
+    "main": {"train", "parallel", "errors"},
 }
 
 

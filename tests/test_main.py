@@ -78,3 +78,24 @@ def test_renamed_and_unknown_overrides_are_one_line(tmp_path):
   # The model's HF architecture dict is free-form: its preset keys stay overridable.
   proc = _main("--config=configs/stage1.py:ci", f"--workdir={tmp_path}", "--config.model.arch.num_key_value_heads=3")
   assert proc.returncode == 2 and "is not a multiple of num_key_value_heads=3" in proc.stderr
+
+
+def test_a_bad_manifest_row_is_one_line_and_a_hint_without_traceback(tmp_path):
+  """The project's own errors (here a manifest row without a title) leave main as the message and a
+  hint on stderr, exit status 2; before, they were a traceback."""
+  from afmrl_jax.data import catalog as catalog_lib
+  from afmrl_jax.data import manifest
+  cat = catalog_lib.generate_catalog(
+      catalog_lib.CatalogConfig(seed=3, families_per_category=2, listings_per_product=2, num_workers=0))
+  path = manifest.write_manifest(cat, str(tmp_path / "m"))
+  with open(path) as f:
+    rows = [json.loads(line) for line in f]
+  del rows[1]["title"]
+  with open(path, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  proc = _main("--config=configs/stage1.py:ci", f"--workdir={tmp_path / 'w'}", f"--config.catalog.manifest={path}")
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert "Traceback" not in proc.stderr
+  assert len(lines) == 2 and "row 2" in lines[0] and "'title'" in lines[0], lines
+  assert lines[1] == f"hint: {manifest.ManifestError.hint}"

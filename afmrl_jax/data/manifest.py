@@ -22,14 +22,17 @@ from PIL import Image
 from afmrl_jax.attributes.parse import parse_attributes
 from afmrl_jax.data import catalog as catalog_lib
 from afmrl_jax.data import schema
+from afmrl_jax.errors import UserError
 
 REQUIRED = {"listing_id": int, "product_id": int, "category": str, "title": str, "image": str}
 OPTIONAL_INT = ("true_product_id", "family_id")
 MANIFEST_NAME = "manifest.jsonl"
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
   """A bad manifest row: the message names the file, the row and the field."""
+
+  hint = "fix the row, or set config.catalog.skip_bad_rows=True to skip and count bad rows"
 
 
 @dataclasses.dataclass(frozen=True)

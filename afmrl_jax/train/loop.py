@@ -27,14 +27,18 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from afmrl_jax import parallel
+from afmrl_jax.errors import UserError
 from afmrl_jax.fields import Checked, non_negative, positive
 from afmrl_jax.train import checkpointing
 from afmrl_jax.train import logging as train_logging
 from afmrl_jax.train import state as state_lib
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
   """The loss became NaN or Inf; the message names the step and the batch."""
+
+  hint = ("lower config.optimizer.learning_rate or raise config.loss.tau; the run resumes from its last "
+          "checkpoint")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,6 +26,7 @@ from ml_collections import config_dict
 from afmrl_jax.data.catalog import CatalogConfig
 from afmrl_jax.data.generator_data import GenerationOptions, GeneratorDataConfig
 from afmrl_jax.data.pipeline import PipelineConfig
+from afmrl_jax.errors import UserError
 from afmrl_jax.fields import Checked, InvalidFields, check, choice, field_problem
 from afmrl_jax.losses.config import AGCLConfig
 from afmrl_jax.models.lora import LoRAConfig
@@ -60,7 +61,7 @@ RENAMED = {
 DERIVED = {"pipeline": ("image_size", "text_attributes", "term_source"), "generator": ("image_size",)}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A bad config: `problems` holds one sentence per bad value."""
 
   def __init__(self, problems: list[str]):
