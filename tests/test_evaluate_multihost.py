@@ -3,12 +3,12 @@ the gathered metrics equal the single-process ones and only process 0 writes the
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
+from tests.multiprocess import free_port, wait_all
 from tests.test_evaluate import _reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,29 +29,14 @@ print("METRICS" + json.dumps(metrics))
 """
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def test_two_process_evaluate_matches_single_process(tmp_path):
-  port = _free_port()
+  port = free_port()
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
   procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(port), str(pid), str(tmp_path)], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for pid in range(2)]
-  outs = []
-  for p in procs:
-    try:
-      out, err = p.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      pytest.fail("multi-process evaluate timed out")
-    assert p.returncode == 0, err[-3000:]
-    outs.append(json.loads(out.split("METRICS", 1)[1]))
+  outs = [json.loads(out.split("METRICS", 1)[1]) for out, _ in wait_all(procs, 120, "multi-process evaluate")]
   expected, *_ = _reference()
   for metrics in outs:
     for name, value in expected.items():

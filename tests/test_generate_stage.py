@@ -3,13 +3,13 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
+from tests.multiprocess import free_port, wait_all
 from tests.test_main import ROOT, _env
 
 ARGS = ["--config=configs/generate.py:ci", "--config.catalog.families_per_category=3",
@@ -78,24 +78,13 @@ def test_kill_9_midway_then_rerun_gives_every_listing_once_and_the_same_bytes(sf
 def test_two_processes_write_the_union_once_with_the_same_bytes_as_one(sft_workdir, whole_run):
   """Two `jax.distributed` processes (one CPU device each) split the shards; process 0 joins them."""
   root = sft_workdir
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
+  port = free_port()
   procs = []
   for pid in range(2):
     env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=1",
                JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
     procs.append(_generate(root, root / "two", env=env))
-  outs = []
-  for p in procs:
-    try:
-      out, _ = p.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      pytest.fail("two-process generation timed out")
-    assert p.returncode == 0, out[-3000:]
-    outs.append(out)
+  outs = [out for out, _ in wait_all(procs, 600, "two-process generation")]
   assert "[process 0] shard 1/" in outs[0] and "[process 1] shard 2/" in outs[1]  # each its own shards
   summary = json.loads(outs[0][outs[0].index("{"):])
   num_shards = len(list((root / "two" / "generated").glob("shard-*.jsonl")))
