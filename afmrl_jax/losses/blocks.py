@@ -198,7 +198,7 @@ def finalize_metrics(sums: dict, num_rows: int, has_bm25: bool) -> dict:
   masked_fraction: share of negatives masked. shared_fraction: share of negatives with B_ij > 0.
   bias_shared / bias_unshared (and weight_* = mean exp(bias)): mean over negatives that share an
     attribute term with the query vs those that share none - whether the weights discriminate.
-    NaN when the config computes no BM25 (shared unknown).
+    Absent when the config computes no BM25 (unknown, and JSON has no NaN).
   """
   negatives = float(num_rows) * float(num_rows - 1)
   out = {
@@ -212,8 +212,4 @@ def finalize_metrics(sums: dict, num_rows: int, has_bm25: bool) -> dict:
     for name in ("bias", "weight"):
       out[f"{name}_shared"] = sums[f"{name}_shared"] / jnp.maximum(n_shared, 1.0)
       out[f"{name}_unshared"] = sums[f"{name}_unshared"] / jnp.maximum(n_unshared, 1.0)
-  else:
-    nan = jnp.float32(jnp.nan)
-    out.update(shared_fraction=nan, bias_shared=nan, bias_unshared=nan, weight_shared=nan,
-               weight_unshared=nan)
   return out
