@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from afmrl_jax.fields import Checked, positive
 
@@ -36,6 +37,9 @@ class CheckpointOptions(Checked):
   # Start training from the trainable params of this workdir's latest checkpoint (fresh optimizer, step 0)
   # when the run's own workdir has no checkpoint yet; '' = from the model's init.
   init_from: str = ""
+  # Resume even though the config's fingerprint differs from the one the workdir's checkpoints were
+  # written under (`train.workdir`); the change is recorded in `<workdir>/config_changes.jsonl`.
+  allow_config_change: bool = False
 
 
 def checkpoint_dir(path: str) -> str:
@@ -48,6 +52,56 @@ def has_checkpoint(path: str) -> bool:
   """Whether the workdir (or checkpoint folder) `path` holds at least one saved step."""
   folder = checkpoint_dir(path)
   return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
+
+
+def latest_saved_step(path: str) -> int | None:
+  """The highest saved step of the workdir (or checkpoint folder) `path`, read from the folder names
+  (no orbax manager is opened); None without one."""
+  folder = checkpoint_dir(path)
+  if not os.path.isdir(folder):
+    return None
+  steps = [int(name) for name in os.listdir(folder) if name.isdigit()]
+  return max(steps) if steps else None
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+  """A jax key path as dotted text (`params.text.layers.0.mlp.kernel`), whatever the container kinds."""
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return ".".join(parts)
+
+
+def shape_mismatch(saved: Any, target: Any) -> str | None:
+  """The first leaf whose shape differs between the checkpoint's array metadata `saved` and the target
+  tree `target` (arrays or ShapeDtypeStructs), as one sentence; None when every shared leaf agrees.
+
+  Compared by dotted path, so namedtuples (stored as dicts) and tuples (stored as lists) line up. A
+  parameter that only one side has is reported too; other missing leaves are left to orbax."""
+  saved_leaves = {_path_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  target_leaves = {_path_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
+  for name in sorted(target_leaves, key=lambda n: (not n.startswith("params."), n)):
+    if name not in saved_leaves:
+      if name.startswith("params."):
+        return f"{name} (shape {tuple(target_leaves[name].shape)}) is in the model but not in the checkpoint"
+      continue
+    a, b = getattr(saved_leaves[name], "shape", None), getattr(target_leaves[name], "shape", None)
+    if a is not None and b is not None and tuple(a) != tuple(b):
+      return f"{name} has shape {tuple(a)} in the checkpoint but {tuple(b)} in the model"
+  for name in sorted(saved_leaves):
+    if name.startswith("params.") and name not in target_leaves:
+      return f"{name} (shape {tuple(saved_leaves[name].shape)}) is in the checkpoint but not in the model"
+  return None
+
+
+def _mismatch_error(message: str, hint: str) -> Exception:
+  from afmrl_jax.train.workdir import WorkdirError  # workdir imports schema, which imports this module
+  return WorkdirError(message, hint)
 
 
 def _encode_data_state(state: Any) -> Any:
@@ -103,12 +157,29 @@ class Checkpointer:
 
     Returns (state, data_state or None).
     """
+    self.check_shapes(step, abstract_state)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     has_data = os.path.isdir(os.path.join(self.directory, str(step), "data"))
     if has_data:
       items["data"] = ocp.args.JsonRestore()
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"], (_decode_data_state(restored["data"]) if has_data else None)
+
+  def check_shapes(self, step: int, abstract_state: dict[str, Any]) -> None:
+    """Raises a one-line `workdir.WorkdirError` when the checkpoint's arrays (read from its metadata,
+    nothing loaded) do not have the shapes of `abstract_state`: the model changed since it was saved."""
+    path = os.path.join(self.directory, str(step), "state")
+    try:
+      saved = ocp.StandardCheckpointHandler().metadata(epath.Path(path))
+    except Exception as e:  # unreadable metadata: leave the verdict to the restore itself
+      logging.warning("Could not read the array metadata of %s (%s); restoring without a shape check.", path, e)
+      return
+    problem = shape_mismatch(getattr(saved, "tree", saved), abstract_state)
+    if problem:
+      raise _mismatch_error(
+          f"The checkpoint {self.directory}/{step} does not fit this model: {problem}",
+          "the model config (config.model, config.lora) differs from the run that saved it: use that run's "
+          "config or a new --workdir")
 
   def restore_latest(self, state: dict[str, Any], data: Any = None) -> tuple[dict[str, Any], int | None]:
     """(latest state, its step) restored onto the shardings of `state`, or (state, None) when there is

@@ -118,13 +118,27 @@ def resume_and_run(step_fn: Callable, model: Any, tx: optax.GradientTransformati
                    workdir: str, examples_per_step: int, rollout: Callable | None = None) -> LoopResult:
   """What every stage does after building its step: a fresh train state for `model`
   (`train.state.ShardedModel`), resumed from the latest checkpoint of `workdir` (the data iterator too)
-  unless `checkpoint.resume` is off, else started from `checkpoint.init_from`'s params; then `run`."""
+  unless `checkpoint.resume` is off, else started from `checkpoint.init_from`'s params; then `run`.
+  A resume prints `resumed from step N`, or `already at step N (...); nothing to train` when the checkpoint
+  is at or past `train.num_steps` (the stage then returns the restored state)."""
   shardings = state_lib.state_shardings(tx, model, mesh)
   state = state_lib.init_train_state(tx, model, mesh, shardings)
   checkpointer = checkpointing.Checkpointer.for_workdir(workdir, checkpoint)
   resumed = None
   if checkpointer is not None and checkpoint.resume:
-    state, resumed = checkpointer.restore_latest(state, data)
+    try:
+      state, resumed = checkpointer.restore_latest(state, data)
+    except BaseException:
+      checkpointer.close()  # e.g. a checkpoint of another model shape (one-line error): release orbax first
+      raise
+  if resumed is not None:
+    from afmrl_jax.train import workdir as workdir_lib  # it imports schema, which imports this module
+    workdir_lib.commit(workdir, resumed)  # the config checked by `workdir.prepare`, now that it restored
+  if resumed is not None and jax.process_index() == 0:
+    if resumed >= options.num_steps:  # `run` trains nothing; say so instead of returning silently
+      print(f"already at step {resumed} (train.num_steps={options.num_steps}); nothing to train", flush=True)
+    else:
+      print(f"resumed from step {resumed}", flush=True)
   if resumed is None and checkpoint.init_from:
     state = dict(state, params=checkpointing.restore_params(checkpoint.init_from, state))
   return run(step_fn, state, model.rest, data, mesh=mesh, shardings=(shardings, model.rest_shardings),

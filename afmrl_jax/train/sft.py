@@ -21,6 +21,7 @@ from afmrl_jax.generate.filters import SamplingConfig
 from afmrl_jax.generate.sampling import eos_ids_of
 from afmrl_jax.train import attribute_eval, builders, checkpointing, report, schema, sft_step, stage1_data
 from afmrl_jax.train import loop as loop_lib
+from afmrl_jax.train import workdir as workdir_lib
 from afmrl_jax.train import state as state_lib
 
 
@@ -38,7 +39,7 @@ def greedy(run: schema.Run, vl) -> SamplingConfig:
 def train(run: schema.Run | Any, workdir: str):
   """Runs (or resumes) SFT; returns (loop result, trained model, catalog, tokenizer)."""
   run = schema.parse(run)
-  report.write_json(os.path.join(workdir, "config.json"), run.to_dict())
+  workdir_lib.prepare(run, workdir)  # refuses a resume under a changed config; writes config.json
 
   # Mesh.
   mesh = parallel.make_mesh(run.mesh)

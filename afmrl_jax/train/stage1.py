@@ -21,6 +21,7 @@ from afmrl_jax.train import builders
 from afmrl_jax.train import checkpointing
 from afmrl_jax.train import report
 from afmrl_jax.train import loop as loop_lib
+from afmrl_jax.train import workdir as workdir_lib
 from afmrl_jax.train import schema
 from afmrl_jax.train import stage1_data
 from afmrl_jax.train import stage1_step
@@ -31,7 +32,7 @@ def train(run: schema.Run | Any, workdir: str, data: stage1_data.Stage1Data | No
           ) -> tuple[loop_lib.LoopResult, state_lib.ShardedModel, stage1_data.Stage1Data]:
   """Runs (or resumes) stage-1 training; returns the loop result, the trained model and the data."""
   run = schema.parse(run)
-  report.write_json(os.path.join(workdir, "config.json"), run.to_dict())
+  workdir_lib.prepare(run, workdir)  # refuses a resume under a changed config; writes config.json
 
   # Mesh: (data, fsdp, tensor); the batch is split over data x fsdp.
   mesh = mesh or parallel.make_mesh(run.mesh)

@@ -30,6 +30,7 @@ from afmrl_jax.models import lora as lora_lib
 from afmrl_jax.train import attribute_eval, builders, checkpointing, rar_env, rar_rollout, report, schema, sft
 from afmrl_jax.train import stage1_data
 from afmrl_jax.train import loop as loop_lib
+from afmrl_jax.train import workdir as workdir_lib
 from afmrl_jax.train import stage2_step
 from afmrl_jax.train import state as state_lib
 
@@ -133,7 +134,7 @@ def build(run: schema.Run | Any, workdir: str) -> Stage2Parts:
 def train(run: schema.Run | Any, workdir: str) -> tuple[loop_lib.LoopResult, Stage2Parts]:
   """Runs (or resumes) RAR; returns the loop result and the parts (`parts.model` holds the trained policy)."""
   run = schema.parse(run)
-  report.write_json(os.path.join(workdir, "config.json"), run.to_dict())
+  workdir_lib.prepare(run, workdir)  # refuses a resume under a changed config; writes config.json
   parts = build(run, workdir)
   # Checkpoint and loop: the policy's train state and the query position; sampling keys follow the step.
   result = loop_lib.resume_and_run(parts.step_fn, parts.model, parts.tx, parts.queries, mesh=parts.mesh,

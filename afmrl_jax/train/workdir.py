@@ -1,0 +1,167 @@
+"""A workdir that cannot be silently corrupted: the config fingerprint beside the checkpoints.
+
+When a run first starts in a workdir, `prepare(run, workdir)` stores the fields that give its checkpoints
+their meaning (model, loss, data, optimizer, LoRA, RL; not logging, evaluation, checkpoint frequency or
+run length) in `<workdir>/config_fingerprint.json`. A run that would resume from the workdir's checkpoints
+under a config whose fingerprint differs is refused before anything is built or written, with one line
+naming every differing field (old -> new); `--config.checkpoint.allow_config_change=True` resumes anyway,
+says so on the console and, once the checkpoint has restored, appends the change and the step to
+`<workdir>/config_changes.jsonl`. Every trainer calls `prepare` first (instead of writing config.json
+itself); `loop.resume_and_run` calls `commit` after a successful restore.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from afmrl_jax.train import checkpointing, report
+from afmrl_jax.train.schema import ConfigError
+
+FINGERPRINT_FILE = "config_fingerprint.json"
+CHANGES_FILE = "config_changes.jsonl"
+
+# What the checkpoints mean: top-level fields, then whole sections (minus the knobs below).
+FINGERPRINT_TOP = ("stage", "task", "dtype")
+FINGERPRINT_SECTIONS = ("model", "lora", "loss", "catalog", "pipeline", "attributes", "generator", "optimizer",
+                        "rar", "grpo", "reward")
+# Throughput and bookkeeping knobs inside those sections: they change neither the batches nor the math.
+NOT_FINGERPRINTED = ("catalog.cache_dir", "pipeline.eval_batch_size", "pipeline.num_threads",
+                     "pipeline.prefetch_buffer_size", "pipeline.worker_processes", "generator.eval_batch_size",
+                     "generator.num_threads", "generator.prefetch_buffer_size", "rar.rollout_chunks",
+                     "rar.eval_queries")
+
+
+class WorkdirError(ConfigError):
+  """The workdir does not fit the run (config or model changed since its checkpoints): a one-line message
+  and a `hint`, which `main` prints like any config error (no traceback, exit 2)."""
+
+  def __init__(self, message: str, hint: str = ""):
+    self.problems = [message]
+    self.hint = hint
+    ValueError.__init__(self, message)
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
+  if isinstance(value, dict):
+    for key in sorted(value):
+      _flatten(value[key], f"{prefix}.{key}", out)
+  else:
+    out[prefix] = value
+
+
+def fingerprint_fields(config: dict[str, Any]) -> dict[str, Any]:
+  """{`config.<section>.<field>`: JSON value} of the fields that give a run's checkpoints their meaning,
+  from `Run.to_dict()` (or a saved config.json); nested dicts (`model.arch`) are flattened too."""
+  config = json.loads(json.dumps(config, default=str))  # tuples -> lists, as stored
+  out: dict[str, Any] = {}
+  for name in FINGERPRINT_TOP:
+    if name in config:
+      out[f"config.{name}"] = config[name]
+  for section in FINGERPRINT_SECTIONS:
+    if isinstance(config.get(section), dict):
+      _flatten(config[section], f"config.{section}", out)
+  for name in NOT_FINGERPRINTED:
+    out.pop(f"config.{name}", None)
+  return out
+
+
+def digest(fields: dict[str, Any]) -> str:
+  return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+  """{field: (old, new)} for the fields both fingerprints hold with different values (a field only one
+  side has was added to or removed from the schema in between, and is not a change of the run)."""
+  return {k: (old[k], new[k]) for k in sorted(set(old) & set(new)) if old[k] != new[k]}
+
+
+def _show(value: Any) -> str:
+  text = repr(value) if isinstance(value, str) else json.dumps(value)
+  return text if len(text) <= 80 else text[:77] + "..."
+
+
+def describe(changes: dict[str, tuple[Any, Any]]) -> str:
+  return "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, (a, b) in changes.items())
+
+
+def stored_fingerprint(workdir: str) -> dict[str, Any] | None:
+  """The fields of `<workdir>/config_fingerprint.json`; for a workdir written before fingerprints, those of
+  its `config.json`; None without either."""
+  path = os.path.join(workdir, FINGERPRINT_FILE)
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)["fields"]
+  path = os.path.join(workdir, "config.json")
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      return fingerprint_fields(json.load(f))
+  return None
+
+
+def _is_chief() -> bool:
+  jax = sys.modules.get("jax")
+  return jax is None or jax.process_index() == 0
+
+
+def _write_fingerprint(workdir: str, fields: dict[str, Any]) -> None:
+  report.write_json(os.path.join(workdir, FINGERPRINT_FILE), {"digest": digest(fields), "fields": fields})
+
+
+# Resumes checked by `prepare`, written by `commit` once the checkpoint restored: {workdir: what to write}.
+_PENDING: dict[str, dict[str, Any]] = {}
+
+
+def _key(workdir: str) -> str:
+  return os.path.normpath(os.path.abspath(workdir))
+
+
+def prepare(run: Any, workdir: str) -> None:
+  """Checks `run` (a `schema.Run`) against the fingerprint of the checkpoints it would resume from.
+
+  A fresh start writes the fingerprint and `<workdir>/config.json` now; a resume leaves them (and the
+  record of an allowed change) to `commit`, which `loop.resume_and_run` calls once the checkpoint has
+  restored, so a resume that fails (a model of another shape) changes nothing in the workdir.
+  Raises WorkdirError (one line naming every differing field, old -> new; its hint names the override)
+  when resuming under a different config without `checkpoint.allow_config_change`."""
+  fields = fingerprint_fields(run.to_dict())
+  ckpt = run.checkpoint
+  resuming = ckpt.enabled and ckpt.resume and checkpointing.has_checkpoint(workdir)
+  stored = stored_fingerprint(workdir) if resuming else None
+  _PENDING.pop(_key(workdir), None)
+  if stored is None:
+    _write_fingerprint(workdir, fields)
+    report.write_json(os.path.join(workdir, "config.json"), run.to_dict())
+    return
+  changes = differences(stored, fields)
+  step = checkpointing.latest_saved_step(workdir)
+  if changes and not ckpt.allow_config_change:
+    raise WorkdirError(
+        f"{workdir} holds checkpoints (step {step}) of a run with a different config: {describe(changes)}",
+        hint=f"rerun with that config, use a new --workdir, or pass --config.checkpoint.allow_config_change=True "
+             f"to resume under this one (recorded in {CHANGES_FILE})")
+  _PENDING[_key(workdir)] = {"fields": fields, "changes": changes, "config": run.to_dict()}
+
+
+def commit(workdir: str, step: int) -> None:
+  """After a resume from `step` restored: appends the allowed change (if any) to `config_changes.jsonl`
+  and prints one line saying so; writes the fingerprint and `config.json` of the run that `prepare`
+  checked (nothing when `prepare` was not called)."""
+  pending = _PENDING.pop(_key(workdir), None)
+  if pending is None:
+    return
+  changes = pending["changes"]
+  if changes and _is_chief():
+    path = os.path.join(workdir, CHANGES_FILE)
+    with open(path, "a", encoding="utf-8") as f:
+      f.write(json.dumps({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                          "changes": {k: [a, b] for k, (a, b) in changes.items()}}, default=str) + "\n")
+    print(f"config changed at step {step} (config.checkpoint.allow_config_change=True): {describe(changes)}; "
+          f"recorded in {path}", flush=True)
+  if changes or not os.path.isfile(os.path.join(workdir, FINGERPRINT_FILE)):
+    _write_fingerprint(workdir, pending["fields"])  # also adopts the config of a workdir from before fingerprints
+  report.write_json(os.path.join(workdir, "config.json"), pending["config"])
