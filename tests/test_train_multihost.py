@@ -1,0 +1,118 @@
+"""Stage 1 across processes: `launch/local_multiprocess.sh` with 2 processes x 4 simulated CPU devices
+trains the `ci` preset to the same losses and parameters as 1 process x 8 devices on the same global
+batch; a process killed with SIGKILL mid-run, then both restarted, resume from the last checkpoint to
+the final parameters of an uninterrupted 2-process run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from tests.test_main import ROOT, _env
+
+STEPS = 6
+ARGS = ["--config=configs/stage1.py:ci", "--config.catalog.families_per_category=4",
+        "--config.pipeline.fresh_views=False", f"--config.train.num_steps={STEPS}", "--config.train.log_every=1",
+        "--config.train.eval_at_end=False", "--config.checkpoint.every=2", "--config.mesh.data=8"]
+SCRIPT = os.path.join(ROOT, "launch", "local_multiprocess.sh")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  """The catalog cache, built once by one process (so the processes below only read it)."""
+  root = tmp_path_factory.mktemp("mh")
+  out = subprocess.run([sys.executable, "-m", "afmrl_jax.main", *ARGS, f"--workdir={root / 'build'}",
+                        f"--config.catalog.cache_dir={root / 'cache'}", "--config.train.num_steps=1"],
+                       cwd=ROOT, env=dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return root / "cache"
+
+
+def _args(cache, workdir):
+  return [sys.executable, "-m", "afmrl_jax.main", *ARGS, f"--workdir={workdir}", f"--config.catalog.cache_dir={cache}"]
+
+
+def _two_processes(cache, workdir, log_dir):
+  env = dict(_env(), LOG_DIR=str(log_dir))
+  env.pop("XLA_FLAGS")
+  return subprocess.Popen(["bash", SCRIPT, "2", "4", *_args(cache, workdir)], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def _final_params(workdir):
+  """The last checkpoint's parameters, read onto this process's first device."""
+  import orbax.checkpoint as ocp
+  folder = os.path.join(workdir, "checkpoints")
+  step = max(int(n) for n in os.listdir(folder) if n.isdigit())
+  path = os.path.join(folder, str(step), "state")
+  checkpointer = ocp.StandardCheckpointer()
+  meta = checkpointer.metadata(path)
+  tree = getattr(meta, "item_metadata", meta)
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), tree)
+  return step, jax.tree.map(np.asarray, checkpointer.restore(path, abstract)["params"])
+
+
+@pytest.fixture(scope="module")
+def two_process_run(cache, tmp_path_factory):
+  root = tmp_path_factory.mktemp("two")
+  proc = _two_processes(cache, root / "work", root / "logs")
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out[-3000:]
+  return root / "work"
+
+
+def test_two_processes_train_like_one_with_all_devices(cache, two_process_run, tmp_path):
+  one = subprocess.run(_args(cache, tmp_path / "one"), cwd=ROOT,
+                       env=dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+                       capture_output=True, text=True, timeout=600)
+  assert one.returncode == 0, one.stderr[-3000:]
+  want, got = _losses(tmp_path / "one"), _losses(two_process_run)
+  assert sorted(want) == sorted(got) == list(range(1, STEPS + 1))
+  for s in want:
+    assert got[s] == pytest.approx(want[s], abs=1e-6), s
+  (step_a, a), (step_b, b) = _final_params(tmp_path / "one"), _final_params(two_process_run)
+  assert step_a == step_b == STEPS
+  # The gradient all-reduce sums in another order across processes: rounding, amplified by Adam.
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=2e-5, rtol=0), a, b)
+  assert any(np.any(x != 0) for x in jax.tree.leaves(b))
+
+
+def test_sigkill_of_one_process_then_restart_resumes_to_the_same_parameters(cache, two_process_run, tmp_path):
+  workdir, logs = tmp_path / "work", tmp_path / "logs"
+  proc = _two_processes(cache, workdir, logs)
+  deadline = time.time() + 600
+  while not (workdir / "checkpoints" / "2").is_dir() or not _committed(workdir / "checkpoints", 2):
+    assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+    time.sleep(0.1)
+  pids = dict(line.split() for line in (logs / "pids").read_text().splitlines())
+  os.kill(int(pids["1"]), signal.SIGKILL)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode != 0  # the launcher reports the killed process and stops the other
+  last = max(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())
+  assert 2 <= last < STEPS, last
+  restart = _two_processes(cache, workdir, tmp_path / "logs2")
+  out, _ = restart.communicate(timeout=600)
+  assert restart.returncode == 0, out[-3000:]
+  step, resumed = _final_params(workdir)
+  _, uninterrupted = _final_params(two_process_run)
+  assert step == STEPS
+  jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
+  assert _losses(workdir) == _losses(two_process_run)
+
+
+def _committed(folder, step):
+  """Whether orbax has committed checkpoint `step` (no temporary folder left for it)."""
+  return (folder / str(step)).is_dir() and not any(".orbax-checkpoint-tmp" in n for n in os.listdir(folder))
