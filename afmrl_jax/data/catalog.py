@@ -95,6 +95,16 @@ class Listing:
   listing_attributes: str
   product_attributes: str
   split: str
+  listing_key: str = ""  # the user's listing id (manifests: "SKU-00123", "17"); "" in the synthetic catalog
+
+
+def _meta(listing: Listing) -> dict:
+  """A listing's fields but the image; `listing_key` only when set (synthetic catalogs: same bytes as before)."""
+  meta = dataclasses.asdict(listing)
+  meta.pop("image")
+  if not meta["listing_key"]:
+    meta.pop("listing_key")
+  return meta
 
 
 @dataclasses.dataclass
@@ -127,9 +137,7 @@ class Catalog:
     """sha256 over every field and image byte: equal digests mean identical catalogs."""
     h = hashlib.sha256()
     for l in self.listings:
-      meta = dataclasses.asdict(l)
-      meta.pop("image")
-      h.update(json.dumps(meta, sort_keys=True).encode())
+      h.update(json.dumps(_meta(l), sort_keys=True).encode())
       h.update(np.ascontiguousarray(l.image).tobytes())
     return h.hexdigest()
 
@@ -146,9 +154,7 @@ class Catalog:
     del out
     with open(os.path.join(directory, "listings.jsonl"), "w") as f:
       for l in self.listings:
-        meta = dataclasses.asdict(l)
-        meta.pop("image")
-        f.write(json.dumps(meta) + "\n")
+        f.write(json.dumps(_meta(l)) + "\n")
     with open(os.path.join(directory, "products.jsonl"), "w") as f:
       for p in self.products.values():
         f.write(json.dumps(dataclasses.asdict(p)) + "\n")

@@ -36,7 +36,7 @@ _S_ORDER = 201
 
 def instruction(category: str) -> str:
   """The generator's instruction for a listing of `category` (names the keys to describe)."""
-  keys = ", ".join(schema.SCHEMA.get(category, {})) or "the product's attributes"
+  keys = ", ".join(schema.category_keys(category)) or "the product's attributes"
   return f"{category} attributes ({keys}):"
 
 

@@ -1,19 +1,43 @@
-"""On-disk catalogs: the JSONL manifest format (documented in docs/catalog.md), reader and writer.
+"""On-disk catalogs: the manifest format (documented in docs/catalog.md), reader and writer.
 
-One JSON object per line. Required: `listing_id` (int), `product_id` (int), `category` (str), `title` (str),
-`image` (path, relative to the manifest's folder or absolute). Optional: `attributes` (`key: value; ...`
-string or a {key: value} object: ground truth), `teacher_attributes` (same forms), `true_product_id` (int,
-evaluation only), `family_id` (int), `split` (`train` | `gallery` | `query` | `heldout`, default `train`).
+A manifest is a JSONL file (one JSON object per line) or, for a path ending in `.parquet`, a Parquet
+table (one row per listing, read with pyarrow in batches); both carry the same fields and go through the
+same validation, rows numbered from 1 (the JSONL line, the Parquet row).
 
-Bad rows (unreadable JSON, a missing or mistyped field, an unknown category, a missing or corrupt image)
-raise `ManifestError` naming the file, the row (1-based line number) and the field; with
-`skip_bad_rows=True` they are skipped and counted in the returned report instead.
+Required: `listing_id`, `product_id` (ids: an int or a non-empty string such as "SKU-00123" or a UUID;
+not a bool or a float), `category` (a non-empty str), `title` (str), `image` (path, relative to the
+manifest's folder or absolute). Optional: `attributes` (`key: value; ...` string, a {key: value} object
+or a list of [key, value] pairs (Parquet map columns): ground truth), `teacher_attributes` (same forms),
+`true_product_id` (id, evaluation only; default `product_id`), `family_id` (id; `family` is an alias;
+default `product_id`), `split` (`train` | `gallery` | `query` | `heldout`, default `train`). A null value
+is the same as a missing field.
+
+Ids: the rest of the package uses int ids, so ids are mapped to ints per id space (listings; products,
+shared by `product_id` and `true_product_id`; families): an int id maps to itself (an all-int manifest keeps
+exactly its ids), and each distinct string id gets a fresh int above the space's largest int id (from 0
+when it has none), in order of first appearance in the manifest. The int 5 and the string "5" are two
+different ids. The user's listing id is kept as `listing_key` (str) on every row and listing, and
+`ManifestReport.ids` holds each space's {user id: int id}.
+
+Categories: taken from the data (the sorted set of `category` values) unless the caller passes
+`categories=`, which then refuses any other category. A category's attribute keys (the generator's
+instruction names them) are the synthetic schema's for the five synthetic categories, else the keys found
+in that category's `attributes` and `teacher_attributes` strings, in order of first appearance; they are
+in `ManifestReport.category_keys` and registered with `schema.register_categories` when a manifest is read.
+
+Unknown fields are not an error: one `ManifestWarning` per manifest names them, and each row keeps their
+values in `ManifestRow.extra` (they go no further: listings and the tfds records do not carry them).
+
+Bad rows (unreadable JSON, a missing or mistyped field, a category outside an explicit `categories=`,
+a repeated listing id, a missing or corrupt image) raise `ManifestError` naming the file, the row and the
+field; with `skip_bad_rows=True` they are skipped and counted in the returned report instead.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -24,9 +48,13 @@ from afmrl_jax.data import catalog as catalog_lib
 from afmrl_jax.data import schema
 from afmrl_jax.errors import UserError
 
-REQUIRED = {"listing_id": int, "product_id": int, "category": str, "title": str, "image": str}
-OPTIONAL_INT = ("true_product_id", "family_id")
+ID = "id"  # an int (not a bool) or a non-empty string
+REQUIRED = {"listing_id": ID, "product_id": ID, "category": str, "title": str, "image": str}
+OPTIONAL_ID = ("true_product_id", "family_id")
+ALIASES = {"family": "family_id"}
+KNOWN_FIELDS = frozenset(REQUIRED) | set(OPTIONAL_ID) | set(ALIASES) | {"attributes", "teacher_attributes", "split"}
 MANIFEST_NAME = "manifest.jsonl"
+PARQUET_SUFFIX = ".parquet"
 
 
 class ManifestError(UserError, ValueError):
@@ -35,9 +63,14 @@ class ManifestError(UserError, ValueError):
   hint = "fix the row, or set config.catalog.skip_bad_rows=True to skip and count bad rows"
 
 
+class ManifestWarning(UserWarning):
+  """Something in a manifest that is read anyway (unknown fields)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ManifestRow:
-  row: int  # 1-based line number in the manifest
+  """One validated row. Ids are ints once `read_manifest` returns (the user's values in `parse_row`'s)."""
+  row: int  # 1-based line (JSONL) or row (Parquet) number in the manifest
   listing_id: int
   product_id: int
   true_product_id: int
@@ -48,6 +81,8 @@ class ManifestRow:
   attributes: str
   teacher_attributes: str
   split: str
+  listing_key: str = ""  # the user's listing id, as a string ("SKU-00123", "17")
+  extra: dict = dataclasses.field(default_factory=dict)  # unknown fields of this row, as read
 
 
 @dataclasses.dataclass
@@ -55,6 +90,10 @@ class ManifestReport:
   path: str
   rows: list[ManifestRow]
   skipped: list[tuple[int, str]]  # (row, reason)
+  categories: tuple[str, ...] = ()  # the explicit `categories=`, else the sorted categories of the rows
+  category_keys: dict = dataclasses.field(default_factory=dict)  # category -> tuple of attribute keys
+  ids: dict = dataclasses.field(default_factory=dict)  # 'listing' | 'product' | 'family' -> {user id: int}
+  unknown_fields: tuple[str, ...] = ()
 
   def summary(self) -> str:
     head = f"{self.path}: {len(self.rows)} rows read, {len(self.skipped)} skipped"
@@ -65,33 +104,56 @@ class ManifestReport:
 def _attr_string(value, where: str, field: str) -> str:
   if value is None:
     return ""
-  if isinstance(value, dict):
-    return "; ".join(f"{k}: {v}" for k, v in value.items())
   if isinstance(value, str):
     return value
-  raise ManifestError(f"{where}: field {field!r} must be a `key: value; ...` string or an object, "
-                      f"got {type(value).__name__}")
+  if isinstance(value, dict):
+    items = value.items()
+  elif isinstance(value, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+    items = value  # [[key, value], ...]; what pyarrow gives for a Parquet map column
+  else:
+    raise ManifestError(f"{where}: field {field!r} must be a `key: value; ...` string, an object or a list of "
+                        f"[key, value] pairs, got {type(value).__name__}")
+  return "; ".join(f"{k}: {v}" for k, v in items if v is not None)
 
 
-def parse_row(obj, path: str, row: int, categories: Sequence[str]) -> ManifestRow:
-  """Validates one decoded JSON row; raises ManifestError naming file, row and field."""
+def _check_id(v, where: str, field: str):
+  if isinstance(v, bool) or not isinstance(v, (int, str)) or (isinstance(v, str) and not v.strip()):
+    raise ManifestError(f"{where}: field {field!r} must be an integer or a non-empty string, got {v!r}")
+  return v
+
+
+def parse_row(obj, path: str, row: int, categories: Sequence[str] | None = None) -> ManifestRow:
+  """Validates one decoded row; raises ManifestError naming file, row and field.
+
+  Ids are returned as the user wrote them (int or str); `read_manifest` maps them to ints. `categories`
+  None accepts any non-empty category.
+  """
   where = f"{path}, row {row}"
   if not isinstance(obj, dict):
     raise ManifestError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+  obj = {k: v for k, v in obj.items() if v is not None}  # null = missing (Parquet has a value per column)
+  for alias, field in ALIASES.items():
+    if alias in obj:
+      if field in obj and obj[field] != obj[alias]:
+        raise ManifestError(f"{where}: field {alias!r} (an alias of {field!r}) is {obj[alias]!r} but "
+                            f"{field!r} is {obj[field]!r}; give one")
+      obj[field] = obj.pop(alias)
   for field, typ in REQUIRED.items():
-    if field not in obj or obj[field] is None:
+    if field not in obj:
       raise ManifestError(f"{where}: missing required field {field!r}")
     v = obj[field]
-    if typ is int and (isinstance(v, bool) or not isinstance(v, int)):
-      raise ManifestError(f"{where}: field {field!r} must be an integer, got {v!r}")
-    if typ is str and not isinstance(v, str):
+    if typ is ID:
+      _check_id(v, where, field)
+    elif not isinstance(v, str):
       raise ManifestError(f"{where}: field {field!r} must be a string, got {v!r}")
-  for field in OPTIONAL_INT:
-    v = obj.get(field)
-    if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-      raise ManifestError(f"{where}: field {field!r} must be an integer, got {v!r}")
-  if obj["category"] not in categories:
-    raise ManifestError(f"{where}: field 'category': unknown category {obj['category']!r}; "
+  for field in OPTIONAL_ID:
+    if field in obj:
+      _check_id(obj[field], where, field)
+  category = obj["category"]
+  if not category.strip():
+    raise ManifestError(f"{where}: field 'category' must be a non-empty string")
+  if categories is not None and category not in categories:
+    raise ManifestError(f"{where}: field 'category': unknown category {category!r}; "
                         f"known: {', '.join(categories)}")
   split = obj.get("split", "train")
   if split not in catalog_lib.SPLITS:
@@ -101,41 +163,110 @@ def parse_row(obj, path: str, row: int, categories: Sequence[str]) -> ManifestRo
   return ManifestRow(
       row=row, listing_id=obj["listing_id"], product_id=obj["product_id"],
       true_product_id=obj.get("true_product_id", obj["product_id"]),
-      family_id=obj.get("family_id", obj["product_id"]), category=obj["category"], title=obj["title"],
+      family_id=obj.get("family_id", obj["product_id"]), category=category, title=obj["title"],
       image_path=image_path, attributes=_attr_string(obj.get("attributes"), where, "attributes"),
       teacher_attributes=_attr_string(obj.get("teacher_attributes"), where, "teacher_attributes"),
-      split=split)
+      split=split, listing_key=str(obj["listing_id"]),
+      extra={k: v for k, v in obj.items() if k not in KNOWN_FIELDS})
 
 
-def read_manifest(path: str, *, categories: Sequence[str] = schema.CATEGORIES, skip_bad_rows: bool = False,
-                  check_images: bool = True) -> ManifestReport:
-  """Reads and validates a manifest (images: existence only; decoding happens in `load_image`)."""
-  if not os.path.exists(path):
-    raise ManifestError(f"manifest {path} does not exist")
-  rows, skipped, seen = [], [], {}
-  with open(path) as f:
+def _decoded_rows(path: str) -> Iterator[tuple[int, object, str | None]]:
+  """(row, decoded object, error message or None) for every non-empty row of a JSONL or Parquet file."""
+  if path.endswith(PARQUET_SUFFIX):
+    import pyarrow.parquet as pq
+    try:
+      batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a file that is not Parquet
+      raise ManifestError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+    row = 0
+    for batch in batches:
+      for obj in batch.to_pylist():
+        row += 1
+        yield row, obj, None
+    return
+  with open(path, encoding="utf-8") as f:
     for row, line in enumerate(f, start=1):
       if not line.strip():
         continue
       try:
-        try:
-          obj = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ManifestError(f"{path}, row {row}: not valid JSON ({e.msg})") from None
-        r = parse_row(obj, path, row, categories)
-        if check_images and not os.path.isfile(r.image_path):
-          raise ManifestError(f"{path}, row {row}: field 'image': file {r.image_path} does not exist")
-        if r.listing_id in seen:
-          raise ManifestError(f"{path}, row {row}: field 'listing_id': {r.listing_id} already used in row "
-                              f"{seen[r.listing_id]}")
-      except ManifestError as e:
-        if not skip_bad_rows:
-          raise
-        skipped.append((row, str(e)))
-        continue
-      seen[r.listing_id] = row
-      rows.append(r)
-  return ManifestReport(path, rows, skipped)
+        yield row, json.loads(line), None
+      except json.JSONDecodeError as e:
+        yield row, None, f"{path}, row {row}: not valid JSON ({e.msg})"
+
+
+def _id_map(values) -> dict:
+  """user id -> int: ints map to themselves; strings, in order of first appearance, to fresh ints above the
+  largest int id (from 0 when there is none)."""
+  values = list(values)
+  ints = [v for v in values if isinstance(v, int)]
+  out = {v: v for v in ints}
+  nxt = max(ints) + 1 if ints else 0
+  for v in values:
+    if v not in out:
+      out[v] = nxt
+      nxt += 1
+  return out
+
+
+def category_keys(rows: Sequence[ManifestRow], categories: Sequence[str]) -> dict[str, tuple[str, ...]]:
+  """category -> attribute keys: the synthetic schema's for its categories, else the keys of the category's
+  `attributes` and `teacher_attributes` strings in order of first appearance."""
+  found: dict[str, dict[str, None]] = {c: {} for c in categories}
+  for r in rows:
+    if r.category in schema.SCHEMA:
+      continue
+    keys = found.setdefault(r.category, {})
+    for text in (r.attributes, r.teacher_attributes):
+      for k, _ in parse_attributes(text).pairs:
+        keys.setdefault(k, None)
+  return {c: tuple(schema.SCHEMA[c]) if c in schema.SCHEMA else tuple(keys) for c, keys in found.items()}
+
+
+def read_manifest(path: str, *, categories: Sequence[str] | None = None, skip_bad_rows: bool = False,
+                  check_images: bool = True) -> ManifestReport:
+  """Reads and validates a JSONL or Parquet manifest (images: existence only; decoding happens in
+  `load_image`). `categories` None takes them from the data; a sequence refuses any other category."""
+  if not os.path.exists(path):
+    raise ManifestError(f"manifest {path} does not exist")
+  rows, skipped, seen = [], [], {}
+  unknown: dict[str, int] = {}  # unknown field -> first row
+  for row, obj, error in _decoded_rows(path):
+    try:
+      if error:
+        raise ManifestError(error)
+      if isinstance(obj, dict):
+        for k in obj:
+          if k not in KNOWN_FIELDS:
+            unknown.setdefault(k, row)
+      r = parse_row(obj, path, row, categories)
+      if check_images and not os.path.isfile(r.image_path):
+        raise ManifestError(f"{path}, row {row}: field 'image': file {r.image_path} does not exist")
+      if r.listing_id in seen:
+        raise ManifestError(f"{path}, row {row}: field 'listing_id': {r.listing_id!r} already used in row "
+                            f"{seen[r.listing_id]}")
+    except ManifestError as e:
+      if not skip_bad_rows:
+        raise
+      skipped.append((row, str(e)))
+      continue
+    seen[r.listing_id] = row
+    rows.append(r)
+  ids = {"listing": _id_map(r.listing_id for r in rows),
+         "product": _id_map(v for r in rows for v in (r.product_id, r.true_product_id)),
+         "family": _id_map(r.family_id for r in rows)}
+  rows = [dataclasses.replace(r, listing_id=ids["listing"][r.listing_id], product_id=ids["product"][r.product_id],
+                              true_product_id=ids["product"][r.true_product_id],
+                              family_id=ids["family"][r.family_id]) for r in rows]
+  cats = tuple(categories) if categories is not None else tuple(sorted({r.category for r in rows}))
+  keys = category_keys(rows, cats)
+  schema.register_categories(keys)
+  if unknown:
+    names = sorted(unknown, key=unknown.get)
+    warnings.warn(f"{path}: unknown field(s) {', '.join(repr(n) for n in names)} (first in row "
+                  f"{unknown[names[0]]}) are not used; each row keeps them in ManifestRow.extra",
+                  ManifestWarning, stacklevel=2)
+  return ManifestReport(path, rows, skipped, categories=cats, category_keys=keys, ids=ids,
+                        unknown_fields=tuple(names) if unknown else ())
 
 
 def load_image(path: str, size: int, *, where: str = "") -> np.ndarray:
@@ -177,14 +308,16 @@ def iter_listings(report: ManifestReport, image_size: int, *,
         listing_id=r.listing_id, product_id=r.product_id, true_product_id=r.true_product_id,
         family_id=r.family_id, category=r.category, title=r.title, image=image,
         teacher_attributes=r.teacher_attributes, listing_attributes=r.attributes,
-        product_attributes=r.attributes, split=r.split)
+        product_attributes=r.attributes, split=r.split, listing_key=r.listing_key)
 
 
-def catalog_from_manifest(path: str, image_size: int = 64, *, categories: Sequence[str] = schema.CATEGORIES,
+def catalog_from_manifest(path: str, image_size: int = 64, *, categories: Sequence[str] | None = None,
                           skip_bad_rows: bool = False) -> catalog_lib.Catalog:
-  """The whole manifest in memory as a Catalog (products carry the manifest's attribute strings).
+  """The whole manifest (JSONL or Parquet) in memory as a Catalog (products carry the manifest's attribute
+  strings; listings the user's listing id as `listing_key`).
 
-  With `skip_bad_rows`, the skipped rows are in `catalog.report.skipped` (`catalog.report.summary()`).
+  `catalog.report` is the `ManifestReport`: its `categories`, `category_keys`, `ids` and, with
+  `skip_bad_rows`, the skipped rows (`catalog.report.skipped`, `catalog.report.summary()`).
   """
   report = read_manifest(path, categories=categories, skip_bad_rows=skip_bad_rows)
   listings = list(iter_listings(report, image_size, skip_bad_rows=skip_bad_rows))
@@ -199,7 +332,9 @@ def catalog_from_manifest(path: str, image_size: int = 64, *, categories: Sequen
 
 
 def write_manifest(catalog: catalog_lib.Catalog, directory: str, *, image_format: str = "png") -> str:
-  """Writes `catalog` as `directory/manifest.jsonl` + `directory/images/<listing_id>.<ext>`; returns the path."""
+  """Writes `catalog` as `directory/manifest.jsonl` + `directory/images/<listing_id>.<ext>`; returns the path.
+
+  The catalog's int ids are written (not `listing_key`), so reading it back gives the same ids."""
   os.makedirs(os.path.join(directory, "images"), exist_ok=True)
   path = os.path.join(directory, MANIFEST_NAME)
   with open(path, "w") as f:

@@ -94,12 +94,38 @@ def rgb(name: str) -> tuple[int, int, int]:
   return EXTRA_COLOURS[name]
 
 
+# Categories of on-disk manifests that are not in SCHEMA: name -> attribute keys. `data.manifest` registers
+# them when it reads a manifest, so that code holding only a category name (the generator's instruction,
+# `ListingTable`'s category ids under the default category list) knows them. Process-local.
+_USER_CATEGORIES: dict[str, tuple[str, ...]] = {}
+
+
+def register_categories(keys_by_category) -> None:
+  """Registers manifest categories ({name: keys}); SCHEMA's own are left as they are. A name registered
+  again keeps its id and takes the new keys."""
+  for name, keys in keys_by_category.items():
+    if name not in SCHEMA:
+      _USER_CATEGORIES[name] = tuple(keys)
+
+
+def category_keys(category: str) -> tuple[str, ...]:
+  """Attribute keys of a category: SCHEMA's, a registered manifest category's, else ()."""
+  if category in SCHEMA:
+    return tuple(SCHEMA[category])
+  return _USER_CATEGORIES.get(category, ())
+
+
 def category_id(category: str, categories: tuple[str, ...] = CATEGORIES) -> int:
-  """Integer id of a category; raises naming the unknown category and the known ones."""
-  try:
+  """Integer id of a category; raises naming the unknown category and the known ones.
+
+  Under the default list (`CATEGORIES`), registered manifest categories follow the synthetic five in
+  the order they were first registered (ids are labels: same category, same id)."""
+  categories = tuple(categories)
+  if category in categories:
     return categories.index(category)
-  except ValueError:
-    raise ValueError(f"unknown category {category!r}; known categories: {', '.join(categories)}") from None
+  if categories == CATEGORIES and category in _USER_CATEGORIES:
+    return len(CATEGORIES) + list(_USER_CATEGORIES).index(category)
+  raise ValueError(f"unknown category {category!r}; known categories: {', '.join(categories)}")
 
 
 def format_pairs(category: str, attrs: dict[str, str]) -> str:

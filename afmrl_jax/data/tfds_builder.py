@@ -1,4 +1,4 @@
-"""tfds builder that materialises a catalog (the synthetic one or a JSONL manifest) into array_record.
+"""tfds builder that materialises a catalog (the synthetic one or a JSONL / Parquet manifest) into array_record.
 
 TensorFlow-free: images are stored as uint8 `Tensor`s (not `tfds.features.Image`, which needs TF to
 encode), strings as `Text`, and the file format is array_record, read back with `tfds.data_source`
@@ -18,26 +18,26 @@ import tensorflow_datasets as tfds
 
 from afmrl_jax.data import catalog as catalog_lib
 from afmrl_jax.data import manifest as manifest_lib
-from afmrl_jax.data import schema
 
 _INT_FIELDS = ("listing_id", "product_id", "true_product_id", "family_id")
-_TEXT_FIELDS = ("category", "title", "teacher_attributes", "listing_attributes", "product_attributes", "split")
+_TEXT_FIELDS = ("category", "title", "teacher_attributes", "listing_attributes", "product_attributes", "split",
+                "listing_key")  # listing_key: the manifest's own listing id ("" for the synthetic catalog)
 
 
 @dataclasses.dataclass
 class CatalogBuilderConfig(tfds.core.BuilderConfig):
-  """Exactly one of `catalog` (synthetic) or `manifest` (path to a JSONL manifest)."""
+  """Exactly one of `catalog` (synthetic) or `manifest` (path to a JSONL or `.parquet` manifest)."""
   catalog: catalog_lib.CatalogConfig | None = None
   manifest: str | None = None
   image_size: int = 64  # manifest images are padded to square and resized to this
-  categories: tuple[str, ...] = schema.CATEGORIES
+  categories: tuple[str, ...] | None = None  # manifest: None = the manifest's own; a tuple refuses others
   skip_bad_rows: bool = False
 
 
 class AfmrlCatalog(tfds.core.GeneratorBasedBuilder):
   """Listings of a product catalog; one tfds split per catalog split that has listings."""
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First version."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First version.", "1.1.0": "listing_key: the manifest's own listing id."}
 
   # Nothing is downloaded, so there are no checksums to look up. tfds would locate them next to this
   # module through `importlib_resources`, which is not installed with tfds on Python 3.11.
@@ -106,6 +106,8 @@ def decode_record(rec: dict) -> dict:
   """A tfds record -> the listing dict the pipeline uses (Text fields arrive as bytes)."""
   out = {f: int(rec[f]) for f in _INT_FIELDS}
   for f in _TEXT_FIELDS:
+    if f not in rec:  # listing_key: absent from records of version 1.0.0
+      continue
     v = rec[f]
     out[f] = v.decode("utf-8") if isinstance(v, bytes) else str(v)
   out["image"] = np.asarray(rec["image"], np.uint8)
