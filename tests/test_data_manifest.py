@@ -89,7 +89,7 @@ def bad_manifest(written, tmp_path):
   (tmp_path / "corrupt.png").write_bytes(b"this is not a png")
   rows[1]["image"] = str(tmp_path / "nope.png")  # row 2: missing image
   del rows[2]["title"]  # row 3: missing field
-  rows[3]["category"] = "hats"  # row 4: unknown category
+  rows[3]["category"] = 5  # row 4: a category that is not a string (user categories are taken from the data)
   rows[4]["image"] = str(tmp_path / "corrupt.png")  # row 5: corrupt image (found when decoding)
   path = str(tmp_path / "bad.jsonl")
   _write(path, rows, extra_lines=["{not json"])  # row 7: bad JSON
@@ -97,7 +97,7 @@ def bad_manifest(written, tmp_path):
 
 
 @pytest.mark.parametrize("row,field,needle", [
-    (2, "image", "does not exist"), (3, "title", "missing required field"), (4, "category", "hats"),
+    (2, "image", "does not exist"), (3, "title", "missing required field"), (4, "category", "must be a string"),
     (7, None, "not valid JSON")])
 def test_bad_rows_raise_naming_file_row_and_field(bad_manifest, row, field, needle):
   rows = _rows_text(bad_manifest)

@@ -116,3 +116,24 @@ def test_sigkill_of_one_process_then_restart_resumes_to_the_same_parameters(cach
 def _committed(folder, step):
   """Whether orbax has committed checkpoint `step` (no temporary folder left for it)."""
   return (folder / str(step)).is_dir() and not any(".orbax-checkpoint-tmp" in n for n in os.listdir(folder))
+
+
+def test_sft_two_processes_train_like_one(cache, tmp_path):
+  """The generator's SFT through the same loop: 2 processes x 2 devices = 1 process x 4 devices."""
+  args = ["--config=configs/sft.py:ci", f"--config.catalog.cache_dir={cache}", "--config.catalog.families_per_category=4",
+          "--config.pipeline.fresh_views=False", "--config.train.num_steps=3", "--config.train.log_every=1",
+          "--config.train.eval_at_end=False"]
+  env = dict(_env(), LOG_DIR=str(tmp_path / "logs"))
+  env.pop("XLA_FLAGS")
+  two = subprocess.run(["bash", SCRIPT, "2", "2", sys.executable, "-m", "afmrl_jax.main", *args,
+                        f"--workdir={tmp_path / 'two'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+  one = subprocess.run([sys.executable, "-m", "afmrl_jax.main", *args, f"--workdir={tmp_path / 'one'}"], cwd=ROOT,
+                       env=dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+                       capture_output=True, text=True, timeout=600)
+  assert one.returncode == 0, one.stderr[-3000:]
+  want, got = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+  assert sorted(want) == sorted(got) == [1, 2, 3]
+  for s in want:
+    assert got[s] == pytest.approx(want[s], abs=1e-6), s
