@@ -5,9 +5,13 @@ statistics) is generated once into `catalog.cache_dir` (default `<workdir>/data_
 later runs; an on-disk manifest (`catalog.manifest`) is read instead when set.
 
 Attributes (`AttributeOptions`): `source` is `teacher` (the catalog's teacher strings, default), `true`
-(the ground-truth product attributes: an oracle for ablations) or a generated-attributes JSONL file (one
-`{"listing_id": int, "attributes": str}` per line), which gives both the BM25 terms of AGCL and, with
-`enrich_queries`, the text appended to the prompts (both towers, training and evaluation).
+(the ground-truth product attributes, a manifest's `attributes`: an oracle for ablations), `none` (no
+attribute strings: no BM25 terms, no text) or a generated-attributes JSONL file (one
+`{"listing_id": int, "attributes": str}` per line). The source gives both the BM25 terms of AGCL (and
+their corpus statistics) and, with `enrich_queries`, the text appended to the prompts (both towers,
+training and evaluation), for the synthetic catalog and for manifests alike. A loss that uses the BM25
+terms on training listings of which more than `max_missing_share` have no attribute string stops before
+training (it would silently be InfoNCE on them).
 """
 
 from __future__ import annotations
@@ -21,17 +25,20 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from afmrl_jax.fields import narrow
+from afmrl_jax.fields import Checked, bounded, narrow
 
 
 @dataclasses.dataclass(frozen=True)
-class AttributeOptions:
+class AttributeOptions(Checked):
   """Where the attribute strings come from, and whether they join the prompt text."""
-  # 'teacher' (the catalog's teacher attributes) | 'true' (ground truth: an oracle for ablations) |
+  # 'teacher' (the catalog's teacher attributes) | 'true' (ground truth: an oracle for ablations) | 'none' |
   # path to a generated-attributes JSONL ({"listing_id": int, "attributes": str} per line)
   source: str = "teacher"
   enrich_queries: bool = False  # append the attributes to the query (and candidate) text
   skip_bad_rows: bool = False  # a generated file's unknown or repeated listing ids: skip and count them
+  # A loss with BM25 terms stops when more than this share of training listings has no attribute string
+  # (1.0: train anyway, with a warning saying how much of it is InfoNCE).
+  max_missing_share: float = bounded(0.5, 0.0, 1.0)
 
 
 @dataclasses.dataclass
@@ -84,6 +91,34 @@ def read_generated_attributes(path: str, known_ids=None, skip_bad_rows: bool = F
   return out
 
 
+def source_string(listing: Any, source: str) -> str:
+  """The attribute string a catalog listing has under a named source (`teacher`, `true`, `none`); a
+  generated file's strings come from `read_generated_attributes`."""
+  return {"teacher": listing.teacher_attributes, "true": listing.product_attributes}.get(source, "")
+
+
+def check_attribute_coverage(run: Any, listings, generated: Mapping[int, str] | None) -> None:
+  """Stops (ConfigError) when the loss uses BM25 terms but more than `attributes.max_missing_share` of the
+  training `listings` have no attribute string under `attributes.source`; warns when some have none."""
+  from afmrl_jax.train import schema
+  if not run.loss.needs_bm25 or not listings:
+    return
+  source = run.attributes.source
+  strings = [(generated or {}).get(l.listing_id, "") if generated is not None else source_string(l, source)
+             for l in listings]
+  missing = sum(not s.strip() for s in strings) / len(strings)
+  if missing > run.attributes.max_missing_share:
+    raise schema.ConfigError([
+        f"config.loss uses attribute terms (bias_scale={run.loss.bias_scale}, mask={run.loss.mask!r}) but "
+        f"{missing:.0%} of the {len(strings)} training listings have no attribute string from "
+        f"config.attributes.source={source!r}: give the manifest `teacher_attributes` (or `attributes` with "
+        f"source=true), choose another source, train InfoNCE (config.loss.bias_scale=0), or accept it with "
+        f"config.attributes.max_missing_share=1.0."])
+  if missing > 0:
+    logging.warning("%.0f%% of the training listings have no attribute string from attributes.source=%r: "
+                    "the loss is InfoNCE on their rows.", 100 * missing, source)
+
+
 def pipeline_config(run: Any):
   """`run.pipeline` completed with what other sections decide: the image size and the attribute strings."""
   source = run.attributes.source
@@ -118,7 +153,7 @@ def load_catalog(run: Any, workdir: str):
     else:
       texts = [t for l in train for t in (l.title, l.teacher_attributes)]
       tokenizer = tokenizer_lib.default_tokenizer(texts, os.path.join(cache, "manifest_tokenizer"))
-    stats = CorpusStats.from_texts([l.teacher_attributes for l in train])
+    stats = CorpusStats.from_texts([source_string(l, run.attributes.source) for l in train])
     return catalog, tokenizer, stats
   data = defaults.default_catalog(cache, synthetic_catalog_config(run))
   tokenizer = tokenizer_lib.load_tokenizer(hf_tok) if hf_tok else data.tokenizer
@@ -137,9 +172,12 @@ def make(run: Any, workdir: str) -> Stage1Data:
   catalog, tokenizer, stats = load_catalog(run, workdir)
   source = run.attributes.source
   generated = None
-  if source not in ("teacher", "true"):
+  if source == "none":  # every listing's string is empty: no terms, no text
+    generated = {l.listing_id: "" for l in catalog.listings}
+  elif source not in ("teacher", "true"):
     generated = read_generated_attributes(source, [l.listing_id for l in catalog.listings],
                                           run.attributes.skip_bad_rows)
+  check_attribute_coverage(run, catalog.split("train"), generated)
   pipe = pipeline_config(run)
   train_table = ListingTable.from_catalog(catalog, "train")
   if pipe.train_fraction < 1.0:

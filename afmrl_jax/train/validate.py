@@ -127,8 +127,8 @@ def _paths(catalog, attributes, checkpoint) -> list[str]:
                       "(14-pixel patches merged 2x2).")
   if attributes is not None:
     src = attributes.source
-    if src not in ("teacher", "true") and not os.path.isfile(src):
-      problems.append(f"config.attributes.source={src!r} is neither 'teacher', 'true' nor an existing "
+    if src not in ("teacher", "true", "none") and not os.path.isfile(src):
+      problems.append(f"config.attributes.source={src!r} is neither 'teacher', 'true', 'none' nor an existing "
                       "generated-attributes JSONL file.")
   if checkpoint is not None and checkpoint.init_from and not checkpointing.has_checkpoint(checkpoint.init_from):
     problems.append(f"config.checkpoint.init_from={checkpoint.init_from!r} holds no checkpoint; give the "
