@@ -71,7 +71,7 @@ def _write_parquet(path, rows, attributes_as_map=False):
 def test_string_sku_and_uuid_ids_map_to_dense_ints_and_group_products(tmp_path):
   rows = _rows(tmp_path, products_per_category=3, listings_per_product=3)
   path = _write_jsonl(tmp_path / "m.jsonl", rows)
-  cat = manifest.catalog_from_manifest(path, 32)
+  cat = manifest.catalog_from_manifest(path, 32, eval_share=0.0)  # no split given: all train at share 0
   # Strings get ints in order of first appearance; the user's listing id stays on every listing.
   assert [l.listing_id for l in cat.listings] == list(range(18))
   assert [l.listing_key for l in cat.listings] == [r["listing_id"] for r in rows]
@@ -225,3 +225,44 @@ def test_stage1_ci_trains_on_a_string_id_user_category_manifest(tmp_path):
   result, *_ = stage1.train(config, str(tmp_path / "work"))
   assert result.step == 2 and sorted(result.losses) == [1, 2]
   assert all(math.isfinite(v) for v in result.losses.values())
+
+
+def _split_rows(num_products=40, listings=3, families=None):
+  from afmrl_jax.data import manifest as m
+  rows = []
+  for p in range(num_products):
+    for k in range(listings if p % 5 else 1):  # every fifth product has a single listing
+      rows.append(m.ManifestRow(row=len(rows) + 1, listing_id=len(rows), product_id=p, true_product_id=p,
+                                family_id=p // 2 if families else p, category="c", title="t", image_path="x",
+                                attributes="", teacher_attributes="", split=None, listing_key=str(len(rows))))
+  return rows
+
+
+def test_splits_are_assigned_per_family_when_the_manifest_gives_none():
+  from afmrl_jax.data import manifest as m
+  rows = _split_rows(families=True)
+  out = m.assign_splits(rows, seed=3, eval_share=0.25)
+  by_family: dict = {}
+  for r in out:
+    by_family.setdefault(r.family_id, set()).add(r.split == "train")
+  assert all(len(v) == 1 for v in by_family.values())  # a family is all train or all held out
+  held = {f for f, v in by_family.items() if v == {False}}
+  assert len(held) == round(0.25 * len(by_family))
+  for p in {r.product_id for r in out if r.family_id in held}:
+    members = [r.split for r in out if r.product_id == p]
+    assert members.count("query") == (1 if len(members) > 1 else 0)
+    assert members.count("gallery") == len(members) - members.count("query")
+  assert {r.split for r in out if r.family_id not in held} == {"train"}
+  assert m.assign_splits(rows, seed=3, eval_share=0.25) == out  # seeded
+  assert m.assign_splits(rows, seed=4, eval_share=0.25) != out
+  summary = m.split_summary(out)
+  assert summary.startswith("train ") and "gallery" in summary and "query" in summary
+
+
+def test_given_splits_are_kept_and_a_row_without_one_is_train():
+  import dataclasses
+  from afmrl_jax.data import manifest as m
+  rows = _split_rows(num_products=4)
+  rows[0] = dataclasses.replace(rows[0], split="query")
+  out = m.assign_splits(rows)
+  assert out[0].split == "query" and {r.split for r in out[1:]} == {"train"}

@@ -9,8 +9,15 @@ not a bool or a float), `category` (a non-empty str), `title` (str), `image` (pa
 manifest's folder or absolute). Optional: `attributes` (`key: value; ...` string, a {key: value} object
 or a list of [key, value] pairs (Parquet map columns): ground truth), `teacher_attributes` (same forms),
 `true_product_id` (id, evaluation only; default `product_id`), `family_id` (id; `family` is an alias;
-default `product_id`), `split` (`train` | `gallery` | `query` | `heldout`, default `train`). A null value
-is the same as a missing field.
+default `product_id`), `split` (`train` | `gallery` | `query` | `heldout`). A null value is the same as a
+missing field.
+
+Splits: when no row gives a `split`, `assign_splits` chooses them, seeded (`split_seed`): a share
+`eval_share` of the families (a family is `family_id`, by default the product: siblings and relisted
+duplicates stay on one side) is held out for evaluation, and each of their products gives one listing to
+`query` and the rest to `gallery` (a product with one listing goes to `gallery`, a distractor); every
+other listing is `train`. Held-out products are never trained on. When some rows give a split, a row
+without one is `train`.
 
 Ids: the rest of the package uses int ids, so ids are mapped to ints per id space (listings; products,
 shared by `product_id` and `true_product_id`; families): an int id maps to itself (an all-int manifest keeps
@@ -80,7 +87,7 @@ class ManifestRow:
   image_path: str  # absolute
   attributes: str
   teacher_attributes: str
-  split: str
+  split: str | None  # None until `assign_splits` (no row of the manifest gave one) or read_manifest sets it
   listing_key: str = ""  # the user's listing id, as a string ("SKU-00123", "17")
   extra: dict = dataclasses.field(default_factory=dict)  # unknown fields of this row, as read
 
@@ -155,8 +162,8 @@ def parse_row(obj, path: str, row: int, categories: Sequence[str] | None = None)
   if categories is not None and category not in categories:
     raise ManifestError(f"{where}: field 'category': unknown category {category!r}; "
                         f"known: {', '.join(categories)}")
-  split = obj.get("split", "train")
-  if split not in catalog_lib.SPLITS:
+  split = obj.get("split")
+  if split is not None and split not in catalog_lib.SPLITS:
     raise ManifestError(f"{where}: field 'split' must be one of {', '.join(catalog_lib.SPLITS)}, got {split!r}")
   image = obj["image"]
   image_path = image if os.path.isabs(image) else os.path.join(os.path.dirname(os.path.abspath(path)), image)
@@ -222,10 +229,43 @@ def category_keys(rows: Sequence[ManifestRow], categories: Sequence[str]) -> dic
   return {c: tuple(schema.SCHEMA[c]) if c in schema.SCHEMA else tuple(keys) for c, keys in found.items()}
 
 
+def assign_splits(rows: list[ManifestRow], seed: int = 0, eval_share: float = 0.2) -> list[ManifestRow]:
+  """`rows` with every `split` set: as given; `train` where some rows give one and this one does not; and
+  when none does, the seeded per-family / per-product rule of the module docstring."""
+  if any(r.split is not None for r in rows):
+    return [r if r.split is not None else dataclasses.replace(r, split="train") for r in rows]
+  rng = np.random.default_rng([seed, 0x5B117])
+  families = sorted({r.family_id for r in rows})
+  held = set(rng.permutation(families)[:int(round(eval_share * len(families)))].tolist()) if families else set()
+  by_product: dict[int, list[int]] = {}
+  for i, r in enumerate(rows):
+    if r.family_id in held:
+      by_product.setdefault(r.product_id, []).append(i)
+  split = ["train"] * len(rows)
+  for product in sorted(by_product):
+    members = by_product[product]
+    for i in members:
+      split[i] = "gallery"
+    if len(members) > 1:
+      split[members[int(rng.integers(len(members)))]] = "query"
+  return [dataclasses.replace(r, split=s) for r, s in zip(rows, split)]
+
+
+def split_summary(rows) -> str:
+  """One line: products and listings per split, e.g. `train 120 products / 480 listings; ...`."""
+  parts = []
+  for name in catalog_lib.SPLITS:
+    members = [r for r in rows if r.split == name]
+    if members:
+      parts.append(f"{name} {len({r.product_id for r in members})} products / {len(members)} listings")
+  return "; ".join(parts)
+
+
 def read_manifest(path: str, *, categories: Sequence[str] | None = None, skip_bad_rows: bool = False,
-                  check_images: bool = True) -> ManifestReport:
+                  check_images: bool = True, split_seed: int = 0, eval_share: float = 0.2) -> ManifestReport:
   """Reads and validates a JSONL or Parquet manifest (images: existence only; decoding happens in
-  `load_image`). `categories` None takes them from the data; a sequence refuses any other category."""
+  `load_image`). `categories` None takes them from the data; a sequence refuses any other category.
+  Splits missing from every row are assigned with `split_seed` and `eval_share` (`assign_splits`)."""
   if not os.path.exists(path):
     raise ManifestError(f"manifest {path} does not exist")
   rows, skipped, seen = [], [], {}
@@ -257,6 +297,7 @@ def read_manifest(path: str, *, categories: Sequence[str] | None = None, skip_ba
   rows = [dataclasses.replace(r, listing_id=ids["listing"][r.listing_id], product_id=ids["product"][r.product_id],
                               true_product_id=ids["product"][r.true_product_id],
                               family_id=ids["family"][r.family_id]) for r in rows]
+  rows = assign_splits(rows, split_seed, eval_share)
   cats = tuple(categories) if categories is not None else tuple(sorted({r.category for r in rows}))
   keys = category_keys(rows, cats)
   schema.register_categories(keys)
@@ -312,14 +353,16 @@ def iter_listings(report: ManifestReport, image_size: int, *,
 
 
 def catalog_from_manifest(path: str, image_size: int = 64, *, categories: Sequence[str] | None = None,
-                          skip_bad_rows: bool = False) -> catalog_lib.Catalog:
+                          skip_bad_rows: bool = False, split_seed: int = 0, eval_share: float = 0.2
+                          ) -> catalog_lib.Catalog:
   """The whole manifest (JSONL or Parquet) in memory as a Catalog (products carry the manifest's attribute
   strings; listings the user's listing id as `listing_key`).
 
   `catalog.report` is the `ManifestReport`: its `categories`, `category_keys`, `ids` and, with
   `skip_bad_rows`, the skipped rows (`catalog.report.skipped`, `catalog.report.summary()`).
   """
-  report = read_manifest(path, categories=categories, skip_bad_rows=skip_bad_rows)
+  report = read_manifest(path, categories=categories, skip_bad_rows=skip_bad_rows, split_seed=split_seed,
+                         eval_share=eval_share)
   listings = list(iter_listings(report, image_size, skip_bad_rows=skip_bad_rows))
   products = {}
   for l in listings:

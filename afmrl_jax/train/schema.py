@@ -27,7 +27,7 @@ from afmrl_jax.data.catalog import CatalogConfig
 from afmrl_jax.data.generator_data import GenerationOptions, GeneratorDataConfig
 from afmrl_jax.data.pipeline import PipelineConfig
 from afmrl_jax.errors import UserError
-from afmrl_jax.fields import Checked, InvalidFields, check, choice, field_problem
+from afmrl_jax.fields import Checked, InvalidFields, bounded, check, choice, field_problem
 from afmrl_jax.losses.config import AGCLConfig
 from afmrl_jax.models.lora import LoRAConfig
 from afmrl_jax.parallel import MeshShape
@@ -72,8 +72,12 @@ class ConfigError(UserError, ValueError):
 @dataclasses.dataclass(frozen=True)
 class CatalogOptions(CatalogConfig):
   """The synthetic catalog's fields, or an on-disk manifest that replaces it."""
-  manifest: str = ""  # path to a JSONL manifest; '' = the embedded synthetic catalog
+  manifest: str = ""  # path to a JSONL or Parquet manifest; '' = the embedded synthetic catalog
   skip_bad_rows: bool = False  # with a manifest: skip (count and report) bad rows instead of stopping
+  # A manifest whose rows give no `split`: the seed and the share of families held out for evaluation
+  # (one listing per held-out product to `query`, the rest to `gallery`; data.manifest.assign_splits).
+  split_seed: int = 0
+  eval_share: float = bounded(0.2, 0.0, 1.0, high_open=True)
   cache_dir: str = ""  # where the generated catalog is kept between runs; '' = <workdir>/data_cache
 
 

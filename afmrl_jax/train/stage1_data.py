@@ -144,9 +144,13 @@ def load_catalog(run: Any, workdir: str):
   hf_tok = run.model.tokenizer or run.model.hf_checkpoint
   if run.catalog.manifest:
     catalog = manifest.catalog_from_manifest(run.catalog.manifest, run.catalog.image_size,
-                                             skip_bad_rows=run.catalog.skip_bad_rows)
+                                             skip_bad_rows=run.catalog.skip_bad_rows,
+                                             split_seed=run.catalog.split_seed, eval_share=run.catalog.eval_share)
     if catalog.report is not None and catalog.report.skipped:
       logging.warning("%s", catalog.report.summary())
+    import jax
+    if jax.process_index() == 0:
+      print(f"catalog {run.catalog.manifest}: {manifest.split_summary(catalog.listings)}", flush=True)
     train = catalog.split("train")
     if hf_tok:
       tokenizer = tokenizer_lib.load_tokenizer(hf_tok)
