@@ -97,3 +97,8 @@ def test_manifest_honours_the_attribute_source(manifest_rows, tmp_path):
     np.testing.assert_array_equal(terms, data.stats.encode(by_id[int(lid)]["attributes"], len(terms)))
   with pytest.raises(ConfigError, match="100% of the"):
     stage1_data.make(_config(path, source="none"), str(tmp_path / "w"))
+  # The record of how the manifest was read sits in the workdir.
+  with open(tmp_path / "w" / stage1_data.MANIFEST_IDS) as f:
+    record = json.load(f)
+  assert record["manifest"] == path and record["categories"] == sorted({r["category"] for r in rows})
+  assert record["ids"]["listing"] == {str(r["listing_id"]): r["listing_id"] for r in rows}

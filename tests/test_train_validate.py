@@ -128,3 +128,16 @@ def test_hf_checkpoint_of_the_wrong_architecture(tmp_path):
   (problem,) = problems_of(config, tmp_path / "w")
   assert problem == (f"config.model.hf_checkpoint={str(ckpt)!r} is a 'llama' model; this stage needs a "
                      "vision-language model (qwen2_vl, qwen2_5_vl).")
+
+
+def test_fresh_views_on_a_manifest_is_refused_before_loading(tmp_path):
+  manifest = tmp_path / "m.jsonl"
+  manifest.write_text("")  # exists; never read: validate reads nothing
+  config = stage1_configs.get_config("ci")
+  config.catalog.manifest = str(manifest)
+  config.pipeline.fresh_views = True
+  (problem,) = problems_of(config, tmp_path / "w")
+  assert problem == ("config.pipeline.fresh_views=True renders new views of the synthetic catalog's products; "
+                     "with config.catalog.manifest set, pass --config.pipeline.fresh_views=False.")
+  config.pipeline.fresh_views = False
+  validate(config, str(tmp_path / "w"), num_devices=8, num_processes=1)

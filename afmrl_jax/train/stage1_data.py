@@ -134,6 +134,11 @@ def synthetic_catalog_config(run: Any):
   return narrow(run.catalog, CatalogConfig)
 
 
+# A manifest run's record of how the manifest was read: its categories and their keys, and each id space's
+# {user id: int id} (the ints in metrics, reports and generated-attributes files).
+MANIFEST_IDS = os.path.join("catalog", "manifest_ids.json")
+
+
 def load_catalog(run: Any, workdir: str):
   """(catalog, tokenizer, BM25 corpus stats) of `run` (a `schema.Run` or its ConfigDict)."""
   from afmrl_jax.attributes.bm25 import CorpusStats
@@ -151,6 +156,13 @@ def load_catalog(run: Any, workdir: str):
     import jax
     if jax.process_index() == 0:
       print(f"catalog {run.catalog.manifest}: {manifest.split_summary(catalog.listings)}", flush=True)
+    from afmrl_jax.train import report
+    r = catalog.report
+    report.write_json(os.path.join(workdir, MANIFEST_IDS), {
+        "manifest": run.catalog.manifest, "categories": list(r.categories),
+        "category_keys": {k: list(v) for k, v in r.category_keys.items()},
+        "ids": {space: {str(user): int(i) for user, i in ids.items()} for space, ids in r.ids.items()},
+        "splits": manifest.split_summary(catalog.listings)})
     train = catalog.split("train")
     if hf_tok:
       tokenizer = tokenizer_lib.load_tokenizer(hf_tok)
@@ -188,8 +200,6 @@ def make(run: Any, workdir: str) -> Stage1Data:
     train_table = train_table.product_share(pipe.train_fraction, pipe.seed)
   image_grid_thw = tuple(int(g) for g in pipeline.image_grid_thw(pipe))
   fresh = synthetic_catalog_config(run) if pipe.fresh_views else None
-  if pipe.fresh_views and run.catalog.manifest:
-    raise ValueError("config.pipeline.fresh_views needs the synthetic catalog (config.catalog.manifest is set).")
 
   def train_iter():
     ds = pipeline.train_dataset(train_table, tokenizer, stats, pipe, fresh_view_config=fresh,
