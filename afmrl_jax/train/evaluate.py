@@ -198,6 +198,7 @@ def evaluate(
     listings: Mapping[int, Any] | None = None,
     step: int | None = None,
     train_metrics_path: str | None = None,
+    info: Mapping[str, Any] | None = None,
 ) -> dict[str, float]:
   """Embeds, indexes and scores; writes the report under `workdir/<eval.output_dir>`.
 
@@ -212,6 +213,8 @@ def evaluate(
     listings: optional listing_id -> Listing-like record for display fields absent from the batches.
     step: training step; when given, outputs go to `<output_dir>/step_<step>`.
     train_metrics_path: the training run's metrics JSONL, for the loss curve of the report.
+    info: extra JSON-able entries for metrics.json (top level) and metrics.md, e.g. stage 1's
+      `catalog_skipped` / `catalog_skipped_reasons`.
   Returns:
     Flat dict of float metrics (see docs/interfaces.md), identical on every process.
   """
@@ -252,9 +255,9 @@ def evaluate(
   report.write_metrics_json(os.path.join(out_dir, "metrics.json"), metrics,
                             info=dict(step=step, retriever=cfg.retriever,
                                       retriever_mode=getattr(retriever, "mode", "exact"),
-                                      config=dataclasses.asdict(cfg)))
+                                      config=dataclasses.asdict(cfg), **(info or {})))
   if cfg.report:
     report.write_report(out_dir, metrics, cfg, query=query, gallery=gallery, ranked_rows=rows,
                         scores=scores, listings=listings,
-                        train_metrics_path=train_metrics_path)
+                        train_metrics_path=train_metrics_path, info=info)
   return metrics

@@ -89,6 +89,17 @@ def markdown_table(metrics: Mapping[str, float], recall_ks: tuple[int, ...]) -> 
   return "\n".join(lines) + sizes
 
 
+def skipped_note(info: Mapping[str, Any]) -> str:
+  """metrics.md's note of the manifest rows skipped (`catalog_skipped`), or "" when none were."""
+  count = int(info.get("catalog_skipped") or 0)
+  if not count:
+    return ""
+  reasons = list(info.get("catalog_skipped_reasons") or ())
+  more = [f"... and {count - len(reasons)} more"] if count > len(reasons) else []
+  return (f"\n{count} manifest row(s) skipped (config.catalog.skip_bad_rows), not in training or "
+          f"evaluation:" + "".join(f"\n- {r}" for r in reasons + more) + "\n")
+
+
 def _pyplot():
   import matplotlib
   matplotlib.use("Agg")
@@ -317,8 +328,11 @@ def queries_html(metrics: Mapping[str, float], table_md: str, plots: Mapping[str
 
 def write_report(out_dir: str, metrics: Mapping[str, float], cfg: Any, *, query: dict[str, Any],
                  gallery: dict[str, Any], ranked_rows: np.ndarray, scores: np.ndarray,
-                 listings: Mapping[int, Any] | None, train_metrics_path: str | None) -> dict[str, str]:
+                 listings: Mapping[int, Any] | None, train_metrics_path: str | None,
+                 info: Mapping[str, Any] | None = None) -> dict[str, str]:
   """Writes metrics.md, recall_at_k.png, loss_curve.png (if a loss exists) and queries.html.
+
+  `info`'s `catalog_skipped` / `catalog_skipped_reasons` (manifest rows skipped) are noted in metrics.md.
 
   Returns {name: path} of what was written.
   """
@@ -326,7 +340,7 @@ def write_report(out_dir: str, metrics: Mapping[str, float], cfg: Any, *, query:
   table_md = markdown_table(metrics, tuple(cfg.recall_ks))
   written["metrics.md"] = os.path.join(out_dir, "metrics.md")
   with open(written["metrics.md"], "w") as f:
-    f.write("# Retrieval evaluation\n\n" + table_md)
+    f.write("# Retrieval evaluation\n\n" + table_md + skipped_note(info or {}))
   plots = {}
   path = os.path.join(out_dir, "recall_at_k.png")
   if plot_recall_curve(metrics, path):

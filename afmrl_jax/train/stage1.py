@@ -64,6 +64,17 @@ def train(run: schema.Run | Any, workdir: str, data: stage1_data.Stage1Data | No
   return result, model, data
 
 
+def catalog_skips(data: stage1_data.Stage1Data, keep: int = 5) -> dict[str, Any]:
+  """`catalog_skipped` (manifest rows skipped under `config.catalog.skip_bad_rows`, each row once) and
+  `catalog_skipped_reasons` (the first `keep`, in row order) of a manifest run; {} for the synthetic catalog.
+  The run's summary, `eval/metrics.json` and `eval/metrics.md` carry them."""
+  manifest_report = getattr(getattr(data, "catalog", None), "report", None)
+  if manifest_report is None:
+    return {}
+  by_row = dict(sorted(manifest_report.skipped, key=lambda s: s[0]))  # (row, reason); a row is one skip
+  return {"catalog_skipped": len(by_row), "catalog_skipped_reasons": list(by_row.values())[:keep]}
+
+
 def run_evaluation(run: schema.Run, workdir: str, model: state_lib.ShardedModel,
                    data: stage1_data.Stage1Data, mesh, step: int | None) -> dict[str, float]:
   """Embeds the query and gallery splits with `model` and scores them (`train.evaluate`)."""
@@ -72,7 +83,7 @@ def run_evaluation(run: schema.Run, workdir: str, model: state_lib.ShardedModel,
                                        run.pipeline.eval_batch_size)
   return evaluate(embed_fn, data.eval_batches("gallery"), data.eval_batches("query"), workdir, run.eval,
                   listings=data.listings_by_id(), step=step,
-                  train_metrics_path=os.path.join(workdir, run.train.metrics_file))
+                  train_metrics_path=os.path.join(workdir, run.train.metrics_file), info=catalog_skips(data))
 
 
 def train_and_evaluate(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
@@ -91,6 +102,7 @@ def train_and_evaluate(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
       "examples_per_s": (result.steps_per_s or 0.0) * run.pipeline.batch_size or None,
       "flops_per_step_per_device": result.flops_per_step_per_device,
       "num_trainable_params": state_lib.count_params(model.params),
+      **catalog_skips(data),
   }
   if run.train.eval_at_end and not result.stopped_early:
     summary["eval"] = run_evaluation(run, workdir, model, data, mesh, step=None)
@@ -108,4 +120,4 @@ def evaluate_checkpoint(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
   model, step = builders.restore_model(run, ckpt_dir, data.tokenizer, mesh)
   logging.info("Evaluating %s step %d.", ckpt_dir, step)
   metrics = run_evaluation(run, workdir, model, data, mesh, step=step)
-  return {"step": step, "checkpoint_dir": ckpt_dir, "eval": metrics}
+  return {"step": step, "checkpoint_dir": ckpt_dir, "eval": metrics, **catalog_skips(data)}
