@@ -120,3 +120,30 @@ def test_csv_to_manifest_to_stage1_to_eval(tmp_path):
   assert "1 manifest row(s) skipped" in md and "broken.jpg" in md
   trained = json.load(open(work / "eval" / "metrics.json"))
   assert trained["catalog_skipped"] == 1
+
+
+def test_csv_to_manifest_reports_unusable_rows_and_writes_parquet(tmp_path):
+  from afmrl_jax.data import manifest as manifest_lib
+  _photo(str(tmp_path / "img" / "a.jpg"), "sneaker", (200, 40, 40), 0)
+  _photo(str(tmp_path / "img" / "b.png"), "handbag", (30, 40, 110), 1)
+  lines = ["sku,pid,category,title,image,colour,attrs",
+           "SKU-1,p-1,sneaker,red runner,a.jpg,red,upper: mesh",
+           "SKU-2,p-2,handbag,navy tote,b.png,,",
+           "SKU-3,p-2,handbag,navy tote,missing.jpg,navy,",  # no such image
+           ",p-3,handbag,no sku,b.png,navy,",  # empty listing id
+           "SKU-1,p-1,sneaker,repeat,a.jpg,red,"]  # repeated listing id
+  (tmp_path / "l.csv").write_text("\n".join(lines) + "\n")
+  out = str(tmp_path / "m" / "manifest.parquet")
+  proc = _run("launch/csv_to_manifest.py", f"--csv={tmp_path / 'l.csv'}", f"--images={tmp_path / 'img'}",
+              f"--out={out}", "--listing_id_column=sku", "--product_id_column=pid",
+              "--attribute_columns=colour", "--teacher_attributes_column=attrs")
+  assert "wrote 2 listings of 2 products" in proc.stdout and "skipped 3 row(s)" in proc.stdout
+  assert "line 4: image" in proc.stderr and "line 5: empty sku" in proc.stderr
+  assert "line 6: listing id 'SKU-1' already used on line 2" in proc.stderr
+  report = manifest_lib.read_manifest(out)
+  assert [r.listing_key for r in report.rows] == ["SKU-1", "SKU-2"] and not report.skipped
+  assert report.rows[0].attributes == "colour: red" and report.rows[0].teacher_attributes == "upper: mesh"
+  assert report.rows[1].attributes == "" and report.categories == ("handbag", "sneaker")
+  bad = subprocess.run([sys.executable, "launch/csv_to_manifest.py", f"--csv={tmp_path / 'l.csv'}",
+                        f"--out={out}", "--category_column=kind"], cwd=ROOT, capture_output=True, text=True)
+  assert bad.returncode == 1 and "no column(s) listing_id, product_id, kind; the header has sku" in bad.stderr
