@@ -31,6 +31,7 @@ def main() -> None:
   ap.add_argument("--batch_size", type=int, default=32)
   ap.add_argument("--steps", type=int, default=50, help="pipeline batches to time (after 2 warm-up batches)")
   ap.add_argument("--threads", type=int, default=2, help="grain read threads")
+  ap.add_argument("--json", default="", help="also write the results here")
   args = ap.parse_args()
 
   from afmrl_jax.attributes import CorpusStats
@@ -73,6 +74,9 @@ def main() -> None:
                      "pairs_per_s": round(args.steps * args.batch_size / s, 1),
                      "pairs_per_cpu_s": round(args.steps * args.batch_size / cpu, 1)}
   print(json.dumps(results, indent=1))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=1)
   print()
   c = results["catalog"]
   print(f"{'measure':32s} {'value':>12s}")

@@ -10,6 +10,8 @@ recall@10 of each index against the exact top-10 on the same embeddings.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 
 import numpy as np
@@ -28,6 +30,9 @@ def _data(n: int, q: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
   return gallery, queries
 
 
+ROWS: list[dict] = []  # one per index, for --json
+
+
 def _run(name: str, make, gallery: np.ndarray, queries: np.ndarray, k: int, exact_ids: np.ndarray | None):
   t0 = time.perf_counter()
   r = make().build(gallery)
@@ -40,6 +45,8 @@ def _run(name: str, make, gallery: np.ndarray, queries: np.ndarray, k: int, exac
       np.mean([len(set(a) & set(b)) / k for a, b in zip(ids, exact_ids)]))
   print(f"| {name:<28} | {build:8.2f} | {search:8.3f} | {len(queries) / search:10.0f} | {recall:.4f} |",
         flush=True)
+  ROWS.append({"index": name, "build_s": build, "search_s": search, "queries_per_s": len(queries) / search,
+               "recall_at_k_vs_exact": recall})
   return ids
 
 
@@ -50,7 +57,9 @@ def main() -> None:
   ap.add_argument("--dim", type=int, default=128)
   ap.add_argument("--k", type=int, default=10)
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--json", default="", help="write the rows here as JSON")
   args = ap.parse_args()
+  load_start = os.getloadavg()[0]
   gallery, queries = _data(args.gallery, args.queries, args.dim, args.seed)
   print(f"gallery {args.gallery} x {args.dim}, {args.queries} queries, k={args.k}")
   print("| index                        | build s  | search s | queries/s  | recall@k vs exact |")
@@ -61,6 +70,11 @@ def main() -> None:
        args.k, exact_ids)
   _run("scann tree+AH (defaults)", lambda: ScannRetriever(brute_force_below=0), gallery, queries, args.k,
        exact_ids)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"gallery": args.gallery, "queries": args.queries, "dim": args.dim, "k": args.k,
+                 "load_average_start": load_start, "load_average_end": os.getloadavg()[0],
+                 "cpu_count": os.cpu_count(), "rows": ROWS}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -93,7 +93,8 @@ def test_a_bad_manifest_row_is_one_line_and_a_hint_without_traceback(tmp_path):
   del rows[1]["title"]
   with open(path, "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)
-  proc = _main("--config=configs/stage1.py:ci", f"--workdir={tmp_path / 'w'}", f"--config.catalog.manifest={path}")
+  proc = _main("--config=configs/stage1.py:ci", f"--workdir={tmp_path / 'w'}", f"--config.catalog.manifest={path}",
+               "--config.pipeline.fresh_views=False")
   assert proc.returncode == 2, proc.stderr[-3000:]
   lines = [line for line in proc.stderr.splitlines() if line.strip()]
   assert "Traceback" not in proc.stderr
