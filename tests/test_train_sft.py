@@ -102,6 +102,12 @@ def _toy_table(rows, seed):
   return ListingTable(metas, lambda i: blank, categories=("toy",), name=f"toy{seed}")
 
 
+# Training steps of the toy task. At 600 the run has not converged for every seed (exact match 0.60-1.00
+# over model/data seeds 0-2, and the float32 rounding of a changed-but-equivalent model moves a seed
+# across 0.9); at 1200 every seed tried reaches 1.00 with a loss below 1e-4.
+STEPS = 1200
+
+
 def test_sft_learns_to_copy_the_title_colour(tmp_path):
   """A toy task: after SFT, greedy generations on rows never trained on name the title's colour."""
   from afmrl_jax import parallel
@@ -121,12 +127,12 @@ def test_sft_learns_to_copy_the_title_colour(tmp_path):
   mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
   model = state_lib.create_sharded(lambda: VLModel(vl, rngs=nnx.Rngs(0)), mesh, nnx.Param)
   opt = state_lib.OptimizerConfig(learning_rate=3e-3, warmup_steps=10)
-  tx = state_lib.make_optimizer(opt, 600)
+  tx = state_lib.make_optimizer(opt, STEPS)
   grid = generator_data.image_grid_thw(cfg)
   step_fn = loop_lib.make_train_step(model.graphdef, tx, loss_fn=sft_step.make_loss_fn(grid))
   data = iter(generator_data.sft_dataset(train_table, tok, cfg, shard_options=grain.sharding.NoSharding()))
   result = loop_lib.resume_and_run(step_fn, model, tx, data, mesh=mesh,
-                                   options=loop_lib.TrainOptions(num_steps=600, log_every=100),
+                                   options=loop_lib.TrainOptions(num_steps=STEPS, log_every=100),
                                    checkpoint=checkpointing.CheckpointOptions(enabled=False),
                                    workdir=str(tmp_path), examples_per_step=16)
   model.params = result.state["params"]
@@ -136,5 +142,5 @@ def test_sft_learns_to_copy_the_title_colour(tmp_path):
   generated, cut, _ = attribute_eval.generate_strings(model.merge(), tok, batches, grid, mesh, sampling)
   predicted = [generated[int(i)] for i in heldout.listing_id]
   exact = np.mean([p == t for p, t in zip(predicted, heldout.teacher_attributes)])
-  assert exact >= 0.9, (exact, predicted[:6], [result.losses[s] for s in (1, 200, 400, 600)])
+  assert exact >= 0.9, (exact, predicted[:6], [result.losses[s] for s in (1, 400, 800, STEPS)])
   assert not cut
