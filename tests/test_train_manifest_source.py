@@ -13,15 +13,25 @@ from afmrl_jax.train.schema import ConfigError
 
 
 @pytest.fixture
-def manifest_with_a_bad_row(tmp_path):
+def manifest_rows(tmp_path):
   cat = catalog_lib.generate_catalog(
       catalog_lib.CatalogConfig(seed=3, families_per_category=2, listings_per_product=2, num_workers=0))
   path = manifest.write_manifest(cat, str(tmp_path / "m"))
   with open(path) as f:
     rows = [json.loads(line) for line in f]
-  del rows[1]["title"]  # row 2 lacks a required field
+  return path, rows
+
+
+def _rewrite(path, rows):
   with open(path, "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+@pytest.fixture
+def manifest_with_a_bad_row(manifest_rows):
+  path, rows = manifest_rows
+  del rows[1]["title"]  # row 2 lacks a required field
+  _rewrite(path, rows)
   return path, len(rows)
 
 
@@ -36,21 +46,6 @@ def test_bad_manifest_row_stops_or_is_skipped(manifest_with_a_bad_row, tmp_path)
   assert len(catalog) == num_rows - 1
   assert [row for row, _ in catalog.report.skipped] == [2]
   assert stats.num_docs > 0
-
-
-@pytest.fixture
-def manifest_rows(tmp_path):
-  cat = catalog_lib.generate_catalog(
-      catalog_lib.CatalogConfig(seed=3, families_per_category=2, listings_per_product=2, num_workers=0))
-  path = manifest.write_manifest(cat, str(tmp_path / "m"))
-  with open(path) as f:
-    rows = [json.loads(line) for line in f]
-  return path, rows
-
-
-def _rewrite(path, rows):
-  with open(path, "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 def _config(path, **attributes):
