@@ -266,3 +266,22 @@ def test_given_splits_are_kept_and_a_row_without_one_is_train():
   rows[0] = dataclasses.replace(rows[0], split="query")
   out = m.assign_splits(rows)
   assert out[0].split == "query" and {r.split for r in out[1:]} == {"train"}
+
+
+def test_requery_after_skipped_rows():
+  """A held-out product whose query listing was skipped (a corrupt image) gets a new query from its gallery
+  listings; one left with its query alone turns it into a gallery listing."""
+  from afmrl_jax.data import catalog as catalog_lib
+  from afmrl_jax.data import manifest as m
+  blank = np.zeros((2, 2, 3), np.uint8)
+  def listing(lid, product, split):
+    return catalog_lib.Listing(listing_id=lid, product_id=product, true_product_id=product, family_id=product,
+                               category="c", title="t", image=blank, teacher_attributes="", listing_attributes="",
+                               product_attributes="", split=split)
+  listings = [listing(5, 0, "gallery"), listing(3, 0, "gallery"),  # product 0 lost its query
+              listing(7, 1, "query"),                                 # product 1 lost its gallery
+              listing(8, 2, "query"), listing(9, 2, "gallery"),       # product 2 intact
+              listing(1, 3, "train"), listing(2, 3, "train")]
+  out = m.requery(listings)
+  assert [(l.listing_id, l.split) for l in out] == [(5, "gallery"), (3, "query"), (7, "gallery"), (8, "query"),
+                                                     (9, "gallery"), (1, "train"), (2, "train")]

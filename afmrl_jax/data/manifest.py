@@ -101,6 +101,7 @@ class ManifestReport:
   category_keys: dict = dataclasses.field(default_factory=dict)  # category -> tuple of attribute keys
   ids: dict = dataclasses.field(default_factory=dict)  # 'listing' | 'product' | 'family' -> {user id: int}
   unknown_fields: tuple[str, ...] = ()
+  splits_assigned: bool = False  # no row gave a split: `assign_splits` chose them
 
   def summary(self) -> str:
     head = f"{self.path}: {len(self.rows)} rows read, {len(self.skipped)} skipped"
@@ -251,6 +252,24 @@ def assign_splits(rows: list[ManifestRow], seed: int = 0, eval_share: float = 0.
   return [dataclasses.replace(r, split=s) for r, s in zip(rows, split)]
 
 
+def requery(listings: list[catalog_lib.Listing]) -> list[catalog_lib.Listing]:
+  """After skipped rows, `assign_splits`' rule again for held-out products: one that lost its `query`
+  listing but keeps two or more `gallery` listings gives the first (lowest id) to `query`; one left with
+  only its `query` listing turns it into `gallery` (a query needs a listing of its product to find)."""
+  by_product: dict[int, list[int]] = {}
+  for i, l in enumerate(listings):
+    if l.split in ("query", "gallery"):
+      by_product.setdefault(l.product_id, []).append(i)
+  out = list(listings)
+  for members in by_product.values():
+    if len(members) > 1 and not any(listings[i].split == "query" for i in members):
+      first = min(members, key=lambda i: listings[i].listing_id)
+      out[first] = dataclasses.replace(listings[first], split="query")
+    elif len(members) == 1 and listings[members[0]].split == "query":
+      out[members[0]] = dataclasses.replace(listings[members[0]], split="gallery")
+  return out
+
+
 def split_summary(rows) -> str:
   """One line: products and listings per split, e.g. `train 120 products / 480 listings; ...`."""
   parts = []
@@ -297,6 +316,7 @@ def read_manifest(path: str, *, categories: Sequence[str] | None = None, skip_ba
   rows = [dataclasses.replace(r, listing_id=ids["listing"][r.listing_id], product_id=ids["product"][r.product_id],
                               true_product_id=ids["product"][r.true_product_id],
                               family_id=ids["family"][r.family_id]) for r in rows]
+  splits_assigned = bool(rows) and all(r.split is None for r in rows)
   rows = assign_splits(rows, split_seed, eval_share)
   cats = tuple(categories) if categories is not None else tuple(sorted({r.category for r in rows}))
   keys = category_keys(rows, cats)
@@ -307,7 +327,7 @@ def read_manifest(path: str, *, categories: Sequence[str] | None = None, skip_ba
                   f"{unknown[names[0]]}) are not used; each row keeps them in ManifestRow.extra",
                   ManifestWarning, stacklevel=2)
   return ManifestReport(path, rows, skipped, categories=cats, category_keys=keys, ids=ids,
-                        unknown_fields=tuple(names) if unknown else ())
+                        unknown_fields=tuple(names) if unknown else (), splits_assigned=splits_assigned)
 
 
 def load_image(path: str, size: int, *, where: str = "") -> np.ndarray:
@@ -364,6 +384,8 @@ def catalog_from_manifest(path: str, image_size: int = 64, *, categories: Sequen
   report = read_manifest(path, categories=categories, skip_bad_rows=skip_bad_rows, split_seed=split_seed,
                          eval_share=eval_share)
   listings = list(iter_listings(report, image_size, skip_bad_rows=skip_bad_rows))
+  if report.splits_assigned:
+    listings = requery(listings)
   products = {}
   for l in listings:
     if l.product_id not in products:
