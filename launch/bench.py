@@ -43,17 +43,25 @@ BENCHMARKS = {
 }
 
 
+MACHINE = r"""
+import json, os, sys
+import jax
+out = {"cpu_count": os.cpu_count(), "backend": jax.default_backend(), "devices": [d.device_kind for d in jax.devices()],
+       "xla_flags": os.environ.get("XLA_FLAGS", ""), "python": sys.version.split()[0], "jax": jax.__version__}
+try:
+  import torch
+  out["torch_threads"] = torch.get_num_threads()
+except ImportError:
+  out["torch_threads"] = None
+print(json.dumps(out))
+"""
+
+
 def machine() -> dict:
-  import jax
-  out = {"cpu_count": os.cpu_count(), "backend": jax.default_backend(),
-         "devices": [d.device_kind for d in jax.devices()], "xla_flags": os.environ.get("XLA_FLAGS", ""),
-         "python": sys.version.split()[0], "jax": jax.__version__}
-  try:
-    import torch
-    out["torch_threads"] = torch.get_num_threads()
-  except ImportError:
-    out["torch_threads"] = None
-  return out
+  """The machine as the benchmarks see it, asked in a subprocess: this process never holds the
+  accelerator (a TPU is one process's at a time; a GPU's memory would be preallocated here)."""
+  out = subprocess.run([sys.executable, "-c", MACHINE], capture_output=True, text=True)
+  return json.loads(out.stdout) if out.returncode == 0 else {"error": out.stderr[-2000:]}
 
 
 def run_one(name: str, quick: bool, out_dir: str) -> dict:
@@ -61,6 +69,8 @@ def run_one(name: str, quick: bool, out_dir: str) -> dict:
   if quick and quick_args is None:
     return {"skipped": "no quick form (too large for a quick run)"}
   json_path = os.path.join(out_dir, f"{name}.json")
+  if os.path.exists(json_path):  # an earlier run's: never reported as this one's
+    os.remove(json_path)
   cmd = [sys.executable, os.path.join(HERE, script), *(quick_args if quick else args), json_flag, json_path]
   load_before = os.getloadavg()[0]
   t0 = time.perf_counter()
@@ -77,7 +87,8 @@ def run_one(name: str, quick: bool, out_dir: str) -> dict:
 
 
 def markdown(report: dict) -> str:
-  m = report["machine"]
+  m = {"cpu_count": "?", "backend": "?", "devices": [], "jax": "?", "torch_threads": "?", "xla_flags": "",
+       **report["machine"]}
   lines = ["# Benchmarks", "",
            f"{m['cpu_count']} CPUs, {m['backend']} ({', '.join(sorted(set(m['devices'])))}), "
            f"jax {m['jax']}, torch threads {m['torch_threads']}, XLA_FLAGS={m['xla_flags']!r}"
@@ -109,13 +120,14 @@ def main() -> None:
   if unknown:
     sys.exit(f"bench.py: unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
   os.makedirs(args.out, exist_ok=True)
-  report = {"machine": machine(), "quick": args.quick, "benchmarks": {}}
+  report = {"quick": args.quick, "benchmarks": {}}
   for i, name in enumerate(names):
     if i and args.pause_s:
       time.sleep(args.pause_s)
     print(f"[bench] {name} ...", flush=True)
     report["benchmarks"][name] = entry = run_one(name, args.quick, args.out)
     print(f"[bench] {name}: exit {entry.get('returncode', '-')} in {entry.get('wall_s', 0):.0f} s", flush=True)
+  report["machine"] = machine()
   with open(os.path.join(args.out, "bench.json"), "w", encoding="utf-8") as f:
     json.dump(report, f, indent=1, default=str)
   with open(os.path.join(args.out, "bench.md"), "w", encoding="utf-8") as f:

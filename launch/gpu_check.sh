@@ -9,7 +9,7 @@
 #   decode_roofline   the decode step of the 2B text decoder vs the memory-bandwidth bound (bf16, batch 64)
 #   retrieval_1e6     exact top-k on the device (jax) vs ScaNN on the host, 1e6 x 128 gallery
 #   agcl              the AGCL strategies' time and memory on this device
-# Then OUT_DIR/summary.json lists each check's exit status and seconds. PYTHON (default .venv/bin/python).
+# Then OUT_DIR/summary.json lists each check's exit status and seconds; the script exits 1 if any failed. PYTHON (default .venv/bin/python).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-/tmp/gpu_check}}
@@ -24,12 +24,14 @@ else
 fi
 declare -A LIMIT=([stage1_mfu]=120 [decode_roofline]=150 [retrieval_1e6]=120 [agcl]=60)
 summary="{"
+failed=0
 run() {  # name, then the command
   local name=$1; shift
   local t0=$SECONDS
   echo "[gpu_check] ${name}: $*"
   timeout "${LIMIT[$name]}" "$@" >"${OUT_DIR}/${name}.log" 2>&1
   local rc=$?
+  ((rc != 0)) && failed=1
   echo "[gpu_check] ${name}: exit ${rc} after $((SECONDS - t0)) s (log: ${OUT_DIR}/${name}.log)"
   summary+="\"${name}\": {\"exit\": ${rc}, \"seconds\": $((SECONDS - t0))}, "
 }
@@ -40,3 +42,4 @@ run agcl "$PYTHON" launch/bench_agcl.py "${agcl[@]}" --json_out "${OUT_DIR}/agcl
 device=$("$PYTHON" -c 'import jax; print(jax.devices()[0].device_kind)' 2>/dev/null || echo unknown)
 echo "${summary}\"device\": \"${device}\"}" >"${OUT_DIR}/summary.json"
 cat "${OUT_DIR}/summary.json"
+exit $failed

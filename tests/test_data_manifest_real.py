@@ -285,3 +285,19 @@ def test_requery_after_skipped_rows():
   out = m.requery(listings)
   assert [(l.listing_id, l.split) for l in out] == [(5, "gallery"), (3, "query"), (7, "gallery"), (8, "query"),
                                                      (9, "gallery"), (1, "train"), (2, "train")]
+
+
+def test_relisted_duplicates_are_held_out_together_and_pair_as_query_and_gallery():
+  """One listing per `product_id`, duplicates sharing a `true_product_id` under other families: they stay
+  on one side, and a held-out true product gives one query and one gallery listing."""
+  from afmrl_jax.data import manifest as m
+  rows = [m.ManifestRow(row=i + 1, listing_id=i, product_id=i, true_product_id=i // 2, family_id=i,
+                        category="c", title="t", image_path="x", attributes="", teacher_attributes="", split=None,
+                        listing_key=str(i)) for i in range(40)]
+  out = m.assign_splits(rows, seed=0, eval_share=0.5)
+  for true in range(20):
+    a, b = out[2 * true].split, out[2 * true + 1].split
+    assert (a == "train") == (b == "train"), (true, a, b)  # never one trained and its duplicate held out
+    if a != "train":
+      assert {a, b} == {"query", "gallery"}
+  assert sum(r.split == "query" for r in out) == 10

@@ -97,3 +97,18 @@ def test_manifest_honours_the_attribute_source(manifest_rows, tmp_path):
     record = json.load(f)
   assert record["manifest"] == path and record["categories"] == sorted({r["category"] for r in rows})
   assert record["ids"]["listing"] == {str(r["listing_id"]): r["listing_id"] for r in rows}
+
+
+def test_manifest_with_a_generated_file_takes_its_terms_from_the_file(manifest_rows, tmp_path):
+  """The BM25 vocabulary of a manifest run with a generated-attributes file is the file's strings' (before:
+  built from no string at all, so every term was padding and AGCL silently InfoNCE)."""
+  from afmrl_jax.attributes.bm25 import CorpusStats
+  path, rows = manifest_rows
+  generated = tmp_path / "gen.jsonl"
+  generated.write_text("".join(json.dumps({"listing_id": r["listing_id"], "attributes": r["attributes"]}) + "\n"
+                               for r in rows))
+  data = stage1_data.make(_config(path, source=str(generated)), str(tmp_path / "w"))
+  want = CorpusStats.from_texts([r["attributes"] for r in rows if r.get("split", "train") == "train"])
+  assert data.stats.term_to_id == want.term_to_id and data.stats.vocab_size > 1
+  batch = next(data.train_iter())
+  assert np.count_nonzero(batch["query_terms"]) > 0

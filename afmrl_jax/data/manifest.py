@@ -13,10 +13,10 @@ default `product_id`), `split` (`train` | `gallery` | `query` | `heldout`). A nu
 missing field.
 
 Splits: when no row gives a `split`, `assign_splits` chooses them, seeded (`split_seed`): a share
-`eval_share` of the families (a family is `family_id`, by default the product: siblings and relisted
-duplicates stay on one side) is held out for evaluation, and each of their products gives one listing to
-`query` and the rest to `gallery` (a product with one listing goes to `gallery`, a distractor); every
-other listing is `train`. Held-out products are never trained on. When some rows give a split, a row
+`eval_share` of the families (a family is `family_id`, by default the product, joined with every family
+that shares a `true_product_id` with it: siblings and relisted duplicates stay on one side) is held out
+for evaluation, and each of their true products gives one listing to `query` and the rest to `gallery`
+(a true product with one listing goes to `gallery`, a distractor); every other listing is `train`. Held-out products are never trained on. When some rows give a split, a row
 without one is `train`.
 
 Ids: the rest of the package uses int ids, so ids are mapped to ints per id space (listings; products,
@@ -232,19 +232,36 @@ def category_keys(rows: Sequence[ManifestRow], categories: Sequence[str]) -> dic
 
 def assign_splits(rows: list[ManifestRow], seed: int = 0, eval_share: float = 0.2) -> list[ManifestRow]:
   """`rows` with every `split` set: as given; `train` where some rows give one and this one does not; and
-  when none does, the seeded per-family / per-product rule of the module docstring."""
+  when none does, the seeded rule of the module docstring. The unit held out is a family joined with every
+  family that shares a true product with it (relisted duplicates under another `product_id` and family
+  stay on the same side); within it each *true* product (evaluation's identity) gives one listing to
+  `query` and the rest to `gallery`."""
   if any(r.split is not None for r in rows):
     return [r if r.split is not None else dataclasses.replace(r, split="train") for r in rows]
+  parent: dict = {}
+
+  def find(x):
+    while parent.setdefault(x, x) != x:
+      parent[x] = parent[parent[x]]
+      x = parent[x]
+    return x
+
+  for r in rows:  # union a family with its listings' true products
+    a, b = find(("family", r.family_id)), find(("true", r.true_product_id))
+    if a != b:
+      parent[max(a, b)] = min(a, b)
+  group = [find(("family", r.family_id)) for r in rows]
+  units = sorted(set(group))
   rng = np.random.default_rng([seed, 0x5B117])
-  families = sorted({r.family_id for r in rows})
-  held = set(rng.permutation(families)[:int(round(eval_share * len(families)))].tolist()) if families else set()
-  by_product: dict[int, list[int]] = {}
+  picked = rng.permutation(len(units))[:int(round(eval_share * len(units)))]
+  held = {units[i] for i in picked}
+  by_true: dict[int, list[int]] = {}
   for i, r in enumerate(rows):
-    if r.family_id in held:
-      by_product.setdefault(r.product_id, []).append(i)
+    if group[i] in held:
+      by_true.setdefault(r.true_product_id, []).append(i)
   split = ["train"] * len(rows)
-  for product in sorted(by_product):
-    members = by_product[product]
+  for true_product in sorted(by_true):
+    members = by_true[true_product]
     for i in members:
       split[i] = "gallery"
     if len(members) > 1:
@@ -259,7 +276,7 @@ def requery(listings: list[catalog_lib.Listing]) -> list[catalog_lib.Listing]:
   by_product: dict[int, list[int]] = {}
   for i, l in enumerate(listings):
     if l.split in ("query", "gallery"):
-      by_product.setdefault(l.product_id, []).append(i)
+      by_product.setdefault(l.true_product_id, []).append(i)
   out = list(listings)
   for members in by_product.values():
     if len(members) > 1 and not any(listings[i].split == "query" for i in members):

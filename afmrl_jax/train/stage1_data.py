@@ -194,6 +194,12 @@ def make(run: Any, workdir: str) -> Stage1Data:
     generated = read_generated_attributes(source, [l.listing_id for l in catalog.listings],
                                           run.attributes.skip_bad_rows)
   check_attribute_coverage(run, catalog.split("train"), generated)
+  if run.catalog.manifest and generated is not None and source != "none":
+    # The BM25 vocabulary and IDF of a manifest run come from the strings that give the terms: here the
+    # generated file's (load_catalog has not read it). The synthetic catalog keeps its cached teacher
+    # statistics, which cover every value its generators can write.
+    from afmrl_jax.attributes.bm25 import CorpusStats
+    stats = CorpusStats.from_texts([generated.get(l.listing_id, "") for l in catalog.split("train")])
   pipe = pipeline_config(run)
   train_table = ListingTable.from_catalog(catalog, "train")
   if pipe.train_fraction < 1.0:

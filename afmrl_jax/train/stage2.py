@@ -43,15 +43,17 @@ def policy_run(run: schema.Run) -> schema.Run:
 
 def policy_model(run: schema.Run, prun: schema.Run, tokenizer, mesh) -> state_lib.ShardedModel:
   """The policy at the starting weights of `run.rar.policy` (an SFT run, or a stage-2 run's tuned
-  generator): every parameter trainable, or with `run.lora.enabled` only fresh adapters (zero-initialised,
-  so the policy starts equal to its start) on the frozen starting weights."""
+  generator): every parameter trainable, or with `run.lora.enabled` (or a LoRA policy) only fresh adapters
+  (zero-initialised, so the policy starts equal to its start) on the frozen starting weights."""
   if prun.stage == "stage2":
     start, _ = tuned_policy(run.rar.policy, tokenizer, mesh)
   else:
     start, _ = builders.restore_model(prun, checkpointing.checkpoint_dir(run.rar.policy), tokenizer, mesh)
   if not run.lora.enabled and not prun.lora.enabled:
     return start
-  target = dataclasses.replace(prun, lora=run.lora)
+  # A LoRA policy stays LoRA unless this run sets its own adapters: its adapters are folded in below and
+  # fresh ones (its LoRA settings) are trained, so the KL reference is exactly the starting policy.
+  target = dataclasses.replace(prun, lora=run.lora if run.lora.enabled else prun.lora)
   fresh = state_lib.create_sharded(builders.model_constructor(target, builders.vl_config(prun, tokenizer)),
                                    mesh, builders.trainable_filter(target))
   module = fresh.merge()

@@ -134,8 +134,11 @@ def prepare(run: Any, workdir: str) -> None:
   stored = stored_fingerprint(workdir) if resuming else None
   _PENDING.pop(_key(workdir), None)
   if stored is None:
-    _write_fingerprint(workdir, fields)
-    report.write_json(os.path.join(workdir, "config.json"), run.to_dict())
+    # A run that does not resume (checkpointing or resume off) must not replace the fingerprint that
+    # guards checkpoints already in the workdir: a later resume is checked against theirs.
+    if not (checkpointing.has_checkpoint(workdir) and stored_fingerprint(workdir) is not None):
+      _write_fingerprint(workdir, fields)
+      report.write_json(os.path.join(workdir, "config.json"), run.to_dict())
     return
   changes = differences(stored, fields)
   step = checkpointing.latest_saved_step(workdir)
