@@ -125,14 +125,19 @@ def ours_step(config, vl, batch_np, grid, attributes: bool):
   return run, info
 
 
+def hf_model(vl):
+  """The HF reference: transformers' Qwen2-VL of the same config, random init (torch seed 0), train mode."""
+  import torch
+  import transformers as tf
+  torch.manual_seed(0)
+  return tf.Qwen2VLForConditionalGeneration(tf.Qwen2VLConfig(**vl.to_hf_dict())).train()
+
+
 def hf_step(vl, batch_np, grid, lr: float, padded: bool):
   """`run()`: one HF train step; `padded=False` passes no attention mask (the batch has no padding)."""
   import torch
-  import transformers as tf
 
-  hf_dict = vl.to_hf_dict()
-  torch.manual_seed(0)
-  model = tf.Qwen2VLForConditionalGeneration(tf.Qwen2VLConfig(**hf_dict)).train()
+  model = hf_model(vl)
   opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
   b = len(batch_np["query_input_ids"])
   sides = {}

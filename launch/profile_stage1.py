@@ -31,7 +31,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
-from launch.bench_stage1 import IMAGE, make_batch, model_config  # noqa: E402
+from launch.bench_stage1 import IMAGE, hf_model, make_batch, model_config  # noqa: E402
 
 
 def best_time(fn, *args, repeats: int) -> float:
@@ -135,13 +135,11 @@ def profile(preset: str, batch: int, repeats: int) -> dict:
 def profile_hf(preset: str, batch: int, repeats: int, padded: bool = True) -> dict:
   """The same parts of the HF PyTorch model (`transformers.Qwen2VLForConditionalGeneration`), same threads."""
   import torch
-  import transformers as tf
   config, vl = model_config(preset)
   g = 112 // 14
   grid = (1, g, g)
   batch_np = make_batch(batch, 32, grid, seed=0)
-  torch.manual_seed(0)
-  model = tf.Qwen2VLForConditionalGeneration(tf.Qwen2VLConfig(**vl.to_hf_dict())).train()
+  model = hf_model(vl)
   ids = np.concatenate([batch_np["query_input_ids"], batch_np["candidate_input_ids"]])
   mask = np.concatenate([batch_np["query_attention_mask"], batch_np["candidate_attention_mask"]])
   pixels = np.concatenate([batch_np["query_pixel_values"], batch_np["candidate_pixel_values"]])

@@ -120,16 +120,16 @@ def run_generation(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
     if name.startswith(mine_prefixes):
       os.remove(os.path.join(folder, name))
   todo = [k for k in mine if not os.path.exists(shard_path(folder, k))]
-  my_rows = sum(len(rows[k * opts.shard_size:(k + 1) * opts.shard_size]) for k in mine)
-  done_rows = my_rows - sum(len(rows[k * opts.shard_size:(k + 1) * opts.shard_size]) for k in todo)
+  shard_rows = lambda k: rows[k * opts.shard_size:(k + 1) * opts.shard_size]
+  my_rows = sum(len(shard_rows(k)) for k in mine)
+  done_rows = my_rows - sum(len(shard_rows(k)) for k in todo)
   prefix = f"[process {jax.process_index()}] " if jax.process_count() > 1 else ""
   t0, made = time.perf_counter(), 0
   for k in todo:
-    shard_rows = rows[k * opts.shard_size:(k + 1) * opts.shard_size]
-    text, _ = _shard_lines(model, tokenizer, table, shard_rows, data_cfg, mesh, sampling,
+    text, _ = _shard_lines(model, tokenizer, table, shard_rows(k), data_cfg, mesh, sampling,
                            jax.random.key(opts.seed * 1_000_003 + k))
     write_atomically(shard_path(folder, k), text)
-    made += len(shard_rows)
+    made += len(shard_rows(k))
     rate = made / (time.perf_counter() - t0)
     left = my_rows - done_rows - made
     print(f"{prefix}shard {k + 1}/{num_shards} | {train_logging.progress_bar(done_rows + made, my_rows)} | "

@@ -130,15 +130,14 @@ def prepare(run: Any, workdir: str) -> None:
   when resuming under a different config without `checkpoint.allow_config_change`."""
   fields = fingerprint_fields(run.to_dict())
   ckpt = run.checkpoint
-  resuming = ckpt.enabled and ckpt.resume and checkpointing.has_checkpoint(workdir)
-  stored = stored_fingerprint(workdir) if resuming else None
+  stored = stored_fingerprint(workdir) if checkpointing.has_checkpoint(workdir) else None
   _PENDING.pop(_key(workdir), None)
-  if stored is None:
-    # A run that does not resume (checkpointing or resume off) must not replace the fingerprint that
-    # guards checkpoints already in the workdir: a later resume is checked against theirs.
-    if not (checkpointing.has_checkpoint(workdir) and stored_fingerprint(workdir) is not None):
-      _write_fingerprint(workdir, fields)
-      report.write_json(os.path.join(workdir, "config.json"), run.to_dict())
+  if stored is None:  # a fresh workdir (or checkpoints without any record of their config)
+    _write_fingerprint(workdir, fields)
+    report.write_json(os.path.join(workdir, "config.json"), run.to_dict())
+    return
+  if not (ckpt.enabled and ckpt.resume):
+    # This run does not resume: the fingerprint keeps guarding the checkpoints already in the workdir.
     return
   changes = differences(stored, fields)
   step = checkpointing.latest_saved_step(workdir)
