@@ -215,6 +215,24 @@ def test_duplicate_string_listing_id_names_both_rows(tmp_path):
   assert [r for r, _ in report.skipped] == [4] and len(report.rows) == len(rows) - 1
 
 
+def test_ids_that_differ_only_in_type_are_one_id_or_refused(tmp_path):
+  """Outputs write ids as text, so listing 5 and listing "5" are the same listing; product 7 and "7"
+  would be two products under one name: refused."""
+  rows = _rows(tmp_path)
+  rows[0]["listing_id"], rows[2]["listing_id"] = 5, "5"
+  path = _write_jsonl(tmp_path / "m.jsonl", rows)
+  with pytest.raises(manifest.ManifestError) as e:
+    manifest.read_manifest(path)
+  assert str(e.value) == f"{path}, row 3: field 'listing_id': '5' already used in row 1"
+  rows = _rows(tmp_path)
+  rows[0]["product_id"], rows[1]["product_id"] = 7, "7"
+  path = _write_jsonl(tmp_path / "m.jsonl", rows)
+  with pytest.raises(manifest.ManifestError) as e:
+    manifest.read_manifest(path)
+  assert str(e.value) == (f"{path}: product id 7 and '7' differ only in type; write each product id one way "
+                          "(all numbers or all strings)")
+
+
 def test_stage1_ci_trains_on_a_string_id_user_category_manifest(tmp_path):
   import configs.stage1 as stage1_configs
   from afmrl_jax.train import stage1

@@ -141,3 +141,52 @@ def test_fresh_views_on_a_manifest_is_refused_before_loading(tmp_path):
                      "with config.catalog.manifest set, pass --config.pipeline.fresh_views=False.")
   config.pipeline.fresh_views = False
   validate(config, str(tmp_path / "w"), num_devices=8, num_processes=1)
+
+
+def _manifest_run(tmp_path, rows, **overrides):
+  """The typed stage-1 `ci` run of a manifest made of `rows` (images as the rows name them)."""
+  from afmrl_jax.train import schema
+  from tests.test_data_manifest_real import _write_jsonl
+  config = stage1_configs.get_config("ci")
+  config.catalog.manifest = _write_jsonl(tmp_path / "data" / "manifest.jsonl", rows)
+  config.pipeline.fresh_views = False
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    setattr(getattr(config, section), name, value)
+  return schema.parse(config)
+
+
+def test_a_manifest_gallery_smaller_than_k_is_refused_before_loading(tmp_path):
+  from afmrl_jax.data import manifest
+  from afmrl_jax.train.validate import validate_catalog
+  from tests.test_data_manifest_real import _rows
+  rows = _rows(tmp_path / "data", products_per_category=8, listings_per_product=2)
+  run = _manifest_run(tmp_path, rows)
+  report = manifest.read_manifest(run.catalog.manifest, check_images=False)
+  gallery = sum(r.split == "gallery" for r in report.rows)
+  assert 0 < gallery < 10
+  with pytest.raises(ConfigError) as info:
+    validate_catalog(run)
+  assert info.value.problems == [
+      f"config.eval.recall_ks=[1, 5, 10], config.eval.map_k=10, config.eval.knn_k=10 need(s) a gallery of at "
+      f"least 10 listings, but the manifest's gallery ({manifest.split_summary(report.rows)}) has {gallery}; "
+      f"lower them or hold out more products (config.catalog.eval_share)."]
+  validate_catalog(_manifest_run(tmp_path, rows, **{"eval.recall_ks": (1,), "eval.map_k": 1, "eval.knn_k": 1}))
+
+
+def test_an_attribute_source_the_manifest_lacks_is_refused_before_loading(tmp_path):
+  from afmrl_jax.train.validate import validate_catalog
+  from tests.test_data_manifest_real import _rows
+  rows = _rows(tmp_path / "data", products_per_category=20, listings_per_product=2)
+  for r in rows:
+    del r["teacher_attributes"]
+  small_k = {"eval.recall_ks": (1,), "eval.map_k": 1, "eval.knn_k": 1}
+  with pytest.raises(ConfigError) as info:
+    validate_catalog(_manifest_run(tmp_path, rows, **small_k))
+  (problem,) = info.value.problems
+  assert problem.startswith("config.loss uses attribute terms (bias_scale=") and (
+      "100% of the 64 training listings have no attribute string from config.attributes.source='teacher'"
+      in problem)
+  # The source the rows do have, or a loss without attribute terms, is accepted.
+  validate_catalog(_manifest_run(tmp_path, rows, **small_k, **{"attributes.source": "true"}))
+  validate_catalog(_manifest_run(tmp_path, rows, **small_k, **{"loss.bias_scale": 0.0}))

@@ -317,19 +317,25 @@ def read_manifest(path: str, *, categories: Sequence[str] | None = None, skip_ba
       r = parse_row(obj, path, row, categories)
       if check_images and not os.path.isfile(r.image_path):
         raise ManifestError(f"{path}, row {row}: field 'image': file {r.image_path} does not exist")
-      if r.listing_id in seen:
+      if r.listing_key in seen:  # 5 and "5" are one listing id: outputs write it as text
         raise ManifestError(f"{path}, row {row}: field 'listing_id': {r.listing_id!r} already used in row "
-                            f"{seen[r.listing_id]}")
+                            f"{seen[r.listing_key]}")
     except ManifestError as e:
       if not skip_bad_rows:
         raise
       skipped.append((row, str(e)))
       continue
-    seen[r.listing_id] = row
+    seen[r.listing_key] = row
     rows.append(r)
   ids = {"listing": _id_map(r.listing_id for r in rows),
          "product": _id_map(v for r in rows for v in (r.product_id, r.true_product_id)),
          "family": _id_map(r.family_id for r in rows)}
+  for space in ("product", "family"):
+    as_text = {}
+    for v in ids[space]:
+      if as_text.setdefault(str(v), v) != v:
+        raise ManifestError(f"{path}: {space} id {as_text[str(v)]!r} and {v!r} differ only in type; write each "
+                            f"{space} id one way (all numbers or all strings)")
   rows = [dataclasses.replace(r, listing_id=ids["listing"][r.listing_id], product_id=ids["product"][r.product_id],
                               true_product_id=ids["product"][r.true_product_id],
                               family_id=ids["family"][r.family_id]) for r in rows]

@@ -97,26 +97,35 @@ def source_string(listing: Any, source: str) -> str:
   return {"teacher": listing.teacher_attributes, "true": listing.product_attributes}.get(source, "")
 
 
+def attribute_coverage_problem(run: Any, strings: list[str]) -> str | None:
+  """The one-line problem when the loss uses BM25 terms but more than `attributes.max_missing_share` of the
+  training listings' attribute `strings` (under `attributes.source`) are empty; None when they suffice."""
+  if not run.loss.needs_bm25 or not strings:
+    return None
+  missing = sum(not s.strip() for s in strings) / len(strings)
+  if missing <= run.attributes.max_missing_share:
+    return None
+  return (f"config.loss uses attribute terms (bias_scale={run.loss.bias_scale}, mask={run.loss.mask!r}) but "
+          f"{missing:.0%} of the {len(strings)} training listings have no attribute string from "
+          f"config.attributes.source={run.attributes.source!r}: give the manifest `teacher_attributes` (or "
+          f"`attributes` with source=true), choose another source, train InfoNCE (config.loss.bias_scale=0), "
+          f"or accept it with config.attributes.max_missing_share=1.0.")
+
+
 def check_attribute_coverage(run: Any, listings, generated: Mapping[int, str] | None) -> None:
-  """Stops (ConfigError) when the loss uses BM25 terms but more than `attributes.max_missing_share` of the
-  training `listings` have no attribute string under `attributes.source`; warns when some have none."""
+  """Stops (ConfigError, `attribute_coverage_problem`) on training `listings` without enough attribute
+  strings; warns when some have none."""
   from afmrl_jax.train import schema
-  if not run.loss.needs_bm25 or not listings:
-    return
   source = run.attributes.source
   strings = [(generated or {}).get(l.listing_id, "") if generated is not None else source_string(l, source)
              for l in listings]
-  missing = sum(not s.strip() for s in strings) / len(strings)
-  if missing > run.attributes.max_missing_share:
-    raise schema.ConfigError([
-        f"config.loss uses attribute terms (bias_scale={run.loss.bias_scale}, mask={run.loss.mask!r}) but "
-        f"{missing:.0%} of the {len(strings)} training listings have no attribute string from "
-        f"config.attributes.source={source!r}: give the manifest `teacher_attributes` (or `attributes` with "
-        f"source=true), choose another source, train InfoNCE (config.loss.bias_scale=0), or accept it with "
-        f"config.attributes.max_missing_share=1.0."])
-  if missing > 0:
+  problem = attribute_coverage_problem(run, strings)
+  if problem:
+    raise schema.ConfigError([problem])
+  if run.loss.needs_bm25 and any(not s.strip() for s in strings):
     logging.warning("%.0f%% of the training listings have no attribute string from attributes.source=%r: "
-                    "the loss is InfoNCE on their rows.", 100 * missing, source)
+                    "the loss is InfoNCE on their rows.",
+                    100 * sum(not s.strip() for s in strings) / len(strings), source)
 
 
 def pipeline_config(run: Any):

@@ -8,7 +8,7 @@ from typing import Any
 def run_stage(config: Any, workdir: str) -> dict:
   """Validates `config` (a ConfigDict or `schema.Run`) and runs `config.stage`; returns its summary."""
   from afmrl_jax.train import cit, generate_stage, sft, stage1, stage2
-  from afmrl_jax.train.validate import validate
+  from afmrl_jax.train.validate import validate, validate_catalog
   run = validate(config, workdir)
   if run.stage == "eval":  # evaluate what the workdir was trained with; take only eval knobs from here
     from absl import logging
@@ -17,6 +17,7 @@ def run_stage(config: Any, workdir: str) -> dict:
     if ignored:
       logging.warning("eval: the evaluated run's stored config applies; ignored here: %s (only %s are "
                       "taken from this command).", ", ".join(ignored), ", ".join(schema.EVAL_SECTIONS))
+  validate_catalog(run)
   evaluators = {"representation": stage1.evaluate_checkpoint, "generator": sft.evaluate_checkpoint}
   stages = {"stage1": stage1.train_and_evaluate, "eval": evaluators[run.task], "sft": sft.train_and_evaluate,
             "generate": generate_stage.run_generation, "stage2": stage2.train_and_evaluate,

@@ -4,6 +4,9 @@ Field values are checked once, against their declarations, by `schema.parse_sect
 what no single field can say: the stage, combinations (batch vs devices, heads vs widths, image size vs
 patches) and the file system (checkpoint, tokenizer, manifest and attribute paths exist; the workdir is
 writable). All problems are reported together in one `ConfigError`.
+
+`validate_catalog(run)` then checks what only the catalog's rows can say (a manifest's rows are read, its
+images are not): a gallery smaller than the evaluation's K, an attribute source the training rows lack.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from afmrl_jax.train.schema import ConfigError
 
 CIT_STAGE_CONFIGS = tuple(sorted(set(CONFIG_OF.values())))
 
-__all__ = ["ConfigError", "validate"]
+__all__ = ["ConfigError", "validate", "validate_catalog"]
 
 
 def _stage(stage: str) -> list[str]:
@@ -213,3 +216,49 @@ def validate(config: Any, workdir: str, *, num_devices: int | None = None,
   if problems:
     raise ConfigError(problems)
   return schema.Run(**parts)
+
+
+def _gallery_problems(run: schema.Run, num_gallery: int, where: str) -> list[str]:
+  """One problem per evaluation K that a gallery of `num_gallery` listings cannot fill."""
+  asked = [("recall_ks", max(run.eval.recall_ks)), ("map_k", run.eval.map_k), ("knn_k", run.eval.knn_k)]
+  too_big = [f"config.eval.{name}" + (f"={list(run.eval.recall_ks)}" if name == "recall_ks" else f"={k}")
+             for name, k in asked if k > num_gallery]
+  if not too_big:
+    return []
+  return [f"{', '.join(too_big)} need(s) a gallery of at least {max(k for _, k in asked)} listings, but {where} "
+          f"has {num_gallery}; lower them or hold out more products (config.catalog.eval_share)."]
+
+
+def validate_catalog(run: schema.Run) -> None:
+  """Raises ConfigError when a manifest run (stage 1 or its eval) cannot work with the manifest's rows: a
+  gallery smaller than an evaluation K, or a loss with attribute terms whose source the training rows lack
+  (`stage1_data.attribute_coverage_problem`). Reads the manifest's rows, not its images."""
+  if run.stage not in ("stage1", "eval") or run.task != "representation" or not run.catalog.manifest:
+    return
+  import warnings
+  from afmrl_jax.data import manifest
+  from afmrl_jax.train import stage1_data
+  with warnings.catch_warnings():  # unknown fields are warned about once, when the data is loaded
+    warnings.simplefilter("ignore", manifest.ManifestWarning)
+    report = manifest.read_manifest(run.catalog.manifest, skip_bad_rows=run.catalog.skip_bad_rows,
+                                    check_images=False, split_seed=run.catalog.split_seed,
+                                    eval_share=run.catalog.eval_share)
+  gallery = sum(r.split == "gallery" for r in report.rows)
+  problems = _gallery_problems(run, gallery, f"the manifest's gallery ({manifest.split_summary(report.rows)})")
+  train = [r for r in report.rows if r.split == "train"]
+  source = run.attributes.source
+  if run.stage == "stage1" and source not in ("teacher", "true", "none"):
+    try:
+      generated = stage1_data.read_generated_attributes(source, [r.listing_id for r in report.rows],
+                                                        run.attributes.skip_bad_rows)
+    except ValueError as e:
+      problems.append(str(e))
+      generated = {}
+    strings = [generated.get(r.listing_id, "") for r in train]
+  else:
+    strings = [{"teacher": r.teacher_attributes, "true": r.attributes}.get(source, "") for r in train]
+  if run.stage == "stage1":
+    problem = stage1_data.attribute_coverage_problem(run, strings)
+    problems += [problem] if problem else []
+  if problems:
+    raise ConfigError(problems)
