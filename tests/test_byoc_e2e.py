@@ -3,6 +3,7 @@ CSV -> `launch/csv_to_manifest.py` -> stage 1 training (`python -m afmrl_jax.mai
 run, a corrupt image skipped and counted) -> the `eval` stage on the trained workdir."""
 import csv
 import json
+import re
 import os
 import subprocess
 import sys
@@ -118,6 +119,7 @@ def test_csv_to_manifest_to_stage1_to_eval(tmp_path):
   assert metrics["catalog_skipped"] == 1 and "broken.jpg" in metrics["catalog_skipped_reasons"][0]
   md = open(out / "metrics.md").read()
   assert "1 manifest row(s) skipped" in md and "broken.jpg" in md
+  assert re.search(r"listing SKU-\d{5} · product", open(out / "queries.html").read())  # the user's ids
   trained = json.load(open(work / "eval" / "metrics.json"))
   assert trained["catalog_skipped"] == 1
 

@@ -154,6 +154,22 @@ def _normalize(x: np.ndarray) -> np.ndarray:
   return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def class_sums(gallery_emb: np.ndarray, gallery_labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
+  """float64 [C, D]: per class of `classes` [C], the sum of its L2-normalised gallery rows [N, D].
+
+  Sums of gallery shards add up to the sums of the whole gallery (sharded evaluation)."""
+  onehot = (np.asarray(gallery_labels)[:, None] == np.asarray(classes)[None, :]).astype(np.float64)  # [N, C]
+  return onehot.T @ _normalize(gallery_emb)
+
+
+def centroid_accuracy_from_sums(query_emb: np.ndarray, query_labels: np.ndarray, sums: np.ndarray,
+                                classes: np.ndarray) -> float:
+  """`nearest_centroid_accuracy` from the classes' `class_sums` [C, D] (the centroid directions)."""
+  scores = _normalize(query_emb) @ _normalize(sums).T  # [Q, C]
+  pred = np.asarray(classes)[np.argmax(scores, axis=1)]  # argmax takes the first (smallest) class on ties
+  return float(np.mean(pred == np.asarray(query_labels)))
+
+
 def nearest_centroid_accuracy(query_emb: np.ndarray, query_labels: np.ndarray,
                               gallery_emb: np.ndarray, gallery_labels: np.ndarray) -> float:
   """Accuracy of assigning each query to the class whose gallery centroid is nearest in cosine.
@@ -161,14 +177,9 @@ def nearest_centroid_accuracy(query_emb: np.ndarray, query_labels: np.ndarray,
   Centroid = mean of the class's L2-normalised gallery embeddings, then normalised. Ties go to the
   smaller label. query_emb [Q, D], gallery_emb [N, D].
   """
-  g = _normalize(gallery_emb)
-  gallery_labels = np.asarray(gallery_labels)
-  classes = np.unique(gallery_labels)
-  onehot = (gallery_labels[:, None] == classes[None, :]).astype(np.float64)  # [N, C]
-  centroids = _normalize(onehot.T @ g)  # [C, D]
-  scores = _normalize(query_emb) @ centroids.T  # [Q, C]
-  pred = classes[np.argmax(scores, axis=1)]  # argmax takes the first (smallest) class on ties
-  return float(np.mean(pred == np.asarray(query_labels)))
+  classes = np.unique(np.asarray(gallery_labels))
+  return centroid_accuracy_from_sums(query_emb, query_labels, class_sums(gallery_emb, gallery_labels, classes),
+                                     classes)
 
 
 def purity(labels_true: np.ndarray, labels_pred: np.ndarray) -> float:

@@ -18,6 +18,7 @@ import numpy as np
 from afmrl_jax.fields import check, choice, non_negative, positive
 from afmrl_jax.retrieval import make_retriever
 from afmrl_jax.retrieval import metrics as M
+from afmrl_jax.retrieval.sharded import ShardedIndex
 from afmrl_jax.train import report
 
 Batch = Mapping[str, Any]
@@ -27,6 +28,7 @@ THUMB = 96  # longest side of the images kept for the HTML page, pixels
 
 RETRIEVERS = ("scann", "exact")
 EXACT_BACKENDS = ("auto", "numpy", "jax")
+GALLERY_SEARCHES = ("gathered", "sharded")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +36,10 @@ class EvalConfig:
   """What the retrieval evaluation computes and writes."""
   retriever: str = choice("scann", RETRIEVERS)  # 'scann' (the index stage 2 uses) or 'exact' (inner product)
   exact_backend: str = choice("auto", EXACT_BACKENDS)  # exact search; 'auto' = jax on a GPU/TPU, else numpy
+  # Multi-host: 'gathered' = every process holds the whole gallery and searches one index; 'sharded' = each
+  # process indexes only the gallery rows it embedded and the top-k lists are merged across processes (a
+  # gallery too large for one host). The same metrics with the exact retriever.
+  gallery_search: str = choice("gathered", GALLERY_SEARCHES)
   recall_ks: tuple[int, ...] = (1, 5, 10)  # instance Recall@K and group Recall@K shown in the table
   curve_ks: tuple[int, ...] = (1, 2, 3, 5, 10, 20, 50)  # Recall@K vs K plot (also returned as metrics)
   map_k: int = positive(10)  # mAP@K with category relevance
@@ -107,21 +113,22 @@ def embed_all(embed_fn: Callable[[Batch], Any], batches: Iterable[Batch], side: 
   return out
 
 
-def _gather_across_processes(side: dict[str, Any]) -> dict[str, Any]:
-  """Concatenates the process-local rows of every process (multi-host); display stays local."""
+def _gather_across_processes(side: dict[str, Any], keys: tuple[str, ...] = ("embeddings",) + ID_KEYS
+                             ) -> dict[str, Any]:
+  """`side[keys]` concatenated over the processes in process order (multi-host); display stays local."""
   jax = sys.modules.get("jax")
   if jax is None or jax.process_count() == 1:
     return side
   from jax.experimental import multihost_utils
 
   # Processes may hold different row counts: pad to the largest and drop the padding after.
-  n = len(side["listing_id"])
+  n = len(side[keys[0]])
   counts = np.asarray(multihost_utils.process_allgather(np.asarray([n])), np.int64).reshape(-1)
   top = int(counts.max())
   out = {"display": {}}
-  for k in ("embeddings",) + ID_KEYS:
+  for k in keys:
     x = side[k]
-    if k != "embeddings" and len(x) and np.abs(x).max() >= 2**31:
+    if x.dtype.kind == "i" and len(x) and np.abs(x).max() >= 2**31:
       # process_allgather goes through jax arrays, int32 unless jax_enable_x64.
       raise ValueError(f"evaluate: {k} values must fit in int32 for the multi-host gather.")
     padded = np.zeros((top,) + x.shape[1:], x.dtype)
@@ -131,15 +138,67 @@ def _gather_across_processes(side: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
+def _sum_across_processes(x: np.ndarray) -> np.ndarray:
+  """float64 `x` summed over the processes. It travels as float32 high and low parts (the gather goes
+  through jax arrays, float32 unless jax_enable_x64), which keep about 48 of its 53 mantissa bits."""
+  jax = sys.modules.get("jax")
+  if jax is None or jax.process_count() == 1:
+    return x
+  from jax.experimental import multihost_utils
+  hi = x.astype(np.float32)
+  g = np.asarray(multihost_utils.process_allgather(np.stack([hi, (x - hi).astype(np.float32)])), np.float64)
+  return (g[:, 0] + g[:, 1]).sum(axis=0)
+
+
 def _reorder(side: dict[str, Any], order: np.ndarray) -> dict[str, Any]:
-  out = {k: side[k][order] for k in ("embeddings",) + ID_KEYS}
-  out["display"] = {k: [v[i] for i in order] for k, v in side["display"].items()}
+  out = {k: side[k][order] for k in ("embeddings",) + ID_KEYS if k in side}
+  out["display"] = {k: [v[i] for i in order] for k, v in side.get("display", {}).items()}
   return out
 
 
+@dataclasses.dataclass
+class GalleryStats:
+  """What the metrics need of the gallery embeddings: per-category sums of the unit rows (nearest-centroid
+  classification) and the k-means sample (canonical rows, embeddings [S, D], category ids [S])."""
+  classes: np.ndarray
+  class_sums: np.ndarray
+  cluster_embeddings: np.ndarray
+  cluster_labels: np.ndarray
+
+
+def _cluster_rows(n: int, cfg: EvalConfig) -> np.ndarray:
+  """The canonical gallery rows k-means runs on: all, or a seeded sample of `cfg.cluster_sample`."""
+  rows = np.arange(n)
+  if 0 < cfg.cluster_sample < n:  # k-means cost grows with N; a sample estimates the scores
+    rows = np.sort(np.random.default_rng(cfg.seed).choice(rows, cfg.cluster_sample, replace=False))
+  return rows
+
+
+def gallery_stats(gallery: dict[str, Any], cfg: EvalConfig) -> GalleryStats:
+  """`GalleryStats` of a whole gallery in canonical order (`embeddings` [N, D], `category_id` [N])."""
+  classes = np.unique(gallery["category_id"])
+  rows = _cluster_rows(len(gallery["category_id"]), cfg)
+  return GalleryStats(classes, M.class_sums(gallery["embeddings"], gallery["category_id"], classes),
+                      gallery["embeddings"][rows], gallery["category_id"][rows])
+
+
+def _sharded_gallery_stats(local: dict[str, Any], local_rows: np.ndarray, gallery: dict[str, Any],
+                           cfg: EvalConfig) -> GalleryStats:
+  """`GalleryStats` from each process's gallery rows (`local`, at canonical rows `local_rows`): the
+  category sums are added up, and only the k-means sample's embeddings are gathered."""
+  classes = np.unique(gallery["category_id"])
+  sums = _sum_across_processes(M.class_sums(local["embeddings"], local["category_id"], classes))
+  mine = np.isin(local_rows, _cluster_rows(len(gallery["category_id"]), cfg))
+  sample = _gather_across_processes({"row": local_rows[mine], "embeddings": local["embeddings"][mine]},
+                                    keys=("row", "embeddings"))
+  order = np.argsort(sample["row"], kind="stable")
+  return GalleryStats(classes, sums, sample["embeddings"][order], gallery["category_id"][sample["row"][order]])
+
+
 def compute_metrics(query: dict[str, Any], gallery: dict[str, Any], ranked_rows: np.ndarray,
-                    cfg: EvalConfig) -> dict[str, float]:
-  """All metrics from gallery row indices ranked per query ([Q, K], self already excluded)."""
+                    cfg: EvalConfig, stats: GalleryStats | None = None) -> dict[str, float]:
+  """All metrics from gallery row indices ranked per query ([Q, K], self already excluded); `stats` of the
+  gallery embeddings default to `gallery_stats(gallery, cfg)` (a sharded gallery brings its own)."""
   k_avail = ranked_rows.shape[1]
   q_pid, q_cat = query["product_id"], query["category_id"]
   q_ids = query["listing_id"] if cfg.exclude_self else None
@@ -158,13 +217,11 @@ def compute_metrics(query: dict[str, Any], gallery: dict[str, Any], ranked_rows:
   map_k = min(cfg.map_k, k_avail)
   out[f"map@{map_k}"] = M.map_at_k(category_hits, category_pos, map_k)
   out["knn_accuracy"] = M.knn_accuracy(category_labels, q_cat, min(cfg.knn_k, k_avail))
-  out["centroid_accuracy"] = M.nearest_centroid_accuracy(
-      query["embeddings"], q_cat, gallery["embeddings"], gallery["category_id"])
-  rows = np.arange(len(gallery["category_id"]))
-  if 0 < cfg.cluster_sample < len(rows):  # k-means cost grows with N; a sample estimates the scores
-    rows = np.sort(np.random.default_rng(cfg.seed).choice(rows, cfg.cluster_sample, replace=False))
-  out.update(M.kmeans_clustering_scores(gallery["embeddings"][rows], gallery["category_id"][rows],
-                                        cfg.num_clusters, cfg.seed))
+  stats = stats or gallery_stats(gallery, cfg)
+  out["centroid_accuracy"] = M.centroid_accuracy_from_sums(query["embeddings"], q_cat, stats.class_sums,
+                                                           stats.classes)
+  out.update(M.kmeans_clustering_scores(stats.cluster_embeddings, stats.cluster_labels, cfg.num_clusters,
+                                        cfg.seed))
   out["num_queries"] = float(len(q_pid))
   out["num_gallery"] = float(len(gallery["product_id"]))
   out["num_queries_without_positive"] = float(np.sum(product_pos == 0))
@@ -218,40 +275,58 @@ def evaluate(
   Returns:
     Flat dict of float metrics (see docs/interfaces.md), identical on every process.
   """
-  gallery = _gather_across_processes(embed_all(embed_fn, gallery_batches, "gallery"))
+  local = embed_all(embed_fn, gallery_batches, "gallery")
   query = _gather_across_processes(embed_all(embed_fn, query_batches, "query"))
-  # Canonical gallery order (by listing id): k-means and tie-breaking must not depend on how the
-  # gallery was split into batches or processes.
-  gallery = _reorder(gallery, np.argsort(gallery["listing_id"], kind="stable"))
-  if gallery["embeddings"].shape[1] != query["embeddings"].shape[1]:
-    raise ValueError(f"evaluate: gallery width {gallery['embeddings'].shape[1]} != query width "
+  if local["embeddings"].shape[1] != query["embeddings"].shape[1]:
+    raise ValueError(f"evaluate: gallery width {local['embeddings'].shape[1]} != query width "
                      f"{query['embeddings'].shape[1]}.")
+  sharded = cfg.gallery_search == "sharded"
+  # Canonical gallery order (by listing id): k-means and tie-breaking must not depend on how the
+  # gallery was split into batches or processes. A sharded gallery gathers its ids only.
+  gallery = _gather_across_processes(local, ID_KEYS if sharded else ("embeddings",) + ID_KEYS)
+  gallery = _reorder(gallery, np.argsort(gallery["listing_id"], kind="stable"))
   n = len(gallery["listing_id"])
   want = max(cfg.recall_ks + cfg.curve_ks + (cfg.map_k, cfg.knn_k, cfg.report_top))
   k = min(want, n - 1 if cfg.exclude_self and n > 1 else n)
   search_k = min(k + 1, n) if cfg.exclude_self else k
 
-  retriever = make_index(cfg)
-  retriever.build(gallery["embeddings"], np.arange(n, dtype=np.int64))
-  rows, scores = retriever.search(query["embeddings"], search_k)
+  stats = None
+  if sharded:  # each process's index holds its own rows, under their canonical row numbers
+    local_rows = np.searchsorted(gallery["listing_id"], local["listing_id"])
+    index = ShardedIndex(make_index(cfg)).build(local["embeddings"], local_rows)
+    retriever = index.retriever
+    stats = _sharded_gallery_stats(local, local_rows, gallery, cfg)
+  else:
+    index = retriever = make_index(cfg)
+    retriever.build(gallery["embeddings"], np.arange(n, dtype=np.int64))
+  rows, scores = index.search(query["embeddings"], search_k)
   if cfg.exclude_self:
     _, rows, scores = M.exclude_self(gallery["listing_id"][rows], query["listing_id"], k, rows, scores)
-  metrics = compute_metrics(query, gallery, rows, cfg)
+  metrics = compute_metrics(query, gallery, rows, cfg, stats)
 
   jax = sys.modules.get("jax")
-  if jax is not None and jax.process_index() != 0:
-    return metrics
+  process = jax.process_index() if jax is not None else 0
   out_dir = os.path.join(workdir, cfg.output_dir)
   if step is not None:
     out_dir = os.path.join(out_dir, f"step_{int(step)}")
+  if process != 0 and not sharded:
+    return metrics
   try:
     os.makedirs(out_dir, exist_ok=True)
   except OSError as e:
     raise OSError(f"evaluate: cannot create the output folder {out_dir} ({e}); check --workdir.") from e
-  if cfg.save_index:
-    retriever.save(os.path.join(out_dir, "index"))
-  np.savez(os.path.join(out_dir, "gallery_embeddings.npz"), embeddings=gallery["embeddings"],
-           **{key: gallery[key] for key in ID_KEYS})
+  if sharded:  # each process writes its own shard (the output folder must be shared by the processes)
+    if cfg.save_index and index.size:
+      retriever.save(os.path.join(out_dir, "index", f"process-{process:03d}"))
+    np.savez(os.path.join(out_dir, f"gallery_embeddings.process-{process:03d}.npz"),
+             embeddings=local["embeddings"], **{key: local[key] for key in ID_KEYS})
+    if process != 0:
+      return metrics
+  else:
+    if cfg.save_index:
+      retriever.save(os.path.join(out_dir, "index"))
+    np.savez(os.path.join(out_dir, "gallery_embeddings.npz"), embeddings=gallery["embeddings"],
+             **{key: gallery[key] for key in ID_KEYS})
   report.write_metrics_json(os.path.join(out_dir, "metrics.json"), metrics,
                             info=dict(step=step, retriever=cfg.retriever,
                                       retriever_mode=getattr(retriever, "mode", "exact"),

@@ -14,7 +14,8 @@ on its own devices and, once every process has committed its shards, process 0 j
 is the union, each listing exactly once, and the same bytes as one process (each shard's sampling key
 depends on the shard, not on the process). The output folder must be shared by the processes. When
 every shard is there they are joined into `<output_dir>/attributes.jsonl`:
-one `{"listing_id", "attributes", "malformed"}` per line, the file `config.attributes.source` takes.
+one `{"listing_id", "attributes", "malformed"}` per line (plus `"listing_key"`, the user's own listing id,
+for a manifest catalog), the file `config.attributes.source` takes.
 A string without EOS by `max_new_tokens` is cut there and counted as malformed, never an exception.
 """
 
@@ -76,7 +77,8 @@ def _load_generator(run: schema.Run, tokenizer, mesh):
   return model.merge()
 
 
-def _shard_lines(model, tokenizer, table, rows, data_cfg, mesh, sampling, rng_key) -> tuple[str, dict]:
+def _shard_lines(model, tokenizer, table, rows, keys, data_cfg, mesh, sampling, rng_key) -> tuple[str, dict]:
+  """The JSONL text of one shard's `rows` and its generation stats; `keys`: listing id -> the user's id."""
   # Each process generates whole shards on its own devices: its batches are the shard's, not a slice.
   batches = generator_data.prompt_batches(table, tokenizer, data_cfg, rows, with_answers=False,
                                           shard_options=grain.sharding.NoSharding())
@@ -86,7 +88,10 @@ def _shard_lines(model, tokenizer, table, rows, data_cfg, mesh, sampling, rng_ke
   for i in rows:
     lid = int(table.listing_id[i])
     malformed = parse_attributes(texts[lid]).malformed or lid in cut
-    lines.append(json.dumps({"listing_id": lid, "attributes": texts[lid], "malformed": bool(malformed)}))
+    record = {"listing_id": lid, "attributes": texts[lid], "malformed": bool(malformed)}
+    if keys.get(lid):
+      record["listing_key"] = keys[lid]
+    lines.append(json.dumps(record))
   return "".join(line + "\n" for line in lines), stats
 
 
@@ -101,6 +106,7 @@ def run_generation(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
   # Data and model.
   catalog, tokenizer, _ = stage1_data.load_catalog(run, workdir)
   table, rows = _rows(catalog, opts.splits)
+  keys = {l.listing_id: l.listing_key for l in catalog.listings}  # "" for the synthetic catalog
   data_cfg = dataclasses.replace(run.generator, image_size=run.catalog.image_size)
   if opts.shard_size % data_cfg.eval_batch_size:
     raise ValueError(f"config.generation.shard_size={opts.shard_size} must be a multiple of "
@@ -126,7 +132,7 @@ def run_generation(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
   prefix = f"[process {jax.process_index()}] " if jax.process_count() > 1 else ""
   t0, made = time.perf_counter(), 0
   for k in todo:
-    text, _ = _shard_lines(model, tokenizer, table, shard_rows(k), data_cfg, mesh, sampling,
+    text, _ = _shard_lines(model, tokenizer, table, shard_rows(k), keys, data_cfg, mesh, sampling,
                            jax.random.key(opts.seed * 1_000_003 + k))
     write_atomically(shard_path(folder, k), text)
     made += len(shard_rows(k))

@@ -216,6 +216,7 @@ def display_of(side: dict[str, Any], row: int, listings: Mapping[int, Any] | Non
       shown.setdefault("attributes", _field(record, "attributes", "teacher_attributes", "listing_attributes"))
       shown.setdefault("image", _field(record, "image"))
       shown.setdefault("category", _field(record, "category"))
+      shown.setdefault("listing_key", _field(record, "listing_key"))
   return shown
 
 
@@ -305,7 +306,8 @@ def queries_html(metrics: Mapping[str, float], table_md: str, plots: Mapping[str
                + (f"first found at #{found[0] + 1}" if found else f"none in the top {ranked_rows.shape[1]}"))
     out.append('<div class="row"><div class="query">' + _image_tag(shown.get("image"))
                + f'<div class="title">{e(str(shown.get("title") or ""))}</div>'
-               + f'<div class="ids">listing {int(query["listing_id"][q])} · product {pid} · '
+               + f'<div class="ids">listing {e(str(shown.get("listing_key") or int(query["listing_id"][q])))} · '
+               + f'product {pid} · '
                + f'{e(_category(shown, cat))}</div>'
                + _attrs_html(shown.get("attributes")) + f'<div class="summary">{e(summary)}</div>'
                + '</div><div class="results">')
@@ -319,7 +321,8 @@ def queries_html(metrics: Mapping[str, float], table_md: str, plots: Mapping[str
                  f'<div><span class="badge" style="color:{colour}">#{r + 1} {badge}</span> '
                  f'score {float(scores[q, r]):.3f}</div>'
                  f'<div class="title">{e(str(item.get("title") or ""))}</div>'
-                 f'<div class="ids">product {int(gallery["product_id"][g])} · '
+                 f'<div class="ids">{"listing " + e(item["listing_key"]) + " · " if item.get("listing_key") else ""}'
+                 f'product {int(gallery["product_id"][g])} · '
                  f'{e(_category(item, int(gallery["category_id"][g])))}</div></div>')
     out.append("</div></div>")
   out.append("</body></html>")
