@@ -319,23 +319,30 @@ def mine_sharded(query_emb: np.ndarray, local_cand_emb: np.ndarray, query_produc
 
 
 def positive_scores(query_emb: np.ndarray, cand_emb: np.ndarray, query_product: np.ndarray,
-                    cand_product: np.ndarray, reduce: str = "mean") -> np.ndarray:
+                    cand_product: np.ndarray, reduce: str = "mean",
+                    query_rows: np.ndarray | None = None) -> np.ndarray:
   """float32 [Q]: each query's cosine similarity to its own product's candidates ('mean' or 'max' over
   them; NaN for a query without any), the reference of the 'score' filter when no training pair gives one.
 
-  Direct dot products with the own-product rows only: O(sum of own-product counts * D).
+  query_rows: int [Q], the candidate row that *is* each query (-1 = none), left out of its positives
+  when the queries are themselves candidates. Direct dot products with the own-product rows only:
+  O(sum of own-product counts * D).
   """
   if reduce not in ("mean", "max"):
     raise ValueError(f"positive_scores: reduce must be 'mean' or 'max', got {reduce!r}.")
   query_emb, cand_emb, query_product, cand_product = _check(query_emb, cand_emb, query_product, cand_product, 0)
+  query_rows = np.full(len(query_emb), -1) if query_rows is None else np.asarray(query_rows, np.int64)
   order = np.argsort(cand_product, kind="stable")
   sorted_products = cand_product[order]
   lo = np.searchsorted(sorted_products, query_product, "left")
   hi = np.searchsorted(sorted_products, query_product, "right")
   out = np.full(len(query_emb), np.nan, np.float32)
   for q in np.flatnonzero(hi > lo):
-    s = cand_emb[order[lo[q]:hi[q]]] @ query_emb[q]
-    out[q] = s.mean() if reduce == "mean" else s.max()
+    rows = order[lo[q]:hi[q]]
+    rows = rows[rows != query_rows[q]]
+    if len(rows):
+      s = cand_emb[rows] @ query_emb[q]
+      out[q] = s.mean() if reduce == "mean" else s.max()
   return out
 
 
