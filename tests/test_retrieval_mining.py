@@ -219,6 +219,30 @@ def test_scann_agrees_with_exact_on_a_clustered_gallery():
   assert recall >= 0.95, recall
 
 
+def test_scann_padding_never_enters_the_table():
+  """ScaNN's tree search fills a list it cannot complete with row 0 and NaN scores; M larger than what
+  the searched leaves hold must give -1 entries, not row 0 again and again."""
+  pytest.importorskip("scann")
+  rng = np.random.default_rng(8)
+  gallery = rng.normal(size=(2000, 16)).astype(np.float32)
+  cp = np.repeat(np.arange(20), 100)
+  queries, qp = gallery[1::100] + 0.01, cp[1::100]
+  got = mining.mine(queries, gallery, qp, cp, 1500, backend="scann", retriever_options={"brute_force_below": 500})
+  valid = got.valid
+  assert valid.sum(axis=1).min() > 30 and not valid.all()  # padding was there and was dropped
+  assert all(len(set(r) - {-1}) == (np.asarray(r) >= 0).sum() for r in got.table.tolist())
+  assert np.isfinite(got.scores[valid]).all() and np.isneginf(got.scores[~valid]).all()
+  assert not (cp[got.table[valid]] == np.repeat(qp, valid.sum(axis=1))).any()
+  # Unclustered data is ScaNN's worst case: mining loses nothing beyond what the retriever itself misses.
+  from afmrl_jax.retrieval import make_retriever
+  overlap = lambda a, b: np.mean([len(set(x) & set(y)) / 30 for x, y in zip(a.tolist(), b.tolist())])
+  exact = mining.mine(queries, gallery, qp, cp, 30, backend="exact")
+  first = mining.mine(queries, gallery, qp, cp, 30, backend="scann", retriever_options={"brute_force_below": 500})
+  raw, _ = make_retriever("scann", brute_force_below=500).build(gallery).search(queries, 30)
+  want, _ = make_retriever("exact").build(gallery).search(queries, 30)
+  assert overlap(first.table, exact.table) >= overlap(raw, want) - 0.05
+
+
 # ----------------------------------------------------------------------------------------------------
 # Filters
 
@@ -258,6 +282,10 @@ def test_score_rule_keep_mask():
   assert keep.tolist() == [[False, True, True, True],  # 0.95 > 0.90; 0.9 is not > 0.9
                            [False, False, True, True],  # 0.8, 0.75 > 0.55
                            [True, True, True, False]]  # NaN positive: nothing dropped; padding never kept
+  # A negative margin drops what comes within |margin| below the positive; -inf positive drops nothing.
+  inputs = FilterInputs(positive_scores=np.array([0.85, -np.inf, 0.7]))
+  keep = mining.FILTERS["score"](t, inputs, FilterConfig(("score",), margin=-0.2))
+  assert keep.tolist() == [[False, False, False, True], [True, True, True, True], [False, False, True, False]]
 
 
 def test_none_rule_and_missing_inputs():

@@ -31,7 +31,7 @@ small pure function returning a keep mask bool [Q, M] (False = drop; padding is 
   'attribute'  drops a neighbour whose set of attribute term ids equals the query's (order and repeats
                ignored; two empty sets are *not* equal: no attributes is no evidence);
   'score'      drops a neighbour whose score exceeds the query's positive score by more than `margin`
-               (score > positive_score + margin; a NaN or -inf positive drops nothing).
+               (score > positive_score + margin; a NaN or infinite positive drops nothing).
 `apply_filter` keeps the neighbours every chosen rule keeps, moves them to the front in their mined
 order and counts what each rule drops. `filter_quality` scores each rule against the truth
 (`true_duplicates`: same true item, different product id): precision = true duplicates among the
@@ -128,7 +128,8 @@ def _select(ids: np.ndarray, scores: np.ndarray, foreign: np.ndarray, m: int) ->
   scores [Q, m], count [Q] of other-product results found, m-th result's score [Q] or -inf).
   """
   order = _order(ids, scores)
-  ids, scores, foreign = _take(ids, order), _take(scores, order), _take(foreign, order) & (_take(ids, order) >= 0)
+  ids, scores = _take(ids, order), _take(scores, order)
+  foreign = _take(foreign, order) & (ids >= 0)
   pick = np.argsort(~foreign, axis=1, kind="stable")[:, :m]  # other-product columns first, order kept
   got = foreign.sum(axis=1)
   out_ids = np.where(np.arange(pick.shape[1]) < got[:, None], _take(ids, pick), -1)
@@ -146,7 +147,8 @@ def _mine_local(search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray
                 over_fetch: int) -> tuple[np.ndarray, np.ndarray]:
   """The top-m other-product candidates of each query among the `size` rows `search` sees.
 
-  search(queries [q, D], k) -> (ids int64 [q, k], scores [q, k]) best first; product_of(ids) -> the
+  search(queries [q, D], k) -> (ids int64 [q, k], scores [q, k]) best first (a NaN score marks padding,
+  as ScaNN writes it); product_of(ids) -> the
   products of those ids; own_count [Q]: rows of each query's product among them (an upper bound will
   do). Returns ids int64 [Q, m] (-1 = none) and scores float32 [Q, m] (-inf = none).
   """
@@ -159,17 +161,19 @@ def _mine_local(search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray
   k = min(size, m + over_fetch)
   while True:
     ids, scores = search(queries[todo], k)
-    ids = np.asarray(ids, np.int64)
     scores = np.asarray(scores, np.float32)
+    # ScaNN pads a list it cannot fill (fewer rows in the leaves it searched) with row 0 and score NaN.
+    ids = np.where(np.isfinite(scores), np.asarray(ids, np.int64), -1)
     foreign = product_of(ids) != query_product[todo][:, None]
     got_ids, got_scores, got = _select(ids, scores, foreign, m)
     out_ids[todo], out_scores[todo] = got_ids, got_scores
     if k >= size:
       break
     # Certain: m other-product results, the m-th strictly above the last fetched score (everything
-    # scoring more than the cut was fetched, so no unseen candidate can precede it).
+    # scoring more than the cut was fetched, so no unseen candidate can precede it); or the backend
+    # returned fewer than k results (padding): it has nothing more to give.
     last = np.min(np.where(ids >= 0, scores, np.inf), axis=1)
-    certain = (got >= m) & (got_scores[:, -1] > last)
+    certain = ((got >= m) & (got_scores[:, -1] > last)) | (ids < 0).any(axis=1)
     todo = todo[~certain]
     if not len(todo):
       break
@@ -427,10 +431,12 @@ def same_term_set(table: np.ndarray, query_terms: np.ndarray, cand_terms: np.nda
 
 
 def exceeds_positive(scores: np.ndarray, positive_scores: np.ndarray, margin: float) -> np.ndarray:
-  """bool [Q, M]: score > positive_score + margin (False where the positive score is NaN)."""
+  """bool [Q, M]: score > positive_score + margin (all False where the positive score is not finite:
+  a query without a known positive has no reference to exceed)."""
   positive_scores = np.asarray(positive_scores, np.float64)
+  known = np.isfinite(positive_scores)[:, None]
   with np.errstate(invalid="ignore"):
-    return np.asarray(scores, np.float64) > (positive_scores[:, None] + margin)
+    return known & (np.asarray(scores, np.float64) > (np.where(known[:, 0], positive_scores, 0.0)[:, None] + margin))
 
 
 def _need(value, rule: str, name: str):
