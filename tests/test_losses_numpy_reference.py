@@ -27,20 +27,27 @@ def _term_set(row):
   return frozenset(int(t) for t in row if t != 0)
 
 
-def np_agcl_direction(q, c, q_terms, c_terms, idf, avg_doc_len, cfg):
-  """Per-row losses [N] and metrics of one direction; cfg is an AGCLConfig (read as plain fields)."""
+def np_agcl_direction(q, c, q_terms, c_terms, idf, avg_doc_len, cfg, mined=None, mined_terms=None):
+  """Per-row losses [N] and metrics of one direction; cfg is an AGCLConfig (read as plain fields).
+
+  mined [M, D], mined_terms [M, K']: extra candidate columns after the N in-batch ones (never a
+  positive), so the matrix is [N, N + M].
+  """
   q = np.asarray(q, np.float64)
   c = np.asarray(c, np.float64)
+  n = len(q)
+  if mined is not None:
+    c = np.concatenate([c, np.asarray(mined, np.float64)])
+    c_terms = list(c_terms) + list(mined_terms)
   qn = q / np.linalg.norm(q, axis=1, keepdims=True)
   cn = c / np.linalg.norm(c, axis=1, keepdims=True)
-  n = len(q)
-  eye = np.eye(n, dtype=bool)
+  eye = np.eye(n, len(c), dtype=bool)
   s = qn @ cn.T
   needs_bm25 = (cfg.uniform_margin is None and cfg.bias_scale != 0) or cfg.mask == "attribute"
   raw = np_bm25(q_terms, c_terms, idf, avg_doc_len, cfg.k1, cfg.b) if needs_bm25 else None
   ratio = None
   if raw is not None:
-    diag = np.diag(raw)
+    diag = np.diag(raw[:, :n])
     ratio = np.zeros_like(raw)
     for i in range(n):
       if diag[i] > 0:
@@ -48,15 +55,15 @@ def np_agcl_direction(q, c, q_terms, c_terms, idf, avg_doc_len, cfg):
   if cfg.uniform_margin is not None:
     bias = np.where(eye, 0.0, cfg.uniform_margin)
   elif cfg.bias_scale == 0:
-    bias = np.zeros((n, n))
+    bias = np.zeros(s.shape)
   else:
     normed = raw if cfg.bm25_norm == "none" else 2 * np.clip(ratio, 0, 1)
     bias = cfg.bias_scale * np.tanh(normed)
     if cfg.bias_on == "negatives":
       bias[eye] = 0.0
-  mask = np.zeros((n, n), bool)
+  mask = np.zeros(s.shape, bool)
   for i in range(n):
-    for j in range(n):
+    for j in range(len(c)):
       if i == j:
         continue
       if cfg.mask == "margin":
@@ -91,9 +98,12 @@ def np_agcl_direction(q, c, q_terms, c_terms, idf, avg_doc_len, cfg):
   return losses, metrics
 
 
-def np_agcl_loss(q, c, q_terms, c_terms, idf, avg_doc_len, cfg):
-  """Mean loss (both directions averaged when symmetric) and the query->candidate metrics."""
-  losses, metrics = np_agcl_direction(q, c, q_terms, c_terms, idf, avg_doc_len, cfg)
+def np_agcl_loss(q, c, q_terms, c_terms, idf, avg_doc_len, cfg, mined=None, mined_terms=None):
+  """Mean loss (both directions averaged when symmetric) and the query->candidate metrics.
+
+  mined columns (see np_agcl_direction) enter the query->candidate direction only.
+  """
+  losses, metrics = np_agcl_direction(q, c, q_terms, c_terms, idf, avg_doc_len, cfg, mined, mined_terms)
   if cfg.symmetric:
     back, _ = np_agcl_direction(c, q, c_terms, q_terms, idf, avg_doc_len, cfg)
     losses = 0.5 * (losses + back)

@@ -5,6 +5,9 @@ numbers. Shapes: L rows, C columns, D embedding width, K attribute terms.
 
 Row-side quantities the block needs (the positive's similarity s_ii, the positive candidate c_i,
 B_ii) always live with the row, because row i and its positive candidate i sit on the same device.
+
+Mined hard negatives are extra columns after a block's own candidates (`extend_columns`), with the id
+MINED_ID, which no row has: they are scored, biased, masked and counted like any other negative.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ from afmrl_jax.losses.config import AGCLConfig
 
 # Masked logits: finite so that online logsumexp never computes inf - inf; exp() of it is exactly 0.
 MASKED = -1e30
+# Column id of a mined hard negative: row ids are 0..B-1, so a mined column is never a positive.
+MINED_ID = -1
 
 
 class Rows(NamedTuple):
@@ -42,6 +47,25 @@ class Cols(NamedTuple):
   c: jax.Array
   terms: Optional[jax.Array]
   ids: jax.Array
+
+
+def extend_columns(c, terms, mined, mined_terms):
+  """Candidates c [C, D] followed by mined columns [M, D], and their terms [C, K] / [M, K'] likewise
+  (the narrower padded with 0 to one width); (c, terms) themselves when mined is None."""
+  if mined is None:
+    return c, terms
+  width = max(terms.shape[1], mined_terms.shape[1])
+  pad = lambda t: jnp.pad(t, ((0, 0), (0, width - t.shape[1])))
+  return jnp.concatenate([c, mined]), jnp.concatenate([pad(terms), pad(mined_terms)])
+
+
+def column_ids(first, num_own: int, num_cols: int) -> jax.Array:
+  """ids [num_cols] of an `extend_columns` block: first + 0..num_own-1 for its own candidates (global
+  indices), MINED_ID for the num_cols - num_own mined columns after them."""
+  own = first + jnp.arange(num_own, dtype=jnp.int32)
+  if num_cols == num_own:
+    return own
+  return jnp.concatenate([own, jnp.full((num_cols - num_own,), MINED_ID, jnp.int32)])
 
 
 def unit_rows(x: jax.Array) -> jax.Array:
@@ -190,8 +214,9 @@ def row_stats(block_stats, rows: Rows):
   return sums
 
 
-def finalize_metrics(sums: dict, num_rows: int, has_bm25: bool) -> dict:
-  """Metrics from global sums over num_rows rows (num_rows * (num_rows - 1) negatives).
+def finalize_metrics(sums: dict, num_rows: int, has_bm25: bool, num_cols: Optional[int] = None) -> dict:
+  """Metrics from global sums over num_rows rows against num_cols columns (default num_rows; with M
+  mined columns num_rows + M), so num_rows * (num_cols - 1) negatives.
 
   accuracy: share of rows whose positive has the highest similarity among the unmasked candidates
     (in-batch top-1 retrieval, on s_ij: the bias is a training device, not a retrieval score).
@@ -200,7 +225,7 @@ def finalize_metrics(sums: dict, num_rows: int, has_bm25: bool) -> dict:
     attribute term with the query vs those that share none - whether the weights discriminate.
     Absent when the config computes no BM25 (unknown, and JSON has no NaN).
   """
-  negatives = float(num_rows) * float(num_rows - 1)
+  negatives = float(num_rows) * float((num_rows if num_cols is None else num_cols) - 1)
   out = {
       "accuracy": sums["correct"] / num_rows,
       "masked_fraction": sums["masked"] / max(negatives, 1.0),

@@ -10,6 +10,9 @@ The gradient is a custom VJP (flash-attention style): the forward keeps only the
 the backward sends the candidates around again, recomputes each logits block, and sends along with
 them an accumulator for their gradient, which is back home after P steps. The BM25 bias is
 recomputed in the backward (it is never stored), so the backward costs about two forwards.
+
+Mined hard negatives (local [M/P, D]) travel in the same block, after the device's L candidates
+(`blocks.extend_columns`): the block is [L + M/P] columns, and so is its gradient accumulator.
 """
 from __future__ import annotations
 
@@ -36,15 +39,16 @@ def _rows(q, c, q_terms, c_terms, idf, avg_doc_len, config, axis_names):
   return blocks.make_rows(q, c, q_terms, c_terms, index * q.shape[0], idf, avg_doc_len, config)
 
 
-def _cols(c, c_terms, step, axis_names, size):
-  """The column block held at `step`: it came from device (index - step) mod size."""
-  local = c.shape[0]
+def _cols(c, c_terms, step, axis_names, size, local):
+  """The column block held at `step`: it came from device (index - step) mod size, whose `local`
+  candidates come first (any mined columns after them)."""
   source = (jax.lax.axis_index(axis_names) - step) % size
-  return blocks.Cols(c, c_terms, source * local + jnp.arange(local, dtype=jnp.int32))
+  return blocks.Cols(c, c_terms, blocks.column_ids(source * local, local, c.shape[0]))
 
 
 def tile_width(local: int, tile_size) -> int:
-  """Columns per tile: the largest divisor of the local batch not above tile_size (None: whole block)."""
+  """Columns per tile: the largest divisor of the block's `local` columns not above tile_size (None:
+  whole block)."""
   if tile_size is None or tile_size >= local:
     return local
   if tile_size <= 0:
@@ -57,15 +61,20 @@ def _split_tiles(cols: blocks.Cols, width: int) -> blocks.Cols:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def ring_logsumexp(config: AGCLConfig, axis_names, tile_size, q, c, q_terms, c_terms, idf, avg_doc_len):
-  """(lse [L], metric partial sums) of the local rows against all N columns. q, c [L, D] normalised."""
-  out, _ = _ring_forward(config, axis_names, tile_size, q, c, q_terms, c_terms, idf, avg_doc_len)
+def ring_logsumexp(config: AGCLConfig, axis_names, tile_size, q, c, q_terms, c_terms, idf, avg_doc_len,
+                   mined=None, mined_terms=None):
+  """(lse [L], metric partial sums) of the local rows against all N columns (N + M with the local
+  mined [M/P, D] columns, or None). q, c [L, D], mined normalised."""
+  out, _ = _ring_forward(config, axis_names, tile_size, q, c, q_terms, c_terms, idf, avg_doc_len,
+                         mined, mined_terms)
   return out
 
 
-def _ring_forward(config, axis_names, tile_size, q, c, q_terms, c_terms, idf, avg_doc_len):
+def _ring_forward(config, axis_names, tile_size, q, c, q_terms, c_terms, idf, avg_doc_len, mined, mined_terms):
   size = _axis_size(axis_names)
-  width = tile_width(q.shape[0], tile_size)
+  local = q.shape[0]
+  block = blocks.extend_columns(c, c_terms, mined, mined_terms)
+  width = tile_width(block[0].shape[0], tile_size)
   rows = _rows(q, c, q_terms, c_terms, idf, avg_doc_len, config, axis_names)
 
   def fold_tile(state, cols):
@@ -76,28 +85,30 @@ def _ring_forward(config, axis_names, tile_size, q, c, q_terms, c_terms, idf, av
     return (m_new, s, blocks.merge_stats(stats, tile_stats)), None
 
   def fold_block(state, blk, step):
-    tiles = _split_tiles(_cols(blk[0], blk[1], step, axis_names, size), width)
+    tiles = _split_tiles(_cols(blk[0], blk[1], step, axis_names, size, local), width)
     return jax.lax.scan(fold_tile, state, tiles)[0]
 
   m0 = jnp.full_like(q[:, 0], -jnp.inf)  # *_like: keeps q's varying type under check_vma
-  state = fold_block((m0, jnp.zeros_like(m0), blocks.empty_stats(m0)), (c, c_terms), 0)
+  state = fold_block((m0, jnp.zeros_like(m0), blocks.empty_stats(m0)), block, 0)
 
   def body(carry, step):
     blk, state = carry
     blk = _rotate(blk, axis_names, size)
     return (blk, fold_block(state, blk, step)), None
 
-  (_, (m, s, stats)), _ = jax.lax.scan(body, ((c, c_terms), state), jnp.arange(1, size))
+  (_, (m, s, stats)), _ = jax.lax.scan(body, (block, state), jnp.arange(1, size))
   lse = m + jnp.log(s)
   sums = jax.lax.psum(blocks.row_stats(stats, rows), axis_names)
-  return (lse, sums), (q, c, q_terms, c_terms, idf, avg_doc_len, lse)
+  return (lse, sums), (q, c, q_terms, c_terms, idf, avg_doc_len, mined, mined_terms, lse)
 
 
 def _ring_backward(config, axis_names, tile_size, residuals, cotangents):
-  q, c, q_terms, c_terms, idf, avg_doc_len, lse = residuals
+  q, c, q_terms, c_terms, idf, avg_doc_len, mined, mined_terms, lse = residuals
   g_lse = cotangents[0]
   size = _axis_size(axis_names)
-  width = tile_width(q.shape[0], tile_size)
+  local = q.shape[0]
+  block = blocks.extend_columns(c, c_terms, mined, mined_terms)
+  width = tile_width(block[0].shape[0], tile_size)
   rows = _rows(q, c, q_terms, c_terms, idf, avg_doc_len, config, axis_names)
   scale = g_lse[:, None] / config.tau
 
@@ -109,26 +120,30 @@ def _ring_backward(config, axis_names, tile_size, residuals, cotangents):
   def body(carry, step):
     blk, dq = carry
     c_blk, t_blk, dc_blk = blk
-    tiles = _split_tiles(_cols(c_blk, t_blk, step, axis_names, size), width)
+    tiles = _split_tiles(_cols(c_blk, t_blk, step, axis_names, size, local), width)
     dq, dc_tiles = jax.lax.scan(tile_grads, dq, tiles)
     dc_blk = dc_blk + dc_tiles.reshape(dc_blk.shape)
     # After `size` rotations every accumulator is back on the device that owns its candidates.
     return (_rotate((c_blk, t_blk, dc_blk), axis_names, size), dq), None
 
-  init = ((c, c_terms, jnp.zeros_like(c)), jnp.zeros_like(q))
+  init = ((block[0], block[1], jnp.zeros_like(block[0])), jnp.zeros_like(q))
   ((_, _, dc), dq), _ = jax.lax.scan(body, init, jnp.arange(size))
-  return dq, dc, None, None, None, None
+  if mined is None:
+    return dq, dc, None, None, None, None, None, None
+  return dq, dc[:local], None, None, None, None, dc[local:], None
 
 
 ring_logsumexp.defvjp(_ring_forward, _ring_backward)
 
 
 def ring_direction(q, c, q_terms, c_terms, idf, avg_doc_len, config: AGCLConfig, axis_names,
-                   tile_size=None):
-  """One direction on local normalised q, c [L, D]; returns (per-row loss [L], psum'd sums).
+                   tile_size=None, mined=None, mined_terms=None):
+  """One direction on local normalised q, c [L, D] (and local mined [M/P, D] or None); returns
+  (per-row loss [L], psum'd sums).
 
-  tile_size: columns per logits tile ([L, tile] at a time); None: the whole [L, L] block.
+  tile_size: columns per logits tile ([L, tile] at a time); None: the whole [L, L + M/P] block.
   """
-  lse, sums = ring_logsumexp(config, tuple(axis_names), tile_size, q, c, q_terms, c_terms, idf, avg_doc_len)
+  lse, sums = ring_logsumexp(config, tuple(axis_names), tile_size, q, c, q_terms, c_terms, idf, avg_doc_len,
+                             mined, mined_terms)
   rows = _rows(q, c, q_terms, c_terms, idf, avg_doc_len, config, axis_names)
   return lse - blocks.positive_logit(rows, c, config), sums
