@@ -124,8 +124,9 @@ def _take(a: np.ndarray, order: np.ndarray) -> np.ndarray:
 def _select(ids: np.ndarray, scores: np.ndarray, foreign: np.ndarray, m: int) -> tuple[np.ndarray, ...]:
   """The first m other-product results of each row, in (-score, id) order.
 
-  ids int64 [Q, k], scores [Q, k], foreign bool [Q, k] (True = another product) -> (ids [Q, m],
-  scores [Q, m], count [Q] of other-product results found, m-th result's score [Q] or -inf).
+  ids int64 [Q, k] (-1 = no result), scores [Q, k], foreign bool [Q, k] (True = another product) ->
+  (ids [Q, m] with -1 padding, scores float32 [Q, m] with -inf padding, count [Q] of other-product
+  results found among the k).
   """
   order = _order(ids, scores)
   ids, scores = _take(ids, order), _take(scores, order)
@@ -148,9 +149,9 @@ def _mine_local(search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray
   """The top-m other-product candidates of each query among the `size` rows `search` sees.
 
   search(queries [q, D], k) -> (ids int64 [q, k], scores [q, k]) best first (a NaN score marks padding,
-  as ScaNN writes it); product_of(ids) -> the
-  products of those ids; own_count [Q]: rows of each query's product among them (an upper bound will
-  do). Returns ids int64 [Q, m] (-1 = none) and scores float32 [Q, m] (-inf = none).
+  as ScaNN writes it); product_of(ids) -> the products of those ids; own_count [Q]: rows of each
+  query's product among them (an upper bound will do). Returns ids int64 [Q, m] (-1 = none) and
+  scores float32 [Q, m] (-inf = none).
   """
   nq = len(queries)
   out_ids = np.full((nq, m), -1, np.int64)
