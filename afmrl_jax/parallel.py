@@ -145,6 +145,35 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
   }
 
 
+def local_rows(x: jax.Array, mesh: Mesh) -> np.ndarray:
+  """This process's rows of `x` [global_batch, ...] (sharded over the batch axes, as `global_batch` makes
+  it) as NumPy [local_batch, ...]: the rows this process fed. All of `x` with one process."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, PartitionSpec(BATCH_AXES)))
+
+
+def gather_rows(x: jax.Array) -> np.ndarray:
+  """Every row of the global array `x` as NumPy, on every process (`x` itself when it lives on this
+  process's devices only, e.g. on a per-process mesh)."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def gather_processes(x: np.ndarray) -> np.ndarray:
+  """Every process's NumPy `x` [n, ...] (the same shape on each) concatenated in process order:
+  [processes * n, ...] (the row order of `global_batch`). `x` itself with one process. Through jax arrays:
+  int64 / float64 travel as int32 / float32 unless jax_enable_x64."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  g = np.asarray(multihost_utils.process_allgather(np.asarray(x)))
+  return g.reshape((-1,) + g.shape[2:])
+
+
 def maybe_initialize_distributed() -> bool:
   """Calls `jax.distributed.initialize()` only when a cluster is detected.
 

@@ -46,7 +46,8 @@ def decode_text(tokenizer, tokens: np.ndarray, length: int, eos_ids: tuple[int, 
 def generate_strings(model, tokenizer, batches, image_grid_thw, mesh, sampling, rng=None
                      ) -> tuple[dict[int, str], set[int], dict]:
   """(listing_id -> generated string, ids cut at max_new_tokens without EOS, timing {'seconds',
-  'new_tokens', 'rows', 'no_eos'}) over `batches` (data.generator_data.prompt_batches).
+  'new_tokens', 'rows', 'no_eos'}) over `batches` (data.generator_data.prompt_batches: this process's
+  slices; with several processes the result holds every process's rows, the same on each).
 
   rng: the sampling key (batch i draws from fold_in(rng, i)); unused when greedy."""
   from afmrl_jax.generate import sampling as sampling_lib
@@ -62,9 +63,13 @@ def generate_strings(model, tokenizer, batches, image_grid_thw, mesh, sampling, 
                                                                          "pixel_values")}, mesh)
       gen = sampling_lib.generate(model, arrays["prompt_ids"], arrays["prompt_mask"], arrays["pixel_values"],
                                   image_grid_thw, rng=jax.random.fold_in(rng, i), config=sampling)
-      tokens, lengths = np.asarray(gen.tokens), np.asarray(gen.lengths)
+      # A mesh over several processes: every process decodes every row (they feed slices of equal size).
+      tokens, lengths = parallel.gather_rows(gen.tokens), parallel.gather_rows(gen.lengths)
     stats["seconds"] += time.perf_counter() - t0
-    for lid, ok, toks, n in zip(batch["listing_id"], batch["valid"], tokens, lengths):
+    ids, valid = batch["listing_id"], batch["valid"]
+    if not gen.tokens.is_fully_addressable:
+      ids, valid = parallel.gather_processes(ids), parallel.gather_processes(valid)
+    for lid, ok, toks, n in zip(ids, valid, tokens, lengths):
       if not ok:
         continue
       text, ended = decode_text(tokenizer, toks, int(n), eos)

@@ -113,7 +113,7 @@ def embed_all(embed_fn: Callable[[Batch], Any], batches: Iterable[Batch], side: 
   return out
 
 
-def _gather_across_processes(side: dict[str, Any], keys: tuple[str, ...] = ("embeddings",) + ID_KEYS
+def gather_across_processes(side: dict[str, Any], keys: tuple[str, ...] = ("embeddings",) + ID_KEYS
                              ) -> dict[str, Any]:
   """`side[keys]` concatenated over the processes in process order (multi-host); display stays local."""
   jax = sys.modules.get("jax")
@@ -150,7 +150,7 @@ def _sum_across_processes(x: np.ndarray) -> np.ndarray:
   return (g[:, 0] + g[:, 1]).sum(axis=0)
 
 
-def _reorder(side: dict[str, Any], order: np.ndarray) -> dict[str, Any]:
+def reorder(side: dict[str, Any], order: np.ndarray) -> dict[str, Any]:
   out = {k: side[k][order] for k in ("embeddings",) + ID_KEYS if k in side}
   out["display"] = {k: [v[i] for i in order] for k, v in side.get("display", {}).items()}
   return out
@@ -189,7 +189,7 @@ def _sharded_gallery_stats(local: dict[str, Any], local_rows: np.ndarray, galler
   classes = np.unique(gallery["category_id"])
   sums = _sum_across_processes(M.class_sums(local["embeddings"], local["category_id"], classes))
   mine = np.isin(local_rows, _cluster_rows(len(gallery["category_id"]), cfg))
-  sample = _gather_across_processes({"row": local_rows[mine], "embeddings": local["embeddings"][mine]},
+  sample = gather_across_processes({"row": local_rows[mine], "embeddings": local["embeddings"][mine]},
                                     keys=("row", "embeddings"))
   order = np.argsort(sample["row"], kind="stable")
   return GalleryStats(classes, sums, sample["embeddings"][order], gallery["category_id"][sample["row"][order]])
@@ -276,15 +276,15 @@ def evaluate(
     Flat dict of float metrics (see docs/interfaces.md), identical on every process.
   """
   local = embed_all(embed_fn, gallery_batches, "gallery")
-  query = _gather_across_processes(embed_all(embed_fn, query_batches, "query"))
+  query = gather_across_processes(embed_all(embed_fn, query_batches, "query"))
   if local["embeddings"].shape[1] != query["embeddings"].shape[1]:
     raise ValueError(f"evaluate: gallery width {local['embeddings'].shape[1]} != query width "
                      f"{query['embeddings'].shape[1]}.")
   sharded = cfg.gallery_search == "sharded"
   # Canonical gallery order (by listing id): k-means and tie-breaking must not depend on how the
   # gallery was split into batches or processes. A sharded gallery gathers its ids only.
-  gallery = _gather_across_processes(local, ID_KEYS if sharded else ("embeddings",) + ID_KEYS)
-  gallery = _reorder(gallery, np.argsort(gallery["listing_id"], kind="stable"))
+  gallery = gather_across_processes(local, ID_KEYS if sharded else ("embeddings",) + ID_KEYS)
+  gallery = reorder(gallery, np.argsort(gallery["listing_id"], kind="stable"))
   n = len(gallery["listing_id"])
   want = max(cfg.recall_ks + cfg.curve_ks + (cfg.map_k, cfg.knn_k, cfg.report_top))
   k = min(want, n - 1 if cfg.exclude_self and n > 1 else n)

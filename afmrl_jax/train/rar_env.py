@@ -15,9 +15,11 @@ import os
 import time
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 from absl import logging
 
+from afmrl_jax import parallel
 from afmrl_jax.data import pipeline as pipeline_lib
 from afmrl_jax.data import prompts
 from afmrl_jax.data.table import ListingTable
@@ -25,7 +27,7 @@ from afmrl_jax.attributes.parse import parse_attributes
 from afmrl_jax.retrieval import load_retriever
 from afmrl_jax.rl.reward import RetrievalReward, malformed_flags
 from afmrl_jax.train import builders, checkpointing, schema, stage1_data, stage1_step
-from afmrl_jax.train.evaluate import embed_all, make_index
+from afmrl_jax.train.evaluate import embed_all, gather_across_processes, make_index, reorder
 
 INDEX_DIR = "rar_index"
 
@@ -60,22 +62,29 @@ class Environment:
     embed_fn = stage1_step.make_embed_fn(parts, mesh, data.image_grid_thw, batch_size)
 
     # The gallery: embedded once on the candidate side, indexed, saved in the workdir.
+    # With several processes each embeds its slice of the gallery and every process indexes all of it
+    # (each scores its own queries); process 0 saves it. The barrier: all decide before any writes.
     index_dir = os.path.join(workdir, INDEX_DIR)
     ids_path = os.path.join(index_dir, "gallery_ids.npz")
-    if os.path.isfile(ids_path):
+    saved = os.path.isfile(ids_path)
+    parallel.barrier("rar_index_checked")
+    if saved:
       retriever = load_retriever(index_dir)
       with np.load(ids_path) as z:
         gallery_listing, gallery_product = z["listing_id"], z["product_id"]
     else:
       gallery_fn = stage1_step.make_embed_fn(parts, mesh, data.image_grid_thw, env_run.pipeline.eval_batch_size)
-      gallery = embed_all(gallery_fn, data.eval_batches(run.rar.gallery_split, "candidate"), "gallery")
+      gallery = gather_across_processes(embed_all(gallery_fn, data.eval_batches(run.rar.gallery_split, "candidate"),
+                                                  "gallery"))
+      gallery = reorder(gallery, np.argsort(gallery["listing_id"], kind="stable"))
       gallery_listing, gallery_product = gallery["listing_id"], gallery["product_id"]
       retriever = make_index(env_run.eval, run.reward.retriever)
       retriever.build(gallery["embeddings"], np.arange(len(gallery_listing), dtype=np.int64))
-      tmp = index_dir + ".tmp"
-      retriever.save(tmp)
-      np.savez(os.path.join(tmp, "gallery_ids.npz"), listing_id=gallery_listing, product_id=gallery_product)
-      os.replace(tmp, index_dir)  # a half-written index is never loaded
+      if jax.process_index() == 0:
+        tmp = index_dir + ".tmp"
+        retriever.save(tmp)
+        np.savez(os.path.join(tmp, "gallery_ids.npz"), listing_id=gallery_listing, product_id=gallery_product)
+        os.replace(tmp, index_dir)  # a half-written index is never loaded
     reward = RetrievalReward(retriever, gallery_listing, gallery_product, run.reward)
     table = ListingTable.from_catalog(data.catalog, run.rar.query_split)
     return cls(env_run, data, embed_fn, reward, table, batch_size)
@@ -104,11 +113,12 @@ class Environment:
 
   def score(self, listing_ids: Sequence[int], texts: Sequence[str], ended: Sequence[bool]
             ) -> tuple[np.ndarray, dict[str, float]]:
-    """Rewards float32 [n] of the sampled strings `texts` for query listings `listing_ids`, and their
+    """Rewards float32 [n] of the sampled strings `texts` for query listings `listing_ids` (this process's
+    rows: every process calls it with as many rows), and their
     means (`rl.reward.RetrievalReward`) with the seconds spent embedding (`embed_s`: tokenize + frozen
     model) and searching and scoring (`search_s`)."""
     t0 = time.perf_counter()
-    b = self.batch_size
+    b = self.batch_size // jax.process_count()  # embed_fn's rows per process
     embeddings = np.concatenate([self.embed_fn(self.query_inputs(listing_ids[i:i + b], texts[i:i + b]))
                                  for i in range(0, len(texts), b)])
     t1 = time.perf_counter()

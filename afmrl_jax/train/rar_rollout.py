@@ -119,7 +119,7 @@ class Rollout:
     wait_s = 0.0
     for chunk, (gen, extra) in zip(chunks, pending):
       t1 = time.perf_counter()
-      tokens, lengths = np.asarray(gen.tokens), np.asarray(gen.lengths)
+      tokens, lengths = parallel.local_rows(gen.tokens, self.mesh), parallel.local_rows(gen.lengths, self.mesh)
       wait_s += time.perf_counter() - t1
       t1 = time.perf_counter()
       decoded = [decode_text(self.tokenizer, t, int(m), self.eos) for t, m in zip(tokens, lengths)]
@@ -132,7 +132,7 @@ class Rollout:
       out["completion"].append(tokens)
       out["completion_length"].append(lengths)
       for k, v in extra.items():
-        extras.setdefault(k, []).append(np.asarray(v))
+        extras.setdefault(k, []).append(parallel.local_rows(v, self.mesh))
     rollout_s = time.perf_counter() - t0
 
     # Advantages: rewards normalised within each query's group of G.
@@ -142,14 +142,26 @@ class Rollout:
              **{k: np.concatenate(v) for k, v in extras.items()},
              "advantages": advantages.reshape(-1).astype(np.float32)}
     lengths = batch["completion_length"]
+    # Metrics of every process's groups (each process holds Q / processes queries); times are this process's.
+    every_reward = parallel.gather_processes(reward)
     metrics = {
-        "reward_mean": float(reward.mean()), "reward_std": float(reward.std()),
-        "reward_equal_groups": equal_group_share(reward),
-        **{k: float(np.mean([i[k] for i in infos])) for k in infos[0] if not k.endswith("_s")},
+        "reward_mean": float(every_reward.mean()), "reward_std": float(every_reward.std()),
+        "reward_equal_groups": equal_group_share(every_reward),
+        **process_mean({
+            **{k: float(np.mean([i[k] for i in infos])) for k in infos[0] if not k.endswith("_s")},
+            "attribute_keys": float(np.mean([len(parse_attributes(t).pairs) for t in texts])),
+            "completion_tokens": float(lengths.mean())}),
         **{k: float(np.sum([i[k] for i in infos])) for k in infos[0] if k.endswith("_s")},
-        "attribute_keys": float(np.mean([len(parse_attributes(t).pairs) for t in texts])),
-        "completion_tokens": float(lengths.mean()),
         "rollout_tokens_per_s": float(lengths.sum() / max(rollout_s, 1e-9)),
         "rollout_s": rollout_s, "reward_s": reward_s, "sample_wait_s": wait_s,
     }
     return batch, metrics
+
+
+def process_mean(values: dict[str, float]) -> dict[str, float]:
+  """Each value's mean over the processes (every process scores the same number of rows)."""
+  if jax.process_count() == 1:
+    return values
+  keys = sorted(values)
+  every = parallel.gather_processes(np.asarray([[values[k] for k in keys]], np.float32))  # [P, K]
+  return {k: float(v) for k, v in zip(keys, every.mean(axis=0))}

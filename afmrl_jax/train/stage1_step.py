@@ -132,10 +132,6 @@ def make_embed_fn(model_parts, mesh, image_grid_thw, batch_size: int) -> Callabl
       inputs = {k: np.concatenate([v, np.repeat(v[-1:], local - n, axis=0)]) for k, v in inputs.items()}
     with jax.set_mesh(mesh), parallel.logical_rules():
       out = run(params, rest, parallel.global_batch(inputs, mesh))
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      out = multihost_utils.global_array_to_host_local_array(out, mesh, jax.sharding.PartitionSpec(
-          parallel.BATCH_AXES))
-    return np.asarray(out)[:n]
+    return parallel.local_rows(out, mesh)[:n]
 
   return embed_fn

@@ -99,9 +99,6 @@ class Stage2Parts:
 def build(run: schema.Run | Any, workdir: str) -> Stage2Parts:
   """The mesh, policy, environment, query stream, rollout and step of `run` (nothing trained yet)."""
   run = schema.parse(run)
-  if jax.process_count() > 1:
-    raise NotImplementedError("stage2 runs in one process (the reward is scored on one host); run it on "
-                              "one host, with every local device in the mesh.")
   o = run.rar
 
   # Mesh.
@@ -151,16 +148,18 @@ def greedy_reward(parts: Stage2Parts, params, num_rows: int) -> dict[str, float]
   """Mean reward (and its parts) of the greedy strings of the policy at `params` for the first `num_rows`
   query listings: a fixed set, so the SFT and the tuned policy are compared on the same queries."""
   table = parts.environment.table
-  rows = np.arange(min(num_rows, len(table)))
+  processes = jax.process_count()  # each scores an equal share of the rows
+  rows = np.arange(min(num_rows, len(table)) // processes * processes)
   data_cfg = sft.data_config(parts.policy_run)
   batches = generator_data.prompt_batches(table, parts.tokenizer, data_cfg, rows, with_answers=False)
   vl = builders.vl_config(parts.policy_run, parts.tokenizer)
   texts, cut, _ = attribute_eval.generate_strings(parts.model.merge(params), parts.tokenizer, batches,
                                                   generator_data.image_grid_thw(data_cfg), parts.mesh,
                                                   sft.greedy(parts.policy_run, vl))
-  ids = [int(i) for i in table.listing_id[rows]]
+  ids = [int(i) for i in table.listing_id[rows]][jax.process_index()::processes]
   rewards, info = parts.environment.score(ids, [texts[i] for i in ids], [i not in cut for i in ids])
-  return {"reward": float(rewards.mean()), **{k: v for k, v in info.items() if not k.endswith("_s")}}
+  return rar_rollout.process_mean({"reward": float(rewards.mean()),
+                                   **{k: v for k, v in info.items() if not k.endswith("_s")}})
 
 
 def reward_trend(metrics_path: str) -> dict[str, float]:
@@ -196,8 +195,9 @@ def train_and_evaluate(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
       "step": result.step, "stopped_early": result.stopped_early, "stop_reason": result.stop_reason,
       "steps_per_s": result.steps_per_s, **reward_trend(metrics_path),
   }
-  report.plot_loss_curve(metrics_path, os.path.join(workdir, "reward_curve.png"), key="reward_mean",
-                         label="mean reward")
+  if jax.process_index() == 0:
+    report.plot_loss_curve(metrics_path, os.path.join(workdir, "reward_curve.png"), key="reward_mean",
+                           label="mean reward")
   # Evaluation: the greedy reward of the SFT and of the tuned policy on the same queries; the tuned
   # policy's attribute quality on listings never trained on, as after SFT.
   if run.train.eval_at_end and not result.stopped_early and run.rar.eval_queries:
@@ -207,5 +207,6 @@ def train_and_evaluate(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
     summary["attribute_eval"] = sft.evaluate(parts.policy_run, parts.model, parts.catalog, parts.tokenizer,
                                              workdir)
   summary["wall_s"] = time.perf_counter() - t0
-  report.write_json(os.path.join(workdir, "summary.json"), summary)
+  if jax.process_index() == 0:
+    report.write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
