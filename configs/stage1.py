@@ -7,7 +7,7 @@ Usage:
       --config.model.hf_checkpoint=/path/to/Qwen2-VL-2B-Instruct --workdir=...
 
 Presets: `tiny` (default; the embedded catalog on a CPU in a few minutes), `ci` (smaller still, for
-tests), `bench-small` (the benchmark model of the model issue), `qwen2vl-2b` (the paper's scale:
+tests), `bench-small` (the model of the benchmarks under `launch/`), `qwen2vl-2b` (the paper's scale:
 Qwen2-VL-2B + LoRA from a local HF checkpoint, global batch 1024, tau 0.02, bf16, FSDP).
 """
 

@@ -1,6 +1,6 @@
 """Decode benchmark: our KV-cache sampler (JAX) vs HF `generate` (PyTorch), same process, same weights.
 
-"bench-small" (issue 3): Qwen2.5-VL, text hidden 256, 4 layers, 4 heads, 2 kv heads, intermediate 1024,
+"bench-small": Qwen2.5-VL, text hidden 256, 4 layers, 4 heads, 2 kv heads, intermediate 1024,
 vocab 8192, M-RoPE sections [8, 12, 12], tied embeddings; vision depth 4, width 128, 4 heads,
 intermediate 256, window 56, full-attention block 3; 112x112 images (8x8 patches, 16 merged image
 tokens); batch 16, 32-token text prompt, 32 sampled new tokens (temperature 1, no EOS stop, so both

@@ -99,7 +99,7 @@ class Listing:
 
 
 def _meta(listing: Listing) -> dict:
-  """A listing's fields but the image; `listing_key` only when set (synthetic catalogs: same bytes as before)."""
+  """A listing's fields but the image; `listing_key` only when set (a synthetic catalog's metadata has none)."""
   meta = dataclasses.asdict(listing)
   meta.pop("image")
   if not meta["listing_key"]:

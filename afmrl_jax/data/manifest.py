@@ -22,9 +22,10 @@ without one is `train`.
 Ids: the rest of the package uses int ids, so ids are mapped to ints per id space (listings; products,
 shared by `product_id` and `true_product_id`; families): an int id maps to itself (an all-int manifest keeps
 exactly its ids), and each distinct string id gets a fresh int above the space's largest int id (from 0
-when it has none), in order of first appearance in the manifest. The int 5 and the string "5" are two
-different ids. The user's listing id is kept as `listing_key` (str) on every row and listing, and
-`ManifestReport.ids` holds each space's {user id: int id}.
+when it has none), in order of first appearance in the manifest. Outputs write ids as text, so the int 5
+and the string "5" are one listing id (a repeat, refused like any other) and, as product or family ids, are
+refused (each id space must write an id one way). The user's listing id is kept as `listing_key` (str) on
+every row and listing, and `ManifestReport.ids` holds each space's {user id: int id}.
 
 Categories: taken from the data (the sorted set of `category` values) unless the caller passes
 `categories=`, which then refuses any other category. A category's attribute keys (the generator's
