@@ -11,8 +11,12 @@ loss_fn(encode(params, batch_1), encode(params, batch_2), ...).
   step = grad_cache(encode_fn, loss_fn, chunk_size=64)
   (loss, aux), grads = step(params, (query_batch, candidate_batch), *loss_args)
 
-encode_fn(params, chunk) -> [chunk, D]; every input is a pytree of arrays with leading batch size B
-(a multiple of chunk_size); loss_fn(emb_1, ..., emb_n, *loss_args) -> (loss, aux).
+encode_fn(params, chunk) -> [chunk, D]; every input is a pytree of arrays with one leading size per
+input (a multiple of chunk_size); loss_fn(emb_1, ..., emb_n, *loss_args) -> (loss, aux). Inputs may
+differ in size: mined hard negatives, h per query, go in flattened as a third input [B * h, ...]
+  step(params, (query_batch, candidate_batch, mined_batch), q_terms, c_terms, mined_terms)
+with loss_fn(q, c, mined, ...) -> agcl_loss(..., mined=mined, mined_terms=...); they are encoded in
+chunks of chunk_size rows like the others, so activation memory does not grow with h.
 With a batch sharded over Explicit mesh axes (params on the same mesh, inside `jax.set_mesh`), every
 chunk takes chunk_size / S rows from each of the S batch shards, sliced in place (no input is moved or
 copied), so chunk_size must be a multiple of S.
