@@ -29,7 +29,7 @@ def _mined(seed, q, qt, h=H, k=K_MINED, vocab=11):
 
 CONFIGS = [
     AGCLConfig.infonce(symmetric=True),  # the candidate->query direction leaves mined columns out
-    AGCLConfig(uniform_margin=2.0),
+    AGCLConfig(uniform_margin=2.0, mask="positive", delta=0.5),
     AGCLConfig(),
     AGCLConfig(mask="attribute", mask_threshold=0.7),
     AGCLConfig.published(mask="margin", delta=-0.1),
@@ -84,6 +84,7 @@ def test_mined_matches_numpy_reference(index, strategy):
   q, c, qt, ct, idf, avg, mined, mt = _case(index)
   # Ring: whole [2, 6] blocks, or [2, 3] tiles that mix in-batch and mined columns.
   tile = 4 if strategy == "ring" and index % 2 == 0 else None
+  mt = mt if config.needs_bm25 else None  # not needed: filled in
   (loss, metrics), grads = _step(config, strategy, tile)(q, c, mined, qt, ct, mt, idf, avg)
   ref_loss, ref_metrics, ref_grads = _reference(index)
   np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5, atol=2e-6)
@@ -99,13 +100,13 @@ def test_mined_columns_change_the_loss_and_are_masked():
   q, c, qt, ct, idf, avg, mined, mt = _case(3)
   plain, _ = np_agcl_loss(q, c, qt, ct, idf, avg, CONFIGS[2])
   assert _reference(2)[0] > plain + 0.1
-  for index in (3, 4):
+  for index in (1, 3, 4):
     assert 0 < _reference(index)[1]["masked_fraction"] < 1
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_no_mined_columns_is_the_plain_loss_bitwise(strategy):
-  config = AGCLConfig(mask="attribute")
+  config = AGCLConfig.infonce(symmetric=True)  # which code runs is decided before tracing, for any config
   q, c, qt, ct, idf, avg = _inputs(7, n=N, d=D)
   tile = 1 if strategy == "ring" else None
   (loss, metrics), grads = _step(config, strategy, tile, with_mined=False)(q, c, None, qt, ct, None, idf, avg)
@@ -122,9 +123,9 @@ def test_no_mined_columns_is_the_plain_loss_bitwise(strategy):
 
 def test_flat_mined_equals_per_query_layout():
   """mined [B*h, D] (what an encoder gives for flattened inputs) is the same as [B, h, D]."""
-  config = AGCLConfig(mask="attribute")
+  config = AGCLConfig()
   q, c, qt, ct, idf, avg, mined, mt = _case(1)
-  step = _step(config, "ring", 4)
+  step = _step(config, "ring")
   (loss, metrics), grads = step(q, c, mined, qt, ct, mt, idf, avg)
   (loss_f, metrics_f), grads_f = step(q, c, mined.reshape(-1, D), qt, ct, mt.reshape(-1, K_MINED), idf, avg)
   assert _rel(loss_f, loss) < 1e-6
@@ -169,7 +170,7 @@ def _check_gradcache(params, x, terms, loss_fn, chunk, put=lambda a: a):
 
 def test_gradcache_with_mined_inputs():
   x, terms, idf = _gradcache_case(0, n=24, h=2)
-  config = AGCLConfig(mask="margin", delta=0.0, symmetric=True)
+  config = AGCLConfig()
 
   def loss_fn(q, c, m, qt, ct, mt):
     return agcl_loss(q, c, qt, ct, idf, 3.0, config, mined=m, mined_terms=mt)
@@ -180,13 +181,13 @@ def test_gradcache_with_mined_inputs():
 def test_gradcache_with_mined_inputs_sharded_ring():
   """Batch and mined inputs sharded over 8 devices (Explicit), ring loss: same as direct autodiff."""
   mesh = jax.make_mesh((8,), ("data",), axis_types=(EXPLICIT,))
-  x, terms, idf = _gradcache_case(1, n=32, h=3)
+  x, terms, idf = _gradcache_case(1, n=16, h=3)
 
   def loss_fn(q, c, m, qt, ct, mt):
-    return agcl_loss(q, c, qt, ct, idf, 3.0, AGCLConfig(), mined=m, mined_terms=mt, strategy="ring",
-                     axis_names=("data",), tile_size=2)
+    return agcl_loss(q, c, qt, ct, idf, 3.0, AGCLConfig(uniform_margin=1.0, mask="margin", delta=0.0),
+                     mined=m, mined_terms=mt, strategy="ring", axis_names=("data",))
 
   with jax.set_mesh(mesh):
     params = jax.device_put(_mlp_params(jax.random.key(2)), NamedSharding(mesh, P()))
-    _check_gradcache(params, x, terms, loss_fn, chunk=16,
+    _check_gradcache(params, x, terms, loss_fn, chunk=8,
                      put=lambda a: jax.device_put(a, NamedSharding(mesh, P("data"))))

@@ -128,8 +128,9 @@ def agcl_loss(q, c, q_terms, c_terms, idf, avg_doc_len, config: Optional[AGCLCon
               mesh=None, tile_size: Optional[int] = DEFAULT_TILE):
   """Mean AGCL loss over the global batch and a dict of scalar metrics. See the module docstring.
 
-  tile_size: ring only: the local [L, L] block is processed in [L, tile_size] column tiles (the largest
-  divisor of L not above it), so per-device memory is linear in the batch; None: whole blocks.
+  tile_size: ring only: the local [L, C] block (C = L, or L + M/P with mined columns) is processed in
+  [L, tile_size] column tiles (the largest divisor of C not above it), so per-device memory is linear
+  in the batch; None: whole blocks.
   mined, mined_terms: hard-negative columns [B, h, D] / [B, h, K'] or [M, D] / [M, K'] (module
   docstring); None: none.
   Works eagerly and under `jax.jit`; gradients flow to q, c and mined only (bias and masks are
