@@ -26,10 +26,11 @@ def tiny_vl():
   return VLConfig.from_hf_dict(arch)
 
 
-def make_batch(seed=0):
+def make_batch(seed=0, h=0):
+  """A batch of B query / candidate pairs; with `h`, also h mined negatives per query (`mined_*` [B, h, ...])."""
   rng = np.random.default_rng(seed)
   batch = {}
-  for s in ("query", "candidate"):
+  for s in ("query", "candidate") + (("mined",) if h else ()):
     ids = rng.integers(1, 59, size=(B, T)).astype(np.int32)
     ids[:, 1] = 61
     ids[:, 2:6] = 60
@@ -46,6 +47,11 @@ def make_batch(seed=0):
     batch[f"{s}_attention_mask"] = np.maximum(mask, (ids >= 60).astype(np.int32))
     batch[f"{s}_pixel_values"] = rng.normal(size=(B, 16, 1176)).astype(np.float32)
     batch[f"{s}_terms"] = rng.integers(0, 20, size=(B, K)).astype(np.int32)
+  if h:  # h rows per query: the mined side drawn for B * h rows
+    more = make_batch(seed + 1, 0) if h > 1 else None
+    for key in [k for k in batch if k.startswith("mined_")]:
+      rows = batch[key] if h == 1 else np.concatenate([batch[key], more[key.replace("mined", "query")]])
+      batch[key] = rows.reshape((h, B) + rows.shape[1:]).swapaxes(0, 1)
   return batch
 
 
@@ -61,7 +67,7 @@ def build():
 IDF = np.linspace(0.0, 2.0, 20).astype(np.float32)
 
 
-def grads_of(mesh_shape, strategy, gradcache_chunk=0, config=AGCLConfig()):
+def grads_of(mesh_shape, strategy, gradcache_chunk=0, config=AGCLConfig(), h=0):
   mesh = mesh_of(mesh_shape)
   model = state_lib.create_sharded(build, mesh, nnx.Param)
   agcl = stage1_step.make_agcl(config, strategy, IDF, 3.0)
@@ -75,7 +81,7 @@ def grads_of(mesh_shape, strategy, gradcache_chunk=0, config=AGCLConfig()):
       return jax.value_and_grad(lambda p: loss_fn(nnx.merge(model.graphdef, p, rest), batch),
                                 has_aux=True)(params)
   with jax.set_mesh(mesh), parallel.logical_rules():
-    batch = parallel.global_batch(make_batch(), mesh)
+    batch = parallel.global_batch(make_batch(h=h), mesh)
     (loss, metrics), grads = jax.jit(grad_fn)(model.params, model.rest, batch)
   return float(loss), jax.tree.map(np.asarray, grads)
 
@@ -132,6 +138,22 @@ def test_gradcache_equals_autodiff(reference):
   loss, grads = grads_of({"data": 4, "fsdp": 1, "tensor": 1}, "all_gather", gradcache_chunk=1)
   np.testing.assert_allclose(loss, reference[0], rtol=1e-5)
   assert_trees_close(grads, reference[1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def mined_reference():
+  return grads_of({"data": 1, "fsdp": 1, "tensor": 1}, "dense", h=2)
+
+
+def test_mined_negatives_change_the_loss_and_gradcache_and_sharding_agree(reference, mined_reference):
+  """Two mined negatives per query as extra columns: the loss rises (more negatives); GradCache (the mined
+  rows encoded in chunks) and the sharded ring equal plain autodiff on one device."""
+  assert mined_reference[0] > reference[0]
+  for shape, strategy, chunk in (({"data": 4, "fsdp": 1, "tensor": 1}, "all_gather", 1),
+                                 ({"data": 2, "fsdp": 2, "tensor": 1}, "ring", 0)):
+    loss, grads = grads_of(shape, strategy, gradcache_chunk=chunk, h=2)
+    np.testing.assert_allclose(loss, mined_reference[0], rtol=1e-5)
+    assert_trees_close(grads, mined_reference[1], rtol=1e-4, atol=1e-6)
 
 
 def test_interleave_shards_takes_rows_from_every_shard():

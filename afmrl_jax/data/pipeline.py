@@ -112,7 +112,21 @@ class ListingEncoder:
             "terms": self.stats.encode(terms_text, self.config.max_terms)}
 
 
-def _attrs(table: ListingTable, i: int, source: str, override: Mapping[int, str] | None) -> str:
+def listing_side(enc: ListingEncoder, table: ListingTable, i: int, side: str,
+                 attributes_by_listing: Mapping[int, str] | None = None,
+                 terms_by_listing: Mapping[int, str] | None = None) -> dict:
+  """One side ('query' | 'candidate') of listing row `i` as stored (its own image, title and attribute
+  strings): `input_ids`, `attention_mask` [T], `pixel_values` [P, Dp], `terms` [K]."""
+  config = enc.config
+  instruction = config.query_instruction if side == "query" else config.candidate_instruction
+  attrs = None if config.text_attributes == "none" else attribute_text(table, i, config.text_attributes,
+                                                               attributes_by_listing)
+  terms = attribute_text(table, i, config.term_source, terms_by_listing)
+  return enc.side(instruction, table.image(i), table.title[i], attrs, terms)
+
+
+def attribute_text(table: ListingTable, i: int, source: str, override: Mapping[int, str] | None) -> str:
+  """The attribute string of row `i` under `source` ('teacher' | 'true'), or its `override` when given."""
   if override is not None and int(table.listing_id[i]) in override:
     return override[int(table.listing_id[i])]
   return table.teacher_attributes[i] if source == "teacher" else table.product_attributes[i]
@@ -214,10 +228,10 @@ def train_dataset(table: ListingTable, tokenizer, stats, config: PipelineConfig 
     else:
       q_img, c_img = table.image(q), table.image(c)
     text_attr = config.text_attributes
-    qa = None if text_attr == "none" else _attrs(table, q, text_attr, attributes_by_listing)
-    ca = None if text_attr == "none" else _attrs(table, c, text_attr, attributes_by_listing)
-    q_terms = _attrs(table, q, config.term_source, terms_by_listing)
-    c_terms = _attrs(table, c, config.term_source, terms_by_listing)
+    qa = None if text_attr == "none" else attribute_text(table, q, text_attr, attributes_by_listing)
+    ca = None if text_attr == "none" else attribute_text(table, c, text_attr, attributes_by_listing)
+    q_terms = attribute_text(table, q, config.term_source, terms_by_listing)
+    c_terms = attribute_text(table, c, config.term_source, terms_by_listing)
     if config.pair_mode == "listing":
       qs = enc.side(config.query_instruction, q_img, table.title[q], qa, q_terms)
       cs = enc.side(config.candidate_instruction, c_img, table.title[c], ca, c_terms)
@@ -264,7 +278,6 @@ def eval_dataset(table: ListingTable, tokenizer, stats, config: PipelineConfig =
     raise ValueError(f"eval_dataset side must be 'query' or 'candidate', got {side!r}")
   p, _, local_b = _shard(shard_options, config.eval_batch_size)
   enc = ListingEncoder(tokenizer, stats, config)
-  instruction = config.query_instruction if side == "query" else config.candidate_instruction
   b = config.eval_batch_size
   n_global = -(-len(table) // b)
 
@@ -273,10 +286,7 @@ def eval_dataset(table: ListingTable, tokenizer, stats, config: PipelineConfig =
     pos = gb * b + p * local_b + slot
     valid = pos < len(table)
     i = pos if valid else 0
-    attrs = None if config.text_attributes == "none" else _attrs(table, i, config.text_attributes,
-                                                                 attributes_by_listing)
-    terms = _attrs(table, i, config.term_source, terms_by_listing)
-    out = enc.side(instruction, table.image(i), table.title[i], attrs, terms)
+    out = listing_side(enc, table, i, side, attributes_by_listing, terms_by_listing)
     for f in ("product_id", "listing_id", "true_product_id", "family_id", "category_id"):
       out[f] = np.int32(getattr(table, f)[i])
     out["valid"] = np.int32(valid)

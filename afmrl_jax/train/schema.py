@@ -39,6 +39,7 @@ from afmrl_jax.train.checkpointing import CheckpointOptions
 from afmrl_jax.train.cit import CITOptions
 from afmrl_jax.train.evaluate import EvalConfig
 from afmrl_jax.train.loop import TrainOptions
+from afmrl_jax.train.mined_negatives import MiningOptions
 from afmrl_jax.train.rar_rollout import RAROptions
 from afmrl_jax.train.stage1_data import AttributeOptions
 from afmrl_jax.train.stage1_step import GradCacheOptions
@@ -106,6 +107,7 @@ class Run:
   lora: LoRAOptions = LoRAOptions()
   loss: LossOptions = LossOptions()
   gradcache: GradCacheOptions = GradCacheOptions()
+  mining: MiningOptions = MiningOptions()  # stage 1: hard negatives mined with the current model
   optimizer: OptimizerConfig = OptimizerConfig()
   train: TrainOptions = TrainOptions()
   mesh: MeshShape = MeshShape()

@@ -21,6 +21,7 @@ from afmrl_jax.train import builders
 from afmrl_jax.train import checkpointing
 from afmrl_jax.train import report
 from afmrl_jax.train import loop as loop_lib
+from afmrl_jax.train import mined_negatives
 from afmrl_jax.train import workdir as workdir_lib
 from afmrl_jax.train import schema
 from afmrl_jax.train import stage1_data
@@ -56,10 +57,16 @@ def train(run: schema.Run | Any, workdir: str, data: stage1_data.Stage1Data | No
     step_fn = loop_lib.make_train_step(model.graphdef, tx,
                                        loss_fn=stage1_step.make_loss_fn(agcl, data.image_grid_thw))
 
+  # Mined hard negatives: every `mining.every` steps the current model mines each training listing's
+  # nearest other products; each query brings `mining.per_query` of them as extra candidate columns.
+  rollout = None
+  if run.mining.enabled:
+    rollout = mined_negatives.MinedNegatives(run.mining, data, model, mesh, workdir, run.pipeline.eval_batch_size)
+
   # Checkpoint and loop: resume the train state and the data position from the latest save, then train.
   result = loop_lib.resume_and_run(step_fn, model, tx, train_iter, mesh=mesh, options=run.train,
                                    checkpoint=run.checkpoint, workdir=workdir,
-                                   examples_per_step=run.pipeline.batch_size)
+                                   examples_per_step=run.pipeline.batch_size, rollout=rollout)
   model.params = result.state["params"]
   return result, model, data
 

@@ -56,6 +56,9 @@ class Stage1Data:
   catalog: Any
   stats: Any = None  # attributes.bm25.CorpusStats of the BM25 terms
   pipeline: Any = None  # the completed data.pipeline.PipelineConfig
+  train_table: Any = None  # data.table.ListingTable the training batches draw from
+  # listing_id -> attribute string replacing the catalog's (a generated file, or '' for source none); None
+  attribute_overrides: Mapping[int, str] | None = None
 
 
 def read_generated_attributes(path: str, known_ids=None, skip_bad_rows: bool = False) -> dict[int, str]:
@@ -241,4 +244,5 @@ def make(run: Any, workdir: str) -> Stage1Data:
 
   return Stage1Data(tokenizer=tokenizer, image_grid_thw=image_grid_thw, idf=np.asarray(stats.idf, np.float32),
                     avg_doc_len=float(stats.avg_doc_len), train_iter=train_iter, eval_batches=eval_batches,
-                    listings_by_id=listings_by_id, catalog=catalog, stats=stats, pipeline=pipe)
+                    listings_by_id=listings_by_id, catalog=catalog, stats=stats, pipeline=pipe,
+                    train_table=train_table, attribute_overrides=generated)

@@ -16,6 +16,7 @@ Two ways to get gradients, same numbers:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -53,15 +54,26 @@ def _terms(batch, prefix):
 
 def make_agcl(agcl_config, strategy: str, idf: np.ndarray | None, avg_doc_len: float,
               axis_names: Sequence[str] = parallel.BATCH_AXES) -> Callable:
-  """loss(q [B,D], c [B,D], q_terms [B,K], c_terms [B,K]) -> (loss, metrics) on the global batch."""
+  """loss(q [B,D], c [B,D], q_terms [B,K], c_terms [B,K], mined [B,h,D] = None, mined_terms [B,h,K] = None)
+  -> (loss, metrics) on the global batch (mined: extra hard-negative candidate columns)."""
   idf = None if idf is None else jnp.asarray(idf, jnp.float32)
   names = () if strategy == "dense" else tuple(axis_names)
 
-  def loss(q, c, q_terms, c_terms):
-    return agcl_loss(q, c, q_terms, c_terms, idf, avg_doc_len, agcl_config, strategy=strategy,
-                     axis_names=names)
+  def loss(q, c, q_terms, c_terms, mined=None, mined_terms=None):
+    return agcl_loss(q, c, q_terms, c_terms, idf, avg_doc_len, agcl_config, mined=mined,
+                     mined_terms=mined_terms, strategy=strategy, axis_names=names)
 
   return loss
+
+
+def embed_mined(model, batch: Mapping[str, Any], image_grid_thw) -> tuple[jax.Array | None, jax.Array | None]:
+  """(embeddings [B, h, D], terms [B, h, K]) of the batch's mined hard negatives (`mined_*` keys,
+  [B, h, ...]); (None, None) without them."""
+  if "mined_input_ids" not in batch:
+    return None, None
+  b, h = batch["mined_input_ids"].shape[:2]
+  flat = {k: v.reshape((b * h,) + v.shape[2:]) for k, v in side(batch, "mined").items()}
+  return heads.embed(model, flat, image_grid_thw).reshape(b, h, -1), _terms(batch, "mined")
 
 
 def make_loss_fn(agcl: Callable, image_grid_thw: tuple[int, int, int] | None) -> Callable:
@@ -70,7 +82,8 @@ def make_loss_fn(agcl: Callable, image_grid_thw: tuple[int, int, int] | None) ->
   def loss_fn(model, batch):
     q = heads.embed(model, side(batch, "query"), image_grid_thw)
     c = heads.embed(model, side(batch, "candidate"), image_grid_thw)
-    return agcl(q, c, _terms(batch, "query"), _terms(batch, "candidate"))
+    mined, mined_terms = embed_mined(model, batch, image_grid_thw)
+    return agcl(q, c, _terms(batch, "query"), _terms(batch, "candidate"), mined, mined_terms)
 
   return loss_fn
 
@@ -96,12 +109,32 @@ def make_gradcache_grad_fn(graphdef: Any, agcl: Callable, image_grid_thw, chunk_
 
   def grad_fn(params, rest, batch):
     mix = lambda tree: jax.tree.map(lambda x: interleave_shards(x, shards, chunk_per_device), tree)
-    step = grad_cache(lambda p, ch: encode(p, ch, rest), agcl, chunk_size=chunk_per_device * shards)
+    encode_chunk = lambda p, ch: encode(p, ch, rest)
     inputs = tuple(mix(side(batch, s)) for s in SIDES)
     q_terms, c_terms = (mix(_terms(batch, s)) if _terms(batch, s) is not None else None for s in SIDES)
-    return step(params, inputs, q_terms, c_terms)
+    if "mined_input_ids" not in batch:
+      return grad_cache(encode_chunk, agcl, chunk_size=chunk_per_device * shards)(params, inputs, q_terms, c_terms)
+    # Mined negatives [B, h, ...] as a third input of B*h rows, encoded in chunks like the others: every
+    # query scores every mined column, so their order does not matter to the loss.
+    flat = lambda x: x.reshape((-1,) + x.shape[2:])
+    mined = mix(jax.tree.map(flat, side(batch, "mined")))
+    mined_terms = None if _terms(batch, "mined") is None else mix(flat(_terms(batch, "mined")))
+    loss = lambda q, c, m, qt, ct, mt: agcl(q, c, qt, ct, m, mt)
+    step = grad_cache(encode_chunk, loss, chunk_size=chunk_per_device * shards)
+    return step(params, inputs + (mined,), q_terms, c_terms, mined_terms)
 
   return grad_fn
+
+
+@functools.lru_cache(maxsize=8)
+def _embed_program(graphdef, image_grid_thw):
+  """The jitted embedding of a model structure: new parameters (a mining refresh) reuse its compilation."""
+
+  @jax.jit
+  def run(params, rest, inputs):
+    return heads.embed(nnx.merge(graphdef, params, rest), inputs, image_grid_thw)
+
+  return run
 
 
 def make_embed_fn(model_parts, mesh, image_grid_thw, batch_size: int) -> Callable:
@@ -113,10 +146,7 @@ def make_embed_fn(model_parts, mesh, image_grid_thw, batch_size: int) -> Callabl
   model_parts: (graphdef, params, rest) of the trained model.
   """
   graphdef, params, rest = model_parts
-
-  @jax.jit
-  def run(params, rest, inputs):
-    return heads.embed(nnx.merge(graphdef, params, rest), inputs, image_grid_thw)
+  run = _embed_program(graphdef, tuple(image_grid_thw))
 
   def embed_fn(batch):
     if "input_ids" in batch:

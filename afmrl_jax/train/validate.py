@@ -120,9 +120,12 @@ def _batch(pipeline, mesh, gradcache, num_devices: int, num_processes: int) -> l
   return []
 
 
-def _combinations(catalog, pipeline) -> list[str]:
+def _combinations(catalog, pipeline, mining=None) -> list[str]:
   """Settings that each work alone but not together."""
   problems = []
+  if mining is not None and mining.enabled and pipeline is not None and pipeline.pair_mode != "listing":
+    problems.append(f"config.mining.enabled=True mines listings as candidates; it needs "
+                    f"config.pipeline.pair_mode='listing' (got {pipeline.pair_mode!r}).")
   if catalog is not None and pipeline is not None and catalog.manifest and pipeline.fresh_views:
     problems.append("config.pipeline.fresh_views=True renders new views of the synthetic catalog's products; "
                     "with config.catalog.manifest set, pass --config.pipeline.fresh_views=False.")
@@ -198,7 +201,7 @@ def validate(config: Any, workdir: str, *, num_devices: int | None = None,
   if parts["pipeline"] is not None and parts["mesh"] is not None:
     problems += _batch(parts["pipeline"], parts["mesh"], parts["gradcache"], num_devices, num_processes)
   problems += _paths(parts["catalog"], parts["attributes"], parts["checkpoint"])
-  problems += _combinations(parts["catalog"], parts["pipeline"])
+  problems += _combinations(parts["catalog"], parts["pipeline"], parts["mining"])
   problems += _workdir(workdir)
   if parts["stage"] == "stage2" and parts["rar"] is not None:
     problems += _rar(parts["rar"], parts["mesh"], num_devices)

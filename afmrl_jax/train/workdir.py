@@ -27,8 +27,8 @@ CHANGES_FILE = "config_changes.jsonl"
 
 # What the checkpoints mean: top-level fields, then whole sections (minus the knobs below).
 FINGERPRINT_TOP = ("stage", "task", "dtype")
-FINGERPRINT_SECTIONS = ("model", "lora", "loss", "catalog", "pipeline", "attributes", "generator", "optimizer",
-                        "rar", "grpo", "reward")
+FINGERPRINT_SECTIONS = ("model", "lora", "loss", "mining", "catalog", "pipeline", "attributes", "generator",
+                        "optimizer", "rar", "grpo", "reward")
 # Throughput and bookkeeping knobs inside those sections: they change neither the batches nor the math.
 NOT_FINGERPRINTED = ("catalog.cache_dir", "pipeline.eval_batch_size", "pipeline.num_threads",
                      "pipeline.prefetch_buffer_size", "pipeline.worker_processes", "generator.eval_batch_size",
