@@ -6,10 +6,17 @@
 #   SEEDS    default "0 1 2 3 4"   (>= 5 for the published table)
 #   ARMS     default: every arm below
 # Environment: PRESET (default tiny), STEPS (default: the preset's), MARGIN (uniform-margin control,
-# default 1.0), EXTRA (more --config overrides for every run), PYTHON (default .venv/bin/python),
+# default 1.0), MINED (the mining flags of the *_mined arms), EXTRA (more --config overrides for every
+# run), PYTHON (default .venv/bin/python),
 # BASELINE (the arm of the paired differences, default infonce), SFT_ATTRIBUTES and RAR_ATTRIBUTES (the
 # generate stage's attributes.jsonl of the SFT and of the RAR generator, for agcl_sft_enriched and
 # agcl_rar_enriched).
+#
+# The mined-negatives question (does attribute guidance beat a uniform margin once hard negatives are in
+# the batch?):
+#   BASELINE=uniform_margin launch/ablate_stage1.sh /tmp/ablate_mining "0 1 2 3 4" \
+#     "infonce uniform_margin agcl agcl_published infonce_mined uniform_margin_mined agcl_mined \
+#      agcl_published_mined agcl_mined_attribute_filter agcl_mined_score_filter"
 #
 # Seeds change the model init, the batch order and the fresh views (model.param_seed,
 # pipeline.seed); the catalog is the same for every run, so arms are compared on the same data
@@ -24,6 +31,7 @@ PRESET=${PRESET:-tiny}
 MARGIN=${MARGIN:-1.0}
 PYTHON=${PYTHON:-.venv/bin/python}
 EXTRA=${EXTRA:-}
+MINED=${MINED:-"--config.mining.enabled=True --config.mining.every=100 --config.mining.num_mined=8 --config.mining.per_query=2"}
 STEPS_FLAG=""
 if [[ -n "${STEPS:-}" ]]; then STEPS_FLAG="--config.train.num_steps=${STEPS}"; fi
 
@@ -44,6 +52,13 @@ declare -A ARM_FLAGS=(
   [agcl_true_enriched]="--config.attributes.source=true --config.attributes.enrich_queries=True"
   [agcl_sft_enriched]="--config.attributes.source=${SFT_ATTRIBUTES:-} --config.attributes.enrich_queries=True"
   [agcl_rar_enriched]="--config.attributes.source=${RAR_ATTRIBUTES:-} --config.attributes.enrich_queries=True"
+  # Mined hard negatives (docs/mining.md): MINED (default below) on top of the arm's loss.
+  [infonce_mined]="--config.loss.bias_scale=0 ${MINED}"
+  [uniform_margin_mined]="--config.loss.uniform_margin=${MARGIN} ${MINED}"
+  [agcl_mined]="${MINED}"
+  [agcl_published_mined]="--config.loss.bias_scale=1 --config.loss.bm25_norm=none --config.loss.bias_on=all ${MINED}"
+  [agcl_mined_attribute_filter]="${MINED} --config.mining.filter=attribute"
+  [agcl_mined_score_filter]="${MINED} --config.mining.filter=score"
 )
 DEFAULT_ARMS="infonce agcl agcl_published uniform_margin agcl_mask_margin agcl_mask_attribute agcl_mask_positive agcl_family_mixed infonce_family_mixed agcl_no_duplicates infonce_no_duplicates infonce_enriched agcl_enriched"
 ARMS=${3:-$DEFAULT_ARMS}
