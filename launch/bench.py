@@ -9,7 +9,7 @@ machine no other benchmark is using, and collects:
                      and the script's own JSON
   <out>/bench.md     the same, with every script's printed table under its heading
 
-  python launch/bench.py --out /tmp/bench                      # everything (about an hour on 2 CPU cores)
+  python launch/bench.py --out /tmp/bench --settle_load 0.5     # everything (about an hour on 2 CPU cores)
   python launch/bench.py --out /tmp/bench --quick              # small sizes: minutes, to check it all runs
   python launch/bench.py --out /tmp/bench --only stage1,decode --pause_s 60
 
@@ -46,7 +46,10 @@ BENCHMARKS = {
 MACHINE = r"""
 import json, os, sys
 import jax
-out = {"cpu_count": os.cpu_count(), "backend": jax.default_backend(), "devices": [d.device_kind for d in jax.devices()],
+model = ""
+if os.path.exists("/proc/cpuinfo"):
+  model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
+out = {"cpu_model": model, "cpu_count": os.cpu_count(), "backend": jax.default_backend(), "devices": [d.device_kind for d in jax.devices()],
        "xla_flags": os.environ.get("XLA_FLAGS", ""), "python": sys.version.split()[0], "jax": jax.__version__}
 try:
   import torch
@@ -90,7 +93,8 @@ def markdown(report: dict) -> str:
   m = {"cpu_count": "?", "backend": "?", "devices": [], "jax": "?", "torch_threads": "?", "xla_flags": "",
        **report["machine"]}
   lines = ["# Benchmarks", "",
-           f"{m['cpu_count']} CPUs, {m['backend']} ({', '.join(sorted(set(m['devices'])))}), "
+           f"{m['cpu_count']} CPUs{' (' + m['cpu_model'] + ')' if m.get('cpu_model') else ''}, {m['backend']} "
+           f"({', '.join(sorted(set(m['devices'])))}), "
            f"jax {m['jax']}, torch threads {m['torch_threads']}, XLA_FLAGS={m['xla_flags']!r}"
            f"{', quick sizes' if report['quick'] else ''}.", "",
            "| benchmark | status | wall s | load before -> after |", "|---|---|---|---|"]
@@ -108,12 +112,22 @@ def markdown(report: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def settle(below: float, limit_s: float = 600.0) -> None:
+  """Waits until the one-minute load average is under `below` (a 2-core benchmark leaves it near 2 for
+  about a minute), at most `limit_s`; no wait for `below` 0."""
+  t0 = time.time()
+  while below and os.getloadavg()[0] >= below and time.time() - t0 < limit_s:
+    time.sleep(5)
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--out", required=True, help="folder for bench.json, bench.md and each script's JSON")
   ap.add_argument("--only", default="", help=f"comma-separated subset of {', '.join(BENCHMARKS)}")
   ap.add_argument("--quick", action="store_true", help="small sizes: checks that every benchmark runs")
   ap.add_argument("--pause_s", type=float, default=0.0, help="wait between benchmarks (let the load settle)")
+  ap.add_argument("--settle_load", type=float, default=0.0,
+                  help="before each benchmark also wait (up to 10 min) until the 1-minute load average is below this")
   args = ap.parse_args()
   names = [n for n in args.only.split(",") if n] or list(BENCHMARKS)
   unknown = [n for n in names if n not in BENCHMARKS]
@@ -124,6 +138,7 @@ def main() -> None:
   for i, name in enumerate(names):
     if i and args.pause_s:
       time.sleep(args.pause_s)
+    settle(args.settle_load)
     print(f"[bench] {name} ...", flush=True)
     report["benchmarks"][name] = entry = run_one(name, args.quick, args.out)
     print(f"[bench] {name}: exit {entry.get('returncode', '-')} in {entry.get('wall_s', 0):.0f} s", flush=True)
