@@ -174,6 +174,15 @@ def gather_processes(x: np.ndarray) -> np.ndarray:
   return g.reshape((-1,) + g.shape[2:])
 
 
+def agree(flag: bool) -> bool:
+  """Process 0's `flag` on every process: a decision that leads to collectives (load a file or compute
+  it) must be the same everywhere, even when a shared filesystem shows the processes different things."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(flag))))
+
+
 def maybe_initialize_distributed() -> bool:
   """Calls `jax.distributed.initialize()` only when a cluster is detected.
 

@@ -46,6 +46,8 @@ def test_refreshes_are_logged_and_saved(full):
   n = len(data.train_table)
   for r in refreshes:
     assert r["mined"] == n * 4 and 0 <= r["mined_dropped"] <= r["mined"]
+  # Tables no saved checkpoint can need are gone (checkpoints: step 8 only; its refresh is step 6).
+  assert sorted(os.listdir(os.path.join(workdir, "mined"))) == ["refreshes.jsonl", "step_6.npz"]
   # The saved tables hold other products only; after the 'attribute' filter no neighbour has the query's
   # attribute term set.
   table = mining.MinedTable.load(mined_negatives.table_path(workdir, 6))
@@ -64,7 +66,7 @@ def test_batches_carry_h_mined_listings_of_other_products(full, cache):
   run = schema.parse(small_config(cache, STEPS, **MINING))
   mesh = parallel.make_mesh(run.mesh)
   model = builders.create_model(run, data.tokenizer, mesh)
-  miner = mined_negatives.MinedNegatives(run.mining, data, model, mesh, workdir, run.pipeline.eval_batch_size)
+  miner = mined_negatives.MinedNegatives(run.mining, data, model, mesh, workdir)
   assert miner._restore(7)  # the table of step 6
   batch = next(iter(data.train_iter()))
   out = miner.extend(dict(batch), 7)
@@ -73,24 +75,27 @@ def test_batches_carry_h_mined_listings_of_other_products(full, cache):
   assert out["mined_terms"].shape[:2] == (b, H)
   lid_to_row = {int(l): i for i, l in enumerate(data.train_table.listing_id)}
   product = np.asarray(data.train_table.product_id)
+  batch_products = set(product[[lid_to_row[int(q)] for q in batch["listing_id"]]].tolist())
   for q, mined_ids in zip(batch["listing_id"], out["mined_listing_id"]):
     rows = [lid_to_row[int(m)] for m in mined_ids]
-    assert len(set(rows)) == H and all(product[r] != product[lid_to_row[int(q)]] for r in rows)
+    # h distinct listings, none of a product any query of the batch has (they would be false negatives)
+    assert len(set(rows)) == H and not batch_products & set(product[rows].tolist())
     kept = miner.mined.table[lid_to_row[int(q)]]
-    kept = set(kept[kept >= 0].tolist())
-    assert set(rows) <= kept or len(kept) < H
+    kept = {r for r in kept[kept >= 0].tolist() if product[r] not in batch_products}
+    assert set(rows) <= kept if len(kept) >= H else kept <= set(rows)  # else topped up with other listings
   # The same step draws the same negatives; another step may not.
   again = miner.extend(dict(batch), 7)
   np.testing.assert_array_equal(again["mined_listing_id"], out["mined_listing_id"])
 
 
-def test_stop_between_refreshes_and_resume_equals_uninterrupted(full, cache, tmp_path):
+@pytest.mark.parametrize("stop", [5, 6])  # between refreshes (the table of step 3 is loaded); at one (mined again)
+def test_stop_and_resume_equals_uninterrupted(stop, full, cache, tmp_path):
   full_dir, full_result, _ = full
   workdir = str(tmp_path / "split")
-  first, *_ = stage1.train(small_config(cache, STEPS, **{"train.stop_after_steps": 5}, **MINING), workdir)
-  assert first.stopped_early and first.step == 5
+  first, *_ = stage1.train(small_config(cache, STEPS, **{"train.stop_after_steps": stop}, **MINING), workdir)
+  assert first.stopped_early and first.step == stop
   second, *_ = stage1.train(small_config(cache, STEPS, **MINING), workdir)
-  assert second.step == STEPS and min(second.losses) == 6
+  assert second.step == STEPS and min(second.losses) == stop + 1
   assert _losses(workdir) == _losses(full_dir)
   for a, b in ((second.state["params"], full_result.state["params"]),
                (second.state["opt_state"], full_result.state["opt_state"])):

@@ -222,32 +222,47 @@ def test_stage2_validate_accepts_a_finished_policy_run(sft_workdir, tmp_path):
 # Several processes
 
 
-def test_two_processes_train_and_score_like_one(runs, tmp_path):
-  """2 processes x 2 devices (`launch/local_multiprocess.sh`; each samples and scores its half of the
-  queries' groups, the environment's gallery gathered) = 1 process x 4 devices: the same rewards and
-  losses per step and the same greedy rewards at the end."""
-  import subprocess
+def _stage2_args(runs):
   import sys
-  from tests.test_main import ROOT, _env
-  args = [sys.executable, "-m", "afmrl_jax.main", "--config=configs/stage2.py:ci",
+  return [sys.executable, "-m", "afmrl_jax.main", "--config=configs/stage2.py:ci",
           f"--config.catalog.cache_dir={runs['cache']}", "--config.catalog.families_per_category=4",
           "--config.pipeline.fresh_views=False", "--config.train.num_steps=3", "--config.train.log_every=1",
           f"--config.rar.policy={runs['policy']}", f"--config.rar.environment={runs['environment']}",
           "--config.rar.rollout_chunks=1", "--config.rar.eval_queries=8", "--config.reward.retriever=exact"]
+
+
+@pytest.fixture(scope="module")
+def one_process(runs, tmp_path_factory):
+  """The stage-2 run of the test below in 1 process x 4 devices."""
+  import subprocess
+  from tests.test_main import ROOT, _env
+  workdir = tmp_path_factory.mktemp("one") / "run"
+  one = subprocess.run([*_stage2_args(runs), f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=4"), timeout=900)
+  assert one.returncode == 0, one.stderr[-3000:]
+  return workdir
+
+
+@pytest.mark.parametrize("search", ["gathered", "sharded"])
+def test_two_processes_train_and_score_like_one(search, runs, one_process, tmp_path):
+  """2 processes x 2 devices (`launch/local_multiprocess.sh`; each samples and scores its half of the
+  queries' groups; the environment's gallery gathered on every process, or with `reward.gallery_search=
+  sharded` split between them and searched shard by shard) = 1 process x 4 devices: the same rewards and
+  losses per step and the same greedy rewards at the end."""
+  import subprocess
+  from tests.test_main import ROOT, _env
   env = dict(_env(), LOG_DIR=str(tmp_path / "logs"))
   env.pop("XLA_FLAGS", None)
-  two = subprocess.run(["bash", os.path.join(ROOT, "launch", "local_multiprocess.sh"), "2", "2", *args,
+  two = subprocess.run(["bash", os.path.join(ROOT, "launch", "local_multiprocess.sh"), "2", "2",
+                        *_stage2_args(runs), f"--config.reward.gallery_search={search}",
                         f"--workdir={tmp_path / 'two'}"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=900)
   assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
-  one = subprocess.run([*args, f"--workdir={tmp_path / 'one'}"], cwd=ROOT, capture_output=True, text=True,
-                       env=dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=4"), timeout=900)
-  assert one.returncode == 0, one.stderr[-3000:]
-  want, got = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+  want, got = _metrics(one_process), _metrics(tmp_path / "two")
   assert [s for s in want if "loss" in want[s]] == [s for s in got if "loss" in got[s]] == [1, 2, 3]
   for s in (1, 2, 3):
     for key in ("loss", "reward_mean", "reward_std", "attribute_keys"):
       assert got[s][key] == pytest.approx(want[s][key], abs=1e-5), (s, key)
-  summaries = [json.load(open(tmp_path / name / "summary.json")) for name in ("one", "two")]
+  summaries = [json.load(open(path / "summary.json")) for path in (one_process, tmp_path / "two")]
   for key in ("greedy_reward_sft", "greedy_reward_rar"):
     assert summaries[1][key]["reward"] == pytest.approx(summaries[0][key]["reward"], abs=1e-6), key

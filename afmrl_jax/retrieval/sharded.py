@@ -8,6 +8,9 @@ order of exactly equal scores); with ScaNN each shard is approximate on its own.
 
     index = ShardedIndex(make_retriever("exact")).build(local_embeddings, local_global_ids)
     ids, scores = index.search(queries, k)          # [Q, k] global ids, identical on every process
+
+`OwnQueries(index).search(local_queries, k)` searches each process's own queries instead (gathered,
+searched, and each process's rows handed back).
 """
 
 from __future__ import annotations
@@ -27,14 +30,15 @@ def merge_topk(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray,
     scores: float32 [S, Q, k_s], each shard's list best first.
     k: results to keep, <= S * k_s.
   Returns:
-    (ids int64 [Q, k], scores float32 [Q, k]), best first; equal scores keep the lower shard first,
-    then that shard's own order.
+    (ids int64 [Q, k], scores float32 [Q, k]), best first; equal scores keep the smaller id first, as
+    one exact index does (with shards built in increasing id order, the merge is the one-index answer
+    even on ties).
   """
   s, q, ks = ids.shape
   flat_ids = np.transpose(ids, (1, 0, 2)).reshape(q, s * ks)
   flat_scores = np.transpose(scores, (1, 0, 2)).reshape(q, s * ks)
   flat_scores = np.where(flat_ids < 0, -np.inf, flat_scores)
-  order = np.argsort(-flat_scores, axis=1, kind="stable")[:, :k]
+  order = np.lexsort((flat_ids, -flat_scores), axis=1)[:, :k]
   return np.take_along_axis(flat_ids, order, 1), np.take_along_axis(flat_scores, order, 1).astype(np.float32)
 
 
@@ -77,3 +81,24 @@ class ShardedIndex:
     g = self.gather(halves).astype(np.int64)  # [P, 2, Q, k]
     all_ids = np.where(g[:, 0] < 0, -1, (g[:, 0] << 31) | g[:, 1])
     return merge_topk(all_ids, self.gather(scores), k)
+
+
+class OwnQueries:
+  """Each process searches *its own* queries in a `ShardedIndex` (every process passes the same number):
+  the queries are all-gathered, searched in every shard, and each process keeps its rows' results. Drops
+  in where a `Retriever` is searched with process-local queries (the RAR reward)."""
+
+  def __init__(self, index: ShardedIndex, process_index: Callable[[], int] | None = None):
+    self.index = index
+    if process_index is None:
+      import jax
+      process_index = jax.process_index
+    self.process_index = process_index
+
+  def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """This process's queries [n, D] -> (global ids [n, k], scores [n, k])."""
+    queries = np.asarray(queries, np.float32)
+    every = self.index.gather(queries)  # [P, n, D]
+    ids, scores = self.index.search(every.reshape(-1, queries.shape[1]), k)
+    n, p = len(queries), self.process_index()
+    return ids[p * n:(p + 1) * n], scores[p * n:(p + 1) * n]

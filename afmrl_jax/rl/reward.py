@@ -32,6 +32,7 @@ from afmrl_jax.retrieval import metrics as retrieval_metrics
 
 REWARD_KINDS = ("ndcg", "recall", "reciprocal_rank")
 RETRIEVERS = ("scann", "exact")
+GALLERY_SEARCHES = ("gathered", "sharded")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,10 @@ class RewardOptions(Checked):
   # of keys). Without it a policy can learn well-formed nonsense that the frozen model likes.
   strict_format: bool = True
   retriever: str = choice("scann", RETRIEVERS)  # gallery index: ScaNN (saved in the workdir) or exact
+  # Several processes: 'gathered' = every process indexes the whole gallery; 'sharded' = each indexes the
+  # rows it embedded and every process's queries are searched in every shard (a gallery too large for one
+  # host; rebuilt on resume instead of saved). The same rewards with the exact retriever.
+  gallery_search: str = choice("gathered", GALLERY_SEARCHES)
 
 
 def recall_scores(hits: np.ndarray, num_positives: np.ndarray, k: int) -> np.ndarray:

@@ -60,15 +60,14 @@ def generate_strings(model, tokenizer, batches, image_grid_thw, mesh, sampling, 
     t0 = time.perf_counter()
     with jax.set_mesh(mesh), parallel.logical_rules():
       arrays = parallel.global_batch({k: np.asarray(batch[k]) for k in ("prompt_ids", "prompt_mask",
-                                                                         "pixel_values")}, mesh)
+                                                                         "pixel_values", "listing_id", "valid")},
+                                     mesh)
       gen = sampling_lib.generate(model, arrays["prompt_ids"], arrays["prompt_mask"], arrays["pixel_values"],
                                   image_grid_thw, rng=jax.random.fold_in(rng, i), config=sampling)
-      # A mesh over several processes: every process decodes every row (they feed slices of equal size).
+      # A mesh over several processes: every process decodes every row, the ids travel with their rows.
       tokens, lengths = parallel.gather_rows(gen.tokens), parallel.gather_rows(gen.lengths)
+      ids, valid = parallel.gather_rows(arrays["listing_id"]), parallel.gather_rows(arrays["valid"])
     stats["seconds"] += time.perf_counter() - t0
-    ids, valid = batch["listing_id"], batch["valid"]
-    if not gen.tokens.is_fully_addressable:
-      ids, valid = parallel.gather_processes(ids), parallel.gather_processes(valid)
     for lid, ok, toks, n in zip(ids, valid, tokens, lengths):
       if not ok:
         continue

@@ -54,14 +54,19 @@ def has_checkpoint(path: str) -> bool:
   return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
 
 
-def latest_saved_step(path: str) -> int | None:
-  """The highest saved step of the workdir (or checkpoint folder) `path`, read from the folder names
-  (no orbax manager is opened); None without one."""
+def saved_steps(path: str) -> list[int]:
+  """The saved steps of the workdir (or checkpoint folder) `path`, ascending, read from the folder names
+  (no orbax manager is opened)."""
   folder = checkpoint_dir(path)
   if not os.path.isdir(folder):
-    return None
-  steps = [int(name) for name in os.listdir(folder) if name.isdigit()]
-  return max(steps) if steps else None
+    return []
+  return sorted(int(name) for name in os.listdir(folder) if name.isdigit())
+
+
+def latest_saved_step(path: str) -> int | None:
+  """The highest saved step of the workdir (or checkpoint folder) `path`; None without one."""
+  steps = saved_steps(path)
+  return steps[-1] if steps else None
 
 
 def _path_name(path: tuple[Any, ...]) -> str:

@@ -182,14 +182,14 @@ def gallery_stats(gallery: dict[str, Any], cfg: EvalConfig) -> GalleryStats:
                       gallery["embeddings"][rows], gallery["category_id"][rows])
 
 
-def _sharded_gallery_stats(local: dict[str, Any], local_rows: np.ndarray, gallery: dict[str, Any],
+def _sharded_gallery_stats(local: dict[str, Any], shard_rows: np.ndarray, gallery: dict[str, Any],
                            cfg: EvalConfig) -> GalleryStats:
-  """`GalleryStats` from each process's gallery rows (`local`, at canonical rows `local_rows`): the
+  """`GalleryStats` from each process's gallery rows (`local`, at canonical rows `shard_rows`): the
   category sums are added up, and only the k-means sample's embeddings are gathered."""
   classes = np.unique(gallery["category_id"])
   sums = _sum_across_processes(M.class_sums(local["embeddings"], local["category_id"], classes))
-  mine = np.isin(local_rows, _cluster_rows(len(gallery["category_id"]), cfg))
-  sample = gather_across_processes({"row": local_rows[mine], "embeddings": local["embeddings"][mine]},
+  mine = np.isin(shard_rows, _cluster_rows(len(gallery["category_id"]), cfg))
+  sample = gather_across_processes({"row": shard_rows[mine], "embeddings": local["embeddings"][mine]},
                                     keys=("row", "embeddings"))
   order = np.argsort(sample["row"], kind="stable")
   return GalleryStats(classes, sums, sample["embeddings"][order], gallery["category_id"][sample["row"][order]])
@@ -245,6 +245,32 @@ def _retriever_options(cfg: EvalConfig, kind: str) -> dict[str, Any]:
               leaves_to_search=cfg.scann_leaves_to_search, reorder=cfg.scann_reorder)
 
 
+def available_k(num_gallery: int, cfg: EvalConfig) -> int:
+  """The most results a query can have in a gallery of `num_gallery` listings (its own listing excluded)."""
+  return num_gallery - 1 if cfg.exclude_self and num_gallery > 1 else num_gallery
+
+
+def index_gallery(local: dict[str, Any], retriever, sharded: bool) -> tuple[dict[str, Any], Any, np.ndarray | None]:
+  """Indexes a gallery whose rows (`embed_all` output) are spread over the processes.
+
+  Returns the gallery in canonical order (by listing id: k-means and tie-breaking must not depend on how
+  it was split into batches or processes) with its ids, the index to search (row ids = canonical rows),
+  and the canonical rows of this process's `local` rows (None when not sharded). Gathered: every process
+  holds the embeddings too and builds `retriever` over all of them. Sharded: only the ids are gathered;
+  `retriever` holds this process's rows in a `ShardedIndex` whose search merges every process's top k.
+  """
+  gallery = gather_across_processes(local, ID_KEYS if sharded else ("embeddings",) + ID_KEYS)
+  gallery = reorder(gallery, np.argsort(gallery["listing_id"], kind="stable"))
+  if sharded:
+    if len(np.unique(gallery["listing_id"])) < len(gallery["listing_id"]):
+      raise ValueError("evaluate: gallery listing ids repeat; a sharded gallery needs unique listing ids.")
+    shard_rows = np.searchsorted(gallery["listing_id"], local["listing_id"])
+    order = np.argsort(shard_rows)  # each shard in canonical order: exact ties break as in one index
+    return (gallery, ShardedIndex(retriever).build(local["embeddings"][order], shard_rows[order]), shard_rows)
+  retriever.build(gallery["embeddings"], np.arange(len(gallery["listing_id"]), dtype=np.int64))
+  return gallery, retriever, None
+
+
 def evaluate(
     embed_fn: Callable[[Batch], Any],
     gallery_batches: Iterable[Batch],
@@ -281,24 +307,13 @@ def evaluate(
     raise ValueError(f"evaluate: gallery width {local['embeddings'].shape[1]} != query width "
                      f"{query['embeddings'].shape[1]}.")
   sharded = cfg.gallery_search == "sharded"
-  # Canonical gallery order (by listing id): k-means and tie-breaking must not depend on how the
-  # gallery was split into batches or processes. A sharded gallery gathers its ids only.
-  gallery = gather_across_processes(local, ID_KEYS if sharded else ("embeddings",) + ID_KEYS)
-  gallery = reorder(gallery, np.argsort(gallery["listing_id"], kind="stable"))
+  gallery, index, shard_rows = index_gallery(local, make_index(cfg), sharded)
+  retriever = index.retriever if sharded else index
+  stats = _sharded_gallery_stats(local, shard_rows, gallery, cfg) if sharded else None
   n = len(gallery["listing_id"])
   want = max(cfg.recall_ks + cfg.curve_ks + (cfg.map_k, cfg.knn_k, cfg.report_top))
-  k = min(want, n - 1 if cfg.exclude_self and n > 1 else n)
+  k = min(want, available_k(n, cfg))
   search_k = min(k + 1, n) if cfg.exclude_self else k
-
-  stats = None
-  if sharded:  # each process's index holds its own rows, under their canonical row numbers
-    local_rows = np.searchsorted(gallery["listing_id"], local["listing_id"])
-    index = ShardedIndex(make_index(cfg)).build(local["embeddings"], local_rows)
-    retriever = index.retriever
-    stats = _sharded_gallery_stats(local, local_rows, gallery, cfg)
-  else:
-    index = retriever = make_index(cfg)
-    retriever.build(gallery["embeddings"], np.arange(n, dtype=np.int64))
   rows, scores = index.search(query["embeddings"], search_k)
   if cfg.exclude_self:
     _, rows, scores = M.exclude_self(gallery["listing_id"][rows], query["listing_id"], k, rows, scores)

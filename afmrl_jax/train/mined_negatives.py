@@ -11,17 +11,22 @@ as extra candidate columns of the loss: the batch gains `mined_input_ids`, `mine
 
 `MinedNegatives` is the `rollout` hook of `train.loop.run`: `(state, host_batch) -> (host_batch with the
 mined columns, host metrics)`. The table and the step it was mined at are saved as
-`<workdir>/mined/step_<N>.npz` at each refresh (the last `KEEP` of them). A resumed run takes the table of
-the last refresh at or before its step (mining again when it resumes exactly at a refresh step, as the
-uninterrupted run did), so it trains on the same batches. With several processes every process embeds
+`<workdir>/mined/step_<N>.npz` at each refresh (kept while a saved checkpoint may need it). A resumed run
+takes the table of the last refresh at or before its step (mining again when it resumes exactly at a
+refresh step, as the uninterrupted run did), so it trains on the same batches. With several processes every process embeds
 its slice of the listings, the embeddings are gathered, and each process mines the same table and extends
 its own rows.
 
 Each refresh appends a line to `<workdir>/mined/refreshes.jsonl`, and every logged step carries the
-current table's figures: the time (`mining_s`), the entries mined and dropped by each rule and,
+current table's figures: the time (`mining_s`), the entries mined, dropped, and dropped by each rule and,
 where the catalog knows the true item of each listing (`true_product_id`), how many mined neighbours are
 relistings of the query's item and the filter's precision and recall against them. A table restored on
 resume logs no figures until the next refresh.
+
+Every query scores every mined column, so a mined listing of another query's product would be a false
+negative for that query: the draw skips the products of the batch's queries. With several processes only
+this process's rows are known here; a collision with another process's rows stays possible (rare: the
+chance that a given product is in a batch of B of P products, for each of the B * h mined columns).
 """
 
 from __future__ import annotations
@@ -36,15 +41,15 @@ import jax
 import numpy as np
 from absl import logging
 
+from afmrl_jax import parallel
 from afmrl_jax.data import pipeline as pipeline_lib
 from afmrl_jax.fields import Checked, choice, non_negative, positive
 from afmrl_jax.retrieval import mining
-from afmrl_jax.train import stage1_step
+from afmrl_jax.train import checkpointing, stage1_step
 from afmrl_jax.train.evaluate import embed_all, gather_across_processes
 
-FILTERS = ("none", "attribute", "score", "attribute+score")
+FILTER_CHOICES = ("none", "attribute", "score", "attribute+score")
 FOLDER = "mined"
-KEEP = 3  # tables kept on disk (a resume goes back at most to the oldest checkpoint kept)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +61,7 @@ class MiningOptions(Checked):
   per_query: int = positive(1)  # h: mined negatives each query brings into the batch
   # False-negative filter at mining time: 'attribute' drops a neighbour whose attribute term set equals the
   # query's (likely the same item relisted); 'score' one more similar than the query's positives + margin.
-  filter: str = choice("none", FILTERS)
+  filter: str = choice("none", FILTER_CHOICES)
   margin: float = 0.1  # the 'score' rule's margin over the mean similarity to the query's own product
   backend: str = choice("auto", mining.BACKENDS)  # 'auto': exact below 20,000 listings, ScaNN above
   seed: int = non_negative(0)  # which h of the kept neighbours each query draws at each step
@@ -69,10 +74,9 @@ def table_path(workdir: str, step: int) -> str:
 class MinedNegatives:
   """The `rollout` hook that mines (every `options.every` steps) and extends batches; module docstring."""
 
-  def __init__(self, options: MiningOptions, data, model, mesh, workdir: str, eval_batch_size: int):
+  def __init__(self, options: MiningOptions, data, model, mesh, workdir: str):
     self.options, self.data, self.mesh, self.workdir = options, data, mesh, workdir
     self.graphdef, self.rest = model.graphdef, model.rest
-    self.eval_batch_size = eval_batch_size
     table = self.table = data.train_table
     self.row_of = {int(lid): i for i, lid in enumerate(table.listing_id)}
     self.product = np.asarray(table.product_id, np.int64)
@@ -82,16 +86,17 @@ class MinedNegatives:
                                                   data.pipeline.max_terms) for i in range(len(table))])
     self.mined: mining.MinedTable | None = None
     self.last_refresh: dict[str, float] = {}
+    self.step: int | None = None  # the next step, counted on the host (reading the state would wait)
 
   # -- mining ------------------------------------------------------------------------------------------
 
   def _embeddings(self, params, side: str) -> np.ndarray:
     """[N, D] embeddings of every training listing on `side`, in table-row order, on every process."""
+    pipe = self.data.pipeline
     embed_fn = stage1_step.make_embed_fn((self.graphdef, params, self.rest), self.mesh, self.data.image_grid_thw,
-                                         self.eval_batch_size)
-    batches = pipeline_lib.eval_dataset(self.table, self.data.tokenizer, self.data.stats,
-                                        dataclasses.replace(self.data.pipeline, eval_batch_size=self.eval_batch_size),
-                                        side=side, attributes_by_listing=self.data.attribute_overrides,
+                                         pipe.eval_batch_size)
+    batches = pipeline_lib.eval_dataset(self.table, self.data.tokenizer, self.data.stats, pipe, side=side,
+                                        attributes_by_listing=self.data.attribute_overrides,
                                         terms_by_listing=self.data.attribute_overrides)
     out = gather_across_processes(embed_all(embed_fn, batches, side))
     rows = np.asarray([self.row_of[int(lid)] for lid in out["listing_id"]])
@@ -111,65 +116,85 @@ class MinedNegatives:
         query_terms=self.terms, cand_terms=self.terms,
         positive_scores=(mining.positive_scores(queries, cands, self.product, self.product,
                                                 query_rows=np.arange(n)) if "score" in rules else None))
-    config = mining.FilterConfig(rules=rules, margin=o.margin)
-    keep_by_rule = mining.rule_keep(mined, inputs, config)
-    self.mined, counts = mining.apply_filter(mined, inputs, config)
+    self.mined, counts = mining.apply_filter(mined, inputs, mining.FilterConfig(rules=rules, margin=o.margin))
     metrics = {"mining_s": time.perf_counter() - t0, "mined": float(counts["mined"]),
-               "mined_dropped": float(counts["dropped"])}
-    true_ids = np.asarray(self.table.true_product_id, np.int64)
-    is_dup = mining.true_duplicates(mined.table, self.product, true_ids, self.product, true_ids)
-    metrics["mined_true_duplicates"] = float(is_dup.sum())
-    if o.filter != "none" and is_dup.any():
-      keep = np.logical_and.reduce(list(keep_by_rule.values()))
-      quality = mining.filter_quality({"filter": keep}, mined.valid, is_dup)["filter"]
-      metrics["mined_filter_recall"] = quality["recall"]
-      if quality["dropped"]:
-        metrics["mined_filter_precision"] = quality["precision"]
+               "mined_dropped": float(counts["dropped"]),
+               **{f"mined_dropped_{rule}": float(counts[rule]) for rule in rules if rule != "none"},
+               **self._duplicate_figures(mined)}
     if jax.process_index() == 0:
       os.makedirs(os.path.join(self.workdir, FOLDER), exist_ok=True)
       self.mined.save(table_path(self.workdir, step))
-      self._prune()
+      self._prune(step)
       with open(os.path.join(self.workdir, FOLDER, "refreshes.jsonl"), "a", encoding="utf-8") as f:
         f.write(json.dumps({"step": step, **metrics}) + "\n")
     logging.info("Mined hard negatives at step %d: %s", step, metrics)
     return metrics
 
-  def _prune(self) -> None:
+  def _duplicate_figures(self, mined: mining.MinedTable) -> dict[str, float]:
+    """How many mined entries are relistings of the query's item (same `true_product_id`, another product
+    id) and, with a filter, its recall and precision against them."""
+    true_ids = np.asarray(self.table.true_product_id, np.int64)
+    is_dup = mining.true_duplicates(mined.table, self.product, true_ids, self.product, true_ids)
+    out = {"mined_true_duplicates": float(is_dup.sum())}
+    if self.mined is not None and self.options.filter != "none" and is_dup.any():
+      kept = np.zeros(mined.table.shape, bool)  # which of the mined entries the filter kept
+      for row in range(len(mined.table)):
+        kept[row] = np.isin(mined.table[row], self.mined.table[row][self.mined.valid[row]])
+      quality = mining.filter_quality({"filter": kept}, mined.valid, is_dup)["filter"]
+      out["mined_filter_recall"] = quality["recall"]
+      if quality["dropped"]:
+        out["mined_filter_precision"] = quality["precision"]
+    return out
+
+  def _refresh_step(self, step: int) -> int:
+    return step // self.options.every * self.options.every
+
+  def _prune(self, step: int) -> None:
+    """Deletes the tables no checkpoint on disk can need: those of refreshes before the oldest saved
+    checkpoint's, and those after `step` (left by an abandoned longer run)."""
     folder = os.path.join(self.workdir, FOLDER)
-    steps = sorted(int(f[5:-4]) for f in os.listdir(folder) if f.startswith("step_") and f.endswith(".npz"))
-    for s in steps[:-KEEP]:
-      os.remove(table_path(self.workdir, s))
+    saved = checkpointing.saved_steps(self.workdir)
+    oldest = self._refresh_step(min(saved[0], step) if saved else step)
+    for name in os.listdir(folder):
+      if name.startswith("step_") and name.endswith(".npz"):
+        s = int(name[len("step_"):-len(".npz")])
+        if s < oldest or s > step:
+          os.remove(os.path.join(folder, name))
 
   def _restore(self, step: int) -> bool:
-    """Loads the table of the last refresh before `step` (a resumed run); False when it is not saved."""
-    last = step // self.options.every * self.options.every
-    path = table_path(self.workdir, last)
-    if not os.path.isfile(path):
+    """Loads the table of the last refresh at or before `step` (a resumed run); False when it is not saved.
+    Process 0 decides, so that every process mines again, or none does."""
+    path = table_path(self.workdir, self._refresh_step(step))
+    if not parallel.agree(os.path.isfile(path)):
       return False
     self.mined = mining.MinedTable.load(path)
     return True
 
   # -- batches -----------------------------------------------------------------------------------------
 
-  def _choose(self, row: int, step: int, listing_id: int) -> np.ndarray:
+  def _choose(self, row: int, step: int, listing_id: int, batch_products: np.ndarray) -> np.ndarray:
     """h table rows of mined negatives for the query at table row `row`: drawn without replacement from its
-    kept neighbours, topped up with random listings of other products."""
+    kept neighbours of products not in the batch (`batch_products`: a listing of another query's product
+    would be a false negative for that query), topped up with random such listings."""
     h = self.options.per_query
     kept = self.mined.table[row][self.mined.table[row] >= 0]
+    kept = kept[~np.isin(self.product[kept], batch_products)]
     rng = np.random.default_rng([self.options.seed, step, listing_id])
     if len(kept) >= h:
       return rng.choice(kept, h, replace=False)
-    out = list(kept)
-    while len(out) < h:
-      other = int(rng.integers(len(self.product)))
-      if self.product[other] != self.product[row] and other not in out:
-        out.append(other)
-    return np.asarray(out)
+    others = np.flatnonzero(~np.isin(self.product, batch_products))
+    others = others[~np.isin(others, kept)]
+    if len(others) < h - len(kept):
+      raise ValueError(f"config.mining.per_query={h}: fewer than {h} training listings are of products outside "
+                       "the batch; lower it or the batch size.")
+    return np.concatenate([kept, rng.choice(others, h - len(kept), replace=False)])
 
   def extend(self, host_batch: dict[str, Any], step: int) -> dict[str, Any]:
     """`host_batch` with the `mined_*` columns of its queries at `step`."""
     lids = np.asarray(host_batch["listing_id"]).astype(np.int64)
-    chosen = np.stack([self._choose(self.row_of[int(l)], step, int(l)) for l in lids])  # [B, h]
+    rows = [self.row_of[int(l)] for l in lids]
+    batch_products = np.unique(self.product[rows])
+    chosen = np.stack([self._choose(r, step, int(l), batch_products) for r, l in zip(rows, lids)])  # [B, h]
     sides = [pipeline_lib.listing_side(self.encoder, self.table, int(r), "candidate",
                                        self.data.attribute_overrides, self.data.attribute_overrides)
              for r in chosen.ravel()]
@@ -181,12 +206,14 @@ class MinedNegatives:
     return out
 
   def __call__(self, state: dict[str, Any], host_batch: dict[str, Any]) -> tuple[dict[str, Any], dict]:
-    step = int(jax.device_get(state["step"]))
-    if step % self.options.every == 0 or (self.mined is None and not self._restore(step)):
-      if self.mined is None and step % self.options.every:
-        logging.warning("The mined table of step %d is not in %s: mining again with the parameters of "
-                        "step %d.", step // self.options.every * self.options.every,
-                        os.path.join(self.workdir, FOLDER), step)
+    if self.step is None:  # the first call (a fresh or a resumed run): the state's step, read once
+      self.step = int(jax.device_get(state["step"]))
+    step, self.step = self.step, self.step + 1
+    if step % self.options.every == 0:
+      self.last_refresh = self.refresh(state["params"], step)
+    elif self.mined is None and not self._restore(step):
+      logging.warning("The mined table of step %d is not in %s: mining again with the parameters of step %d.",
+                      self._refresh_step(step), os.path.join(self.workdir, FOLDER), step)
       self.last_refresh = self.refresh(state["params"], step)
     # Every step logs the current table's figures (only some steps are logged); refreshes.jsonl has each.
     return self.extend(host_batch, step), dict(self.last_refresh)

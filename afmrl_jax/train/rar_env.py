@@ -4,7 +4,8 @@ encoder.
 `Environment.load(run, workdir, mesh)` restores the stage-1 model of `run.rar.environment` (its own
 `config.json` says how it was built and which attributes its listings carry), embeds the gallery split
 on the candidate side exactly as that run's evaluation does, and builds the reward's index once, saved
-under `<workdir>/rar_index` and reloaded on resume. `score(listing_ids, texts, ended)` then appends each
+under `<workdir>/rar_index` and reloaded on resume (with `reward.gallery_search='sharded'` each process
+indexes its own gallery rows instead, rebuilt on resume). `score(listing_ids, texts, ended)` then appends each
 sampled string to its query listing's title, embeds the query side with the frozen model and scores the
 ranks (`rl.reward.RetrievalReward`).
 """
@@ -27,7 +28,8 @@ from afmrl_jax.attributes.parse import parse_attributes
 from afmrl_jax.retrieval import load_retriever
 from afmrl_jax.rl.reward import RetrievalReward, malformed_flags
 from afmrl_jax.train import builders, checkpointing, schema, stage1_data, stage1_step
-from afmrl_jax.train.evaluate import embed_all, gather_across_processes, make_index, reorder
+from afmrl_jax.retrieval.sharded import OwnQueries
+from afmrl_jax.train.evaluate import embed_all, index_gallery, make_index
 
 INDEX_DIR = "rar_index"
 
@@ -62,11 +64,14 @@ class Environment:
     embed_fn = stage1_step.make_embed_fn(parts, mesh, data.image_grid_thw, batch_size)
 
     # The gallery: embedded once on the candidate side, indexed, saved in the workdir.
-    # With several processes each embeds its slice of the gallery and every process indexes all of it
-    # (each scores its own queries); process 0 saves it. The barrier: all decide before any writes.
+    # The gallery index. Each process embeds its slice of the gallery; 'gathered': every process indexes
+    # all of it and process 0 saves it (reloaded on resume); 'sharded': each indexes its own rows and the
+    # processes' queries are searched in every shard (rebuilt on resume: the frozen model embeds the same).
+    # The barrier: every process decides before any writes.
+    sharded = run.reward.gallery_search == "sharded"
     index_dir = os.path.join(workdir, INDEX_DIR)
     ids_path = os.path.join(index_dir, "gallery_ids.npz")
-    saved = os.path.isfile(ids_path)
+    saved = not sharded and os.path.isfile(ids_path)
     parallel.barrier("rar_index_checked")
     if saved:
       retriever = load_retriever(index_dir)
@@ -74,13 +79,11 @@ class Environment:
         gallery_listing, gallery_product = z["listing_id"], z["product_id"]
     else:
       gallery_fn = stage1_step.make_embed_fn(parts, mesh, data.image_grid_thw, env_run.pipeline.eval_batch_size)
-      gallery = gather_across_processes(embed_all(gallery_fn, data.eval_batches(run.rar.gallery_split, "candidate"),
-                                                  "gallery"))
-      gallery = reorder(gallery, np.argsort(gallery["listing_id"], kind="stable"))
+      local = embed_all(gallery_fn, data.eval_batches(run.rar.gallery_split, "candidate"), "gallery")
+      gallery, index, _ = index_gallery(local, make_index(env_run.eval, run.reward.retriever), sharded)
       gallery_listing, gallery_product = gallery["listing_id"], gallery["product_id"]
-      retriever = make_index(env_run.eval, run.reward.retriever)
-      retriever.build(gallery["embeddings"], np.arange(len(gallery_listing), dtype=np.int64))
-      if jax.process_index() == 0:
+      retriever = OwnQueries(index) if sharded else index
+      if not sharded and jax.process_index() == 0:
         tmp = index_dir + ".tmp"
         retriever.save(tmp)
         np.savez(os.path.join(tmp, "gallery_ids.npz"), listing_id=gallery_listing, product_id=gallery_product)

@@ -61,7 +61,7 @@ def train(run: schema.Run | Any, workdir: str, data: stage1_data.Stage1Data | No
   # nearest other products; each query brings `mining.per_query` of them as extra candidate columns.
   rollout = None
   if run.mining.enabled:
-    rollout = mined_negatives.MinedNegatives(run.mining, data, model, mesh, workdir, run.pipeline.eval_batch_size)
+    rollout = mined_negatives.MinedNegatives(run.mining, data, model, mesh, workdir)
 
   # Checkpoint and loop: resume the train state and the data position from the latest save, then train.
   result = loop_lib.resume_and_run(step_fn, model, tx, train_iter, mesh=mesh, options=run.train,

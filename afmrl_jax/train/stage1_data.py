@@ -95,9 +95,13 @@ def read_generated_attributes(path: str, known_ids=None, skip_bad_rows: bool = F
 
 
 def source_string(listing: Any, source: str) -> str:
-  """The attribute string a catalog listing has under a named source (`teacher`, `true`, `none`); a
-  generated file's strings come from `read_generated_attributes`."""
-  return {"teacher": listing.teacher_attributes, "true": listing.product_attributes}.get(source, "")
+  """The attribute string a catalog listing (or a manifest row) has under a named source (`teacher`,
+  `true`, `none`); a generated file's strings come from `read_generated_attributes`."""
+  if source == "teacher":
+    return listing.teacher_attributes
+  if source == "true":  # a Listing's product attributes; a ManifestRow's `attributes`
+    return getattr(listing, "product_attributes", None) or getattr(listing, "attributes", "")
+  return ""
 
 
 def attribute_coverage_problem(run: Any, strings: list[str]) -> str | None:
@@ -125,10 +129,10 @@ def check_attribute_coverage(run: Any, listings, generated: Mapping[int, str] | 
   problem = attribute_coverage_problem(run, strings)
   if problem:
     raise schema.ConfigError([problem])
-  if run.loss.needs_bm25 and any(not s.strip() for s in strings):
+  missing = sum(not s.strip() for s in strings)
+  if run.loss.needs_bm25 and missing:
     logging.warning("%.0f%% of the training listings have no attribute string from attributes.source=%r: "
-                    "the loss is InfoNCE on their rows.",
-                    100 * sum(not s.strip() for s in strings) / len(strings), source)
+                    "the loss is InfoNCE on their rows.", 100 * missing / len(strings), source)
 
 
 def pipeline_config(run: Any):

@@ -222,14 +222,17 @@ def validate(config: Any, workdir: str, *, num_devices: int | None = None,
 
 
 def _gallery_problems(run: schema.Run, num_gallery: int, where: str) -> list[str]:
-  """One problem per evaluation K that a gallery of `num_gallery` listings cannot fill."""
+  """One problem naming the evaluation Ks that a gallery of `num_gallery` listings cannot fill."""
+  from afmrl_jax.train.evaluate import available_k
+  room = available_k(num_gallery, run.eval)
   asked = [("recall_ks", max(run.eval.recall_ks)), ("map_k", run.eval.map_k), ("knn_k", run.eval.knn_k)]
   too_big = [f"config.eval.{name}" + (f"={list(run.eval.recall_ks)}" if name == "recall_ks" else f"={k}")
-             for name, k in asked if k > num_gallery]
+             for name, k in asked if k > room]
   if not too_big:
     return []
-  return [f"{', '.join(too_big)} need(s) a gallery of at least {max(k for _, k in asked)} listings, but {where} "
-          f"has {num_gallery}; lower them or hold out more products (config.catalog.eval_share)."]
+  return [f"{', '.join(too_big)} need(s) up to {max(k for _, k in asked)} results per query, but {where} has "
+          f"{num_gallery} listings ({room} per query, its own listing excluded); lower them or hold out more "
+          f"products (config.catalog.eval_share)."]
 
 
 def validate_catalog(run: schema.Run) -> None:
@@ -259,7 +262,7 @@ def validate_catalog(run: schema.Run) -> None:
       generated = {}
     strings = [generated.get(r.listing_id, "") for r in train]
   else:
-    strings = [{"teacher": r.teacher_attributes, "true": r.attributes}.get(source, "") for r in train]
+    strings = [stage1_data.source_string(r, source) for r in train]
   if run.stage == "stage1":
     problem = stage1_data.attribute_coverage_problem(run, strings)
     problems += [problem] if problem else []
