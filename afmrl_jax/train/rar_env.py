@@ -67,12 +67,11 @@ class Environment:
     # The gallery index. Each process embeds its slice of the gallery; 'gathered': every process indexes
     # all of it and process 0 saves it (reloaded on resume); 'sharded': each indexes its own rows and the
     # processes' queries are searched in every shard (rebuilt on resume: the frozen model embeds the same).
-    # The barrier: every process decides before any writes.
+    # Process 0 decides whether the saved index is loaded (`agree` is collective: nobody writes before).
     sharded = run.reward.gallery_search == "sharded"
     index_dir = os.path.join(workdir, INDEX_DIR)
     ids_path = os.path.join(index_dir, "gallery_ids.npz")
-    saved = not sharded and os.path.isfile(ids_path)
-    parallel.barrier("rar_index_checked")
+    saved = parallel.agree(not sharded and os.path.isfile(ids_path))
     if saved:
       retriever = load_retriever(index_dir)
       with np.load(ids_path) as z:
