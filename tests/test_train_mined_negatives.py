@@ -12,7 +12,8 @@ import pytest
 
 from afmrl_jax.retrieval import mining
 from afmrl_jax.train import mined_negatives, stage1
-from tests.test_train_stage1_e2e import small_config
+from tests.test_train_stage1_e2e import cache, small_config  # noqa: F401 (cache: the shared catalog fixture)
+from tests.test_train_stage1_resume import _losses
 
 pytestmark = pytest.mark.usefixtures("module_compilation_cache")
 
@@ -22,20 +23,10 @@ MINING = {"mining.enabled": True, "mining.every": EVERY, "mining.per_query": H, 
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  return tmp_path_factory.mktemp("data_cache")
-
-
-@pytest.fixture(scope="module")
 def full(cache, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("full"))
   result, model, data = stage1.train(small_config(cache, STEPS, **MINING), workdir)
   return workdir, result, data
-
-
-def _losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
 def test_refreshes_are_logged_and_saved(full):
@@ -88,7 +79,8 @@ def test_batches_carry_h_mined_listings_of_other_products(full, cache):
   np.testing.assert_array_equal(again["mined_listing_id"], out["mined_listing_id"])
 
 
-@pytest.mark.parametrize("stop", [5, 6])  # between refreshes (the table of step 3 is loaded); at one (mined again)
+# Between refreshes (the table of step 3 is loaded); at one (mined again with the restored parameters).
+@pytest.mark.parametrize("stop", [5, pytest.param(6, marks=pytest.mark.slow)])
 def test_stop_and_resume_equals_uninterrupted(stop, full, cache, tmp_path):
   full_dir, full_result, _ = full
   workdir = str(tmp_path / "split")

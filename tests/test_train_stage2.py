@@ -243,7 +243,7 @@ def one_process(runs, tmp_path_factory):
   return workdir
 
 
-@pytest.mark.parametrize("search", ["gathered", "sharded"])
+@pytest.mark.parametrize("search", [pytest.param("gathered", marks=pytest.mark.slow), "sharded"])
 def test_two_processes_train_and_score_like_one(search, runs, one_process, tmp_path):
   """2 processes x 2 devices (`launch/local_multiprocess.sh`; each samples and scores its half of the
   queries' groups; the environment's gallery gathered on every process, or with `reward.gallery_search=

@@ -168,10 +168,9 @@ def test_a_manifest_gallery_smaller_than_k_is_refused_before_loading(tmp_path):
   with pytest.raises(ConfigError) as info:
     validate_catalog(run)
   assert info.value.problems == [
-      f"config.eval.recall_ks=[1, 5, 10], config.eval.map_k=10, config.eval.knn_k=10 need(s) up to 10 results "
-      f"per query, but the manifest's gallery ({manifest.split_summary(report.rows)}) has {gallery} listings "
-      f"({gallery - 1} per query, its own listing excluded); lower them or hold out more products "
-      f"(config.catalog.eval_share)."]
+      f"config.eval.recall_ks=[1, 5, 10], config.eval.map_k=10, config.eval.knn_k=10 need(s) a gallery of at "
+      f"least 10 listings, but the manifest's gallery ({manifest.split_summary(report.rows)}) has {gallery}; "
+      f"lower them or hold out more products (config.catalog.eval_share)."]
   validate_catalog(_manifest_run(tmp_path, rows, **{"eval.recall_ks": (1,), "eval.map_k": 1, "eval.knn_k": 1}))
 
 

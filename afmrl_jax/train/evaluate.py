@@ -245,9 +245,10 @@ def _retriever_options(cfg: EvalConfig, kind: str) -> dict[str, Any]:
               leaves_to_search=cfg.scann_leaves_to_search, reorder=cfg.scann_reorder)
 
 
-def available_k(num_gallery: int, cfg: EvalConfig) -> int:
-  """The most results a query can have in a gallery of `num_gallery` listings (its own listing excluded)."""
-  return num_gallery - 1 if cfg.exclude_self and num_gallery > 1 else num_gallery
+def available_k(num_gallery: int, cfg: EvalConfig, queries_in_gallery: bool) -> int:
+  """The most results every query can have in a gallery of `num_gallery` listings: one fewer when the
+  queries' own listings are in the gallery and excluded (`exclude_self`)."""
+  return num_gallery - 1 if cfg.exclude_self and queries_in_gallery and num_gallery > 1 else num_gallery
 
 
 def index_gallery(local: dict[str, Any], retriever, sharded: bool) -> tuple[dict[str, Any], Any, np.ndarray | None]:
@@ -312,7 +313,7 @@ def evaluate(
   stats = _sharded_gallery_stats(local, shard_rows, gallery, cfg) if sharded else None
   n = len(gallery["listing_id"])
   want = max(cfg.recall_ks + cfg.curve_ks + (cfg.map_k, cfg.knn_k, cfg.report_top))
-  k = min(want, available_k(n, cfg))
+  k = min(want, available_k(n, cfg, bool(np.isin(query["listing_id"], gallery["listing_id"]).any())))
   search_k = min(k + 1, n) if cfg.exclude_self else k
   rows, scores = index.search(query["embeddings"], search_k)
   if cfg.exclude_self:

@@ -224,15 +224,14 @@ def validate(config: Any, workdir: str, *, num_devices: int | None = None,
 def _gallery_problems(run: schema.Run, num_gallery: int, where: str) -> list[str]:
   """One problem naming the evaluation Ks that a gallery of `num_gallery` listings cannot fill."""
   from afmrl_jax.train.evaluate import available_k
-  room = available_k(num_gallery, run.eval)
+  room = available_k(num_gallery, run.eval, queries_in_gallery=False)  # a listing has one split
   asked = [("recall_ks", max(run.eval.recall_ks)), ("map_k", run.eval.map_k), ("knn_k", run.eval.knn_k)]
   too_big = [f"config.eval.{name}" + (f"={list(run.eval.recall_ks)}" if name == "recall_ks" else f"={k}")
              for name, k in asked if k > room]
   if not too_big:
     return []
-  return [f"{', '.join(too_big)} need(s) up to {max(k for _, k in asked)} results per query, but {where} has "
-          f"{num_gallery} listings ({room} per query, its own listing excluded); lower them or hold out more "
-          f"products (config.catalog.eval_share)."]
+  return [f"{', '.join(too_big)} need(s) a gallery of at least {max(k for _, k in asked)} listings, but {where} "
+          f"has {num_gallery}; lower them or hold out more products (config.catalog.eval_share)."]
 
 
 def validate_catalog(run: schema.Run) -> None:
