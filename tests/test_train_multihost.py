@@ -137,3 +137,30 @@ def test_sft_two_processes_train_like_one(cache, tmp_path):
   assert sorted(want) == sorted(got) == [1, 2, 3]
   for s in want:
     assert got[s] == pytest.approx(want[s], abs=1e-6), s
+
+
+def test_mined_negatives_two_processes_train_like_one(cache, tmp_path):
+  """Stage 1 with mined negatives: 2 processes x 2 devices mine the same table as 1 process x 4 devices
+  (mined at step 0, where both hold the same parameters: later refreshes see parameters that differ by the
+  all-reduce's rounding, and may swap near-tied neighbours), draw the same mined columns (the batch products
+  are gathered across processes) and train to the same losses."""
+  args = [*ARGS, f"--config.catalog.cache_dir={cache}", "--config.train.num_steps=4", "--config.mesh.data=4",
+          "--config.mining.enabled=True", "--config.mining.num_mined=4", "--config.mining.per_query=2",
+          "--config.mining.backend=exact"]
+  env = dict(_env(), LOG_DIR=str(tmp_path / "logs"))
+  env.pop("XLA_FLAGS")
+  two = subprocess.run(["bash", SCRIPT, "2", "2", sys.executable, "-m", "afmrl_jax.main", *args,
+                        f"--workdir={tmp_path / 'two'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+  one = subprocess.run([sys.executable, "-m", "afmrl_jax.main", *args, f"--workdir={tmp_path / 'one'}"], cwd=ROOT,
+                       env=dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+                       capture_output=True, text=True, timeout=600)
+  assert one.returncode == 0, one.stderr[-3000:]
+  a, b = (np.load(tmp_path / run / "mined" / "step_0.npz") for run in ("one", "two"))
+  np.testing.assert_array_equal(a["table"], b["table"])
+  np.testing.assert_array_equal(a["scores"], b["scores"])
+  want, got = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+  assert sorted(want) == sorted(got) == [1, 2, 3, 4]
+  for s in want:
+    assert got[s] == pytest.approx(want[s], abs=1e-6), s

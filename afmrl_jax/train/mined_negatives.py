@@ -24,9 +24,9 @@ relistings of the query's item and the filter's precision and recall against the
 resume logs no figures until the next refresh.
 
 Every query scores every mined column, so a mined listing of another query's product would be a false
-negative for that query: the draw skips the products of the batch's queries. With several processes only
-this process's rows are known here; a collision with another process's rows stays possible (rare: the
-chance that a given product is in a batch of B of P products, for each of the B * h mined columns).
+negative for that query: the draw skips the products of the global batch's queries (with several
+processes, each process's batch rows are gathered first), so a run draws the same mined columns with any
+number of processes.
 """
 
 from __future__ import annotations
@@ -193,7 +193,8 @@ class MinedNegatives:
     """`host_batch` with the `mined_*` columns of its queries at `step`."""
     lids = np.asarray(host_batch["listing_id"]).astype(np.int64)
     rows = [self.row_of[int(l)] for l in lids]
-    batch_products = np.unique(self.product[rows])
+    # The products of the global batch: every process's rows (the same count on each) are gathered.
+    batch_products = np.unique(self.product[parallel.gather_processes(np.asarray(rows, np.int32))])
     chosen = np.stack([self._choose(r, step, int(l), batch_products) for r, l in zip(rows, lids)])  # [B, h]
     sides = [pipeline_lib.listing_side(self.encoder, self.table, int(r), "candidate",
                                        self.data.attribute_overrides, self.data.attribute_overrides)
