@@ -3,9 +3,13 @@
 Reads `<root>/<arm>/seed<k>/summary.json` (written by `python -m afmrl_jax.main`, see ablate_stage1.sh) and
 prints a markdown table: per arm the number of seeds, mean +- sample std of each metric, and for each arm
 the paired difference to the baseline arm (mean +- std over the seeds both have, and mean / std-of-mean,
-a paired t statistic). Writes the same numbers as JSON with --json.
+a paired t statistic). `--pairs A:B ...` adds a table of A - B for chosen pairs of arms, with whether A
+beats B by more than twice the seed std of the difference (the rule the mined-negatives ablation uses to
+change a default). Writes the same numbers as JSON with --json.
 
   python launch/ablate_report.py /tmp/ablate --baseline infonce --metrics recall@1 recall@5 map@10
+  python launch/ablate_report.py /tmp/ablate_mining --baseline uniform_margin \
+      --pairs agcl_mined:uniform_margin_mined agcl_mined:agcl
 """
 
 from __future__ import annotations
@@ -50,8 +54,21 @@ def mean_std(values: list[float]) -> tuple[float, float]:
   return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
 
 
-def summarize(runs, baseline: str, metrics: list[str]) -> dict:
-  result = {"baseline": baseline, "arms": {}}
+def paired(arm: dict[int, dict[str, float]], other: dict[int, dict[str, float]], metric: str) -> dict | None:
+  """`arm` - `other` on the seeds both have: mean, sample std, n and t = mean / (std / sqrt(n)); None when
+  no seed is shared."""
+  common = [s for s in sorted(arm) if s in other and arm[s].get(metric) is not None
+            and other[s].get(metric) is not None]
+  if not common:
+    return None
+  diffs = [arm[s][metric] - other[s][metric] for s in common]
+  d_mean, d_std = mean_std(diffs)
+  t = d_mean / (d_std / math.sqrt(len(diffs))) if len(diffs) > 1 and d_std > 0 else math.nan
+  return {"mean": d_mean, "std": d_std, "n": len(diffs), "t": t}
+
+
+def summarize(runs, baseline: str, metrics: list[str], pairs: tuple[tuple[str, str], ...] = ()) -> dict:
+  result = {"baseline": baseline, "arms": {}, "pairs": {}}
   base = runs.get(baseline, {})
   for arm, seeds in runs.items():
     entry = {"seeds": sorted(seeds)}
@@ -59,14 +76,15 @@ def summarize(runs, baseline: str, metrics: list[str]) -> dict:
       values = [seeds[s][metric] for s in sorted(seeds) if seeds[s].get(metric) is not None]
       mean, std = mean_std(values)
       entry[metric] = {"mean": mean, "std": std, "n": len(values)}
-      common = [s for s in sorted(seeds) if s in base and seeds[s].get(metric) is not None
-                and base[s].get(metric) is not None]
-      if arm != baseline and common:
-        diffs = [seeds[s][metric] - base[s][metric] for s in common]
-        d_mean, d_std = mean_std(diffs)
-        t = d_mean / (d_std / math.sqrt(len(diffs))) if len(diffs) > 1 and d_std > 0 else math.nan
-        entry[metric]["paired_diff"] = {"mean": d_mean, "std": d_std, "n": len(diffs), "t": t}
+      diff = paired(seeds, base, metric) if arm != baseline else None
+      if diff:
+        entry[metric]["paired_diff"] = diff
     result["arms"][arm] = entry
+  for a, b in pairs:
+    diff = paired(runs.get(a, {}), runs.get(b, {}), metrics[0])
+    if diff:
+      diff["beats_by_two_std"] = bool(diff["mean"] > 2 * diff["std"])
+      result["pairs"][f"{a} - {b}"] = diff
   return result
 
 
@@ -93,18 +111,38 @@ def table(summary: dict, metrics: list[str]) -> str:
   return "\n".join(lines)
 
 
+def pairs_table(summary: dict, metric: str) -> str:
+  """The --pairs differences: one row per pair, with the beats-by-two-std verdict."""
+  lines = [f"| {metric}: A - B (paired) | seeds | mean +- std | t | A beats B by > 2 std |", "|---|---|---|---|---|"]
+  for name, d in summary["pairs"].items():
+    spread = "" if math.isnan(d["std"]) else f" +- {d['std']:.3f}"
+    t = "-" if math.isnan(d["t"]) else f"{d['t']:.1f}"
+    lines.append(f"| {name} | {d['n']} | {d['mean']:+.3f}{spread} | {t} | {'yes' if d['beats_by_two_std'] else 'no'} |")
+  return "\n".join(lines)
+
+
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("root")
   ap.add_argument("--baseline", default="infonce")
   ap.add_argument("--metrics", nargs="+", default=["recall@1", "recall@5", "recall@10", "map@10"])
+  ap.add_argument("--pairs", nargs="*", default=[], metavar="A:B",
+                  help="extra paired differences A - B on the first metric")
   ap.add_argument("--json", default="")
   args = ap.parse_args(argv)
+  pairs = []
+  for pair in args.pairs:
+    if pair.count(":") != 1:
+      sys.exit(f"--pairs takes ARM:OTHER_ARM, got {pair!r}.")
+    pairs.append(tuple(pair.split(":")))
   runs = load(args.root)
   if not runs:
     sys.exit(f"No finished runs (<arm>/seed<k>/summary.json with eval metrics) under {args.root}.")
-  summary = summarize(runs, args.baseline, args.metrics)
+  summary = summarize(runs, args.baseline, args.metrics, tuple(pairs))
   print(table(summary, args.metrics))
+  if summary["pairs"]:
+    print()
+    print(pairs_table(summary, args.metrics[0]))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(summary, f, indent=1)

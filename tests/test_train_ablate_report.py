@@ -38,3 +38,20 @@ def test_paired_differences(tmp_path):
   text = ablate_report.table(summary, ["recall@1"])
   assert "| infonce | 3 | 0.600 +- 0.100 | (baseline) | - |" in text
   assert "+0.050 +- 0.030" in text
+
+
+def test_pairs_and_the_two_std_rule(tmp_path):
+  a = {0: 0.50, 1: 0.60, 2: 0.70}
+  b = {0: 0.40, 1: 0.49, 2: 0.62}  # a - b = 0.10, 0.11, 0.08: mean 0.0967, std 0.0153 -> beats by > 2 std
+  c = {0: 0.45, 1: 0.65, 2: 0.60}  # a - c = 0.05, -0.05, 0.10: mean 0.033, std 0.076 -> does not
+  for arm, values in (("a", a), ("b", b), ("c", c)):
+    for s, v in values.items():
+      _write(tmp_path, arm, s, v)
+  summary = ablate_report.summarize(ablate_report.load(str(tmp_path)), "b", ["recall@1"],
+                                    pairs=(("a", "b"), ("a", "c"), ("a", "missing")))
+  ab, ac = summary["pairs"]["a - b"], summary["pairs"]["a - c"]
+  assert math.isclose(ab["mean"], 0.29 / 3) and ab["beats_by_two_std"] is True
+  assert math.isclose(ac["mean"], 0.1 / 3) and ac["beats_by_two_std"] is False
+  assert "a - missing" not in summary["pairs"]
+  text = ablate_report.pairs_table(summary, "recall@1")
+  assert "| a - b | 3 | +0.097 +- 0.015 |" in text and text.endswith("| no |")
