@@ -183,6 +183,14 @@ def agree(flag: bool) -> bool:
   return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(flag))))
 
 
+def any_process(flag: bool) -> bool:
+  """Whether `flag` is set on any process (a collective: every process must call it at the same point)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).any())
+
+
 def maybe_initialize_distributed() -> bool:
   """Calls `jax.distributed.initialize()` only when a cluster is detected.
 

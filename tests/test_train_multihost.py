@@ -113,6 +113,42 @@ def test_sigkill_of_one_process_then_restart_resumes_to_the_same_parameters(cach
   assert _losses(workdir) == _losses(two_process_run)
 
 
+def test_sigterm_to_one_process_stops_both_at_the_same_step(cache, tmp_path):
+  """A SIGTERM to process 1 only: the processes agree at the next step divisible by stop_check_every, both
+  save that step and exit cleanly (without the agreement, process 1 would leave the loop while process 0
+  waits in the next step's collectives)."""
+  workdir, logs = tmp_path / "work", tmp_path / "logs"
+  env = dict(_env(), LOG_DIR=str(logs))
+  env.pop("XLA_FLAGS")
+  proc = subprocess.Popen(["bash", SCRIPT, "2", "4", *_args(cache, workdir), "--config.train.num_steps=400",
+                           "--config.train.stop_check_every=5", "--config.checkpoint.every=1000"],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  metrics, deadline = workdir / "metrics.jsonl", time.time() + 600
+  while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):  # training has started
+    assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+    time.sleep(0.1)
+  pids = dict(line.split() for line in (logs / "pids").read_text().splitlines())
+  os.kill(int(pids["1"]), signal.SIGTERM)
+  try:
+    out, _ = proc.communicate(timeout=300)
+  except subprocess.TimeoutExpired:  # a process hung in a collective ignores the launcher's SIGTERM
+    for pid in [*pids.values(), proc.pid]:
+      try:
+        os.kill(int(pid), signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+    raise
+  assert proc.returncode == 0, out[-3000:]
+  stops = [[line for line in (logs / f"process_{i}.log").read_text().splitlines() if "Stopping at step" in line]
+           for i in (0, 1)]
+  assert len(stops[0]) == len(stops[1]) == 1, stops
+  step = int(stops[1][0].split("Stopping at step ")[1].split()[0])
+  assert step % 5 == 0 and step < 400
+  assert "(SIGTERM)" in stops[1][0] and "(a signal to another process)" in stops[0][0]
+  assert _committed(workdir / "checkpoints", step)
+  assert max(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit()) == step
+
+
 def _committed(folder, step):
   """Whether orbax has committed checkpoint `step` (no temporary folder left for it)."""
   return (folder / str(step)).is_dir() and not any(".orbax-checkpoint-tmp" in n for n in os.listdir(folder))

@@ -9,7 +9,8 @@ A stage builds the pieces and hands them over explicitly (see `train/stage1.py`)
 `run` jits the step once with explicit in/out shardings and the state donated (its `cost_analysis()`
 gives the FLOPs for MFU), then per step: next batch -> global arrays -> step -> at log and checkpoint
 boundaries fetch the pending metrics (a NaN/Inf loss stops the run naming the step and the batch, so a
-bad state is never saved) -> save. SIGTERM/SIGINT or `stop_after_steps` save and return cleanly.
+bad state is never saved) -> save. SIGTERM/SIGINT or `stop_after_steps` save and return cleanly (with several
+processes, a signal to any of them stops all at the same step: `stop_check_every`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ class TrainOptions(Checked):
   # schedule still uses num_steps, so a resumed run continues exactly where this one stopped.
   stop_after_steps: int = non_negative(0)
   log_every: int = positive(10)
+  # With several processes a SIGTERM/SIGINT is acted on at the next step divisible by this, where the
+  # processes agree (one collective) that one of them was signalled and all save and stop together.
+  stop_check_every: int = positive(10)
   check_finite: bool = True  # stop the run on a NaN/Inf loss, naming the step and batch
   eval_at_end: bool = True  # the stage evaluates after the last step
   metrics_file: str = "metrics.jsonl"  # per-step metrics, relative to the workdir
@@ -64,6 +68,14 @@ class LoopResult:
   stop_reason: str
   flops_per_step_per_device: float | None
   steps_per_s: float | None
+
+
+def _signalled(stop_request: checkpointing.StopRequest, step: int, check_every: int) -> bool:
+  """Whether the run stops for a signal after `step`: at once with one process; with several, at steps
+  divisible by `check_every`, if any process was signalled (so that all save and leave together)."""
+  if jax.process_count() == 1:
+    return bool(stop_request)
+  return step % check_every == 0 and parallel.any_process(bool(stop_request))
 
 
 def _device_batch(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -223,7 +235,8 @@ def run(step_fn: Callable, state: dict[str, Any], rest: Any, data: Iterator, *, 
 
         log_now = step % options.log_every == 0 or step == options.num_steps
         by_budget = bool(options.stop_after_steps) and step - start >= options.stop_after_steps
-        stop_now = bool(stop_request) or (by_budget and step < options.num_steps)
+        signalled = _signalled(stop_request, step, options.stop_check_every)
+        stop_now = signalled or (by_budget and step < options.num_steps)
         save_now = stop_now or step == options.num_steps or bool(
             checkpointer and step % checkpointer.every == 0)
         if log_now or save_now:
@@ -231,7 +244,8 @@ def run(step_fn: Callable, state: dict[str, Any], rest: Any, data: Iterator, *, 
         if save_now:
           save(step)
         if stop_now:
-          stop_reason = stop_request.signal_name if stop_request else f"stop_after_steps={options.stop_after_steps}"
+          stop_reason = ((stop_request.signal_name or "a signal to another process") if signalled else
+                         f"stop_after_steps={options.stop_after_steps}")
           logging.warning("Stopping at step %d (%s); resume by running the same command again.", step,
                           stop_reason)
           break
