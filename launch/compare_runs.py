@@ -13,6 +13,8 @@ import sys
 
 import numpy as np
 
+from afmrl_jax.train.evaluate import load_gallery_embeddings
+
 
 def _losses(workdir: str) -> list[tuple[int, float]]:
   with open(f"{workdir}/metrics.jsonl", encoding="utf-8") as f:
@@ -21,12 +23,13 @@ def _losses(workdir: str) -> list[tuple[int, float]]:
 
 def main(a: str, b: str) -> int:
   metrics = [json.load(open(f"{w}/eval/metrics.json", encoding="utf-8"))["metrics"] for w in (a, b)]
-  emb = [np.load(f"{w}/eval/gallery_embeddings.npz") for w in (a, b)]
+  # One gallery_embeddings.npz, or the per-process shards of a sharded evaluation.
+  emb = [load_gallery_embeddings(f"{w}/eval") for w in (a, b)]
   same = {
       "logged losses": _losses(a) == _losses(b),
       "eval metrics": metrics[0] == metrics[1],
-      "gallery embeddings": emb[0].files == emb[1].files and all(np.array_equal(emb[0][k], emb[1][k])
-                                                                 for k in emb[0].files),
+      "gallery embeddings": sorted(emb[0]) == sorted(emb[1]) and all(np.array_equal(emb[0][k], emb[1][k])
+                                                                     for k in emb[0]),
   }
   for name, ok in same.items():
     print(f"{name}: {'identical' if ok else 'DIFFERENT'}")
@@ -42,8 +45,8 @@ def main(a: str, b: str) -> int:
   deltas = {k: metrics[1][k] - metrics[0][k] for k in metrics[0] if isinstance(metrics[0][k], (int, float))
             and k in metrics[1]}
   print("metric differences (b - a): " + ", ".join(f"{k} {v:+.4f}" for k, v in sorted(deltas.items()) if v))
-  for k in emb[0].files:
-    if k in emb[1].files and emb[0][k].shape == emb[1][k].shape and emb[0][k].dtype.kind == "f":
+  for k in emb[0]:
+    if k in emb[1] and emb[0][k].shape == emb[1][k].shape and emb[0][k].dtype.kind == "f":
       print(f"gallery embeddings '{k}': max |a - b| {np.max(np.abs(emb[0][k] - emb[1][k])):.3g}")
   return 0 if all(same.values()) else 1
 

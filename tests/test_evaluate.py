@@ -11,7 +11,7 @@ from afmrl_jax.retrieval import load_retriever
 from afmrl_jax.retrieval import metrics as M
 from afmrl_jax.train import report
 from afmrl_jax.fields import InvalidFields
-from afmrl_jax.train.evaluate import EvalConfig, evaluate
+from afmrl_jax.train.evaluate import EvalConfig, evaluate, load_gallery_embeddings
 
 D = 16
 NUM_PRODUCTS = 40
@@ -226,3 +226,22 @@ def test_config_and_input_errors(tmp_path):
   not_a_dir.write_text("x")
   with pytest.raises(OSError, match="cannot create the output folder"):
     evaluate(_embed_fn, gallery, gallery, str(not_a_dir), EvalConfig(retriever="exact"))
+
+
+def test_load_gallery_embeddings_joins_process_shards_in_listing_order(tmp_path):
+  rng = np.random.default_rng(0)
+  n = 7
+  whole = {"embeddings": rng.normal(size=(n, 4)).astype(np.float32), "listing_id": np.arange(10, 10 + n),
+           "product_id": np.arange(n) // 2, "category_id": np.arange(n) % 3}
+  (tmp_path / "one").mkdir()
+  np.savez(tmp_path / "one" / "gallery_embeddings.npz", **whole)
+  (tmp_path / "sharded").mkdir()
+  for p, rows in enumerate(([5, 0, 3], [6, 1, 4, 2])):  # each process holds some rows, in its own order
+    np.savez(tmp_path / "sharded" / f"gallery_embeddings.process-00{p}.npz", **{k: v[rows] for k, v in whole.items()})
+  for folder in ("one", "sharded"):
+    got = load_gallery_embeddings(str(tmp_path / folder))
+    assert sorted(got) == sorted(whole)
+    for k in whole:
+      np.testing.assert_array_equal(got[k], whole[k])
+  with pytest.raises(FileNotFoundError, match="gallery_embeddings"):
+    load_gallery_embeddings(str(tmp_path))

@@ -352,3 +352,24 @@ def evaluate(
                         scores=scores, listings=listings,
                         train_metrics_path=train_metrics_path, info=info)
   return metrics
+
+
+def load_gallery_embeddings(out_dir: str) -> dict[str, np.ndarray]:
+  """The gallery embeddings an evaluation wrote to `out_dir`: `gallery_embeddings.npz`, or the
+  `gallery_embeddings.process-NNN.npz` shards of a sharded search joined in listing-id order.
+  Returns {"embeddings" [N, D], "listing_id", "product_id", "category_id" [N]}."""
+  single = os.path.join(out_dir, "gallery_embeddings.npz")
+  if os.path.isfile(single):
+    with np.load(single) as f:
+      return {k: f[k] for k in f.files}
+  names = sorted(n for n in os.listdir(out_dir) if n.startswith("gallery_embeddings.process-") and n.endswith(".npz"))
+  if not names:
+    raise FileNotFoundError(f"No gallery_embeddings.npz or gallery_embeddings.process-NNN.npz in {out_dir}.")
+  parts = []
+  for name in names:
+    with np.load(os.path.join(out_dir, name)) as f:
+      parts.append({k: f[k] for k in f.files})
+  joined = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  order = np.argsort(joined["listing_id"], kind="stable")
+  return {k: v[order] for k, v in joined.items()}
+
