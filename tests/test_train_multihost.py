@@ -154,11 +154,9 @@ def _committed(folder, step):
   return (folder / str(step)).is_dir() and not any(".orbax-checkpoint-tmp" in n for n in os.listdir(folder))
 
 
-def test_sft_two_processes_train_like_one(cache, tmp_path):
-  """The generator's SFT through the same loop: 2 processes x 2 devices = 1 process x 4 devices."""
-  args = ["--config=configs/sft.py:ci", f"--config.catalog.cache_dir={cache}", "--config.catalog.families_per_category=4",
-          "--config.pipeline.fresh_views=False", "--config.train.num_steps=3", "--config.train.log_every=1",
-          "--config.train.eval_at_end=False"]
+def _two_by_two_and_one_by_four(args, tmp_path):
+  """Runs `python -m afmrl_jax.main *args` as 2 processes x 2 devices (workdir tmp_path/two) and as 1 process
+  x 4 devices (tmp_path/one)."""
   env = dict(_env(), LOG_DIR=str(tmp_path / "logs"))
   env.pop("XLA_FLAGS")
   two = subprocess.run(["bash", SCRIPT, "2", "2", sys.executable, "-m", "afmrl_jax.main", *args,
@@ -169,6 +167,14 @@ def test_sft_two_processes_train_like_one(cache, tmp_path):
                        env=dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=4"),
                        capture_output=True, text=True, timeout=600)
   assert one.returncode == 0, one.stderr[-3000:]
+
+
+def test_sft_two_processes_train_like_one(cache, tmp_path):
+  """The generator's SFT through the same loop: 2 processes x 2 devices = 1 process x 4 devices."""
+  args = ["--config=configs/sft.py:ci", f"--config.catalog.cache_dir={cache}", "--config.catalog.families_per_category=4",
+          "--config.pipeline.fresh_views=False", "--config.train.num_steps=3", "--config.train.log_every=1",
+          "--config.train.eval_at_end=False"]
+  _two_by_two_and_one_by_four(args, tmp_path)
   want, got = _losses(tmp_path / "one"), _losses(tmp_path / "two")
   assert sorted(want) == sorted(got) == [1, 2, 3]
   for s in want:
@@ -183,16 +189,7 @@ def test_mined_negatives_two_processes_train_like_one(cache, tmp_path):
   args = [*ARGS, f"--config.catalog.cache_dir={cache}", "--config.train.num_steps=4", "--config.mesh.data=4",
           "--config.mining.enabled=True", "--config.mining.num_mined=4", "--config.mining.per_query=2",
           "--config.mining.backend=exact"]
-  env = dict(_env(), LOG_DIR=str(tmp_path / "logs"))
-  env.pop("XLA_FLAGS")
-  two = subprocess.run(["bash", SCRIPT, "2", "2", sys.executable, "-m", "afmrl_jax.main", *args,
-                        f"--workdir={tmp_path / 'two'}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=600)
-  assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
-  one = subprocess.run([sys.executable, "-m", "afmrl_jax.main", *args, f"--workdir={tmp_path / 'one'}"], cwd=ROOT,
-                       env=dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=4"),
-                       capture_output=True, text=True, timeout=600)
-  assert one.returncode == 0, one.stderr[-3000:]
+  _two_by_two_and_one_by_four(args, tmp_path)
   a, b = (np.load(tmp_path / run / "mined" / "step_0.npz") for run in ("one", "two"))
   np.testing.assert_array_equal(a["table"], b["table"])
   np.testing.assert_array_equal(a["scores"], b["scores"])
