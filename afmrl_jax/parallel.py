@@ -185,10 +185,7 @@ def agree(flag: bool) -> bool:
 
 def any_process(flag: bool) -> bool:
   """Whether `flag` is set on any process (a collective: every process must call it at the same point)."""
-  if jax.process_count() == 1:
-    return bool(flag)
-  from jax.experimental import multihost_utils
-  return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).any())
+  return bool(gather_processes(np.asarray([flag], np.int32)).any())
 
 
 def maybe_initialize_distributed() -> bool:

@@ -82,9 +82,12 @@ def summarize(runs, baseline: str, metrics: list[str], pairs: tuple[tuple[str, s
     result["arms"][arm] = entry
   for a, b in pairs:
     diff = paired(runs.get(a, {}), runs.get(b, {}), metrics[0])
-    if diff:
-      diff["beats_by_two_std"] = bool(diff["mean"] > 2 * diff["std"])
-      result["pairs"][f"{a} - {b}"] = diff
+    if not diff:
+      print(f"ablate_report: no seed shared by {a!r} and {b!r}; pair skipped.", file=sys.stderr)
+      continue
+    # The verdict needs a spread: None with a single shared seed.
+    diff["beats_by_two_std"] = None if math.isnan(diff["std"]) else bool(diff["mean"] > 2 * diff["std"])
+    result["pairs"][f"{a} - {b}"] = diff
   return result
 
 
@@ -117,7 +120,8 @@ def pairs_table(summary: dict, metric: str) -> str:
   for name, d in summary["pairs"].items():
     spread = "" if math.isnan(d["std"]) else f" +- {d['std']:.3f}"
     t = "-" if math.isnan(d["t"]) else f"{d['t']:.1f}"
-    lines.append(f"| {name} | {d['n']} | {d['mean']:+.3f}{spread} | {t} | {'yes' if d['beats_by_two_std'] else 'no'} |")
+    verdict = {True: "yes", False: "no", None: "-"}[d["beats_by_two_std"]]
+    lines.append(f"| {name} | {d['n']} | {d['mean']:+.3f}{spread} | {t} | {verdict} |")
   return "\n".join(lines)
 
 

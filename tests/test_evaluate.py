@@ -245,3 +245,22 @@ def test_load_gallery_embeddings_joins_process_shards_in_listing_order(tmp_path)
       np.testing.assert_array_equal(got[k], whole[k])
   with pytest.raises(FileNotFoundError, match="gallery_embeddings"):
     load_gallery_embeddings(str(tmp_path))
+
+
+def test_stale_gallery_files_are_removed_and_repeated_shards_refused(tmp_path):
+  from afmrl_jax.train.evaluate import _remove_stale_gallery_files
+  names = ["gallery_embeddings.npz"] + [f"gallery_embeddings.process-00{p}.npz" for p in range(4)]
+  shard = {"embeddings": np.zeros((2, 3), np.float32), "listing_id": np.array([1, 2]), "product_id": np.array([1, 2]),
+           "category_id": np.array([0, 0])}
+  for name in names:
+    np.savez(tmp_path / name, **shard)
+  os.remove(tmp_path / "gallery_embeddings.npz")
+  with pytest.raises(ValueError, match="repeat listings"):
+    load_gallery_embeddings(str(tmp_path))  # four shards of the same two listings
+  np.savez(tmp_path / "gallery_embeddings.npz", **shard)
+  _remove_stale_gallery_files(str(tmp_path), sharded=True, process=1, num_processes=2)  # only process 0 cleans
+  assert sorted(os.listdir(tmp_path)) == sorted(names)
+  _remove_stale_gallery_files(str(tmp_path), sharded=True, process=0, num_processes=2)
+  assert sorted(os.listdir(tmp_path)) == names[1:3]  # a 2-process sharded evaluation keeps shards 0 and 1
+  _remove_stale_gallery_files(str(tmp_path), sharded=False, process=0, num_processes=1)
+  assert os.listdir(tmp_path) == []

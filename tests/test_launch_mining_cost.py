@@ -12,9 +12,9 @@ sys.path.insert(0, os.path.join(ROOT, "launch"))
 import mining_cost  # noqa: E402
 
 
-def _run(path, steps, steps_per_s, refreshes=None):
+def _run(path, steps, steps_per_s, refreshes=None, start=0):
   path.mkdir()
-  (path / "summary.json").write_text(json.dumps({"step": steps, "steps_per_s": steps_per_s}))
+  (path / "summary.json").write_text(json.dumps({"start_step": start, "step": steps, "steps_per_s": steps_per_s}))
   if refreshes is not None:
     (path / "mined").mkdir()
     (path / "mined" / "refreshes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in refreshes))
@@ -30,3 +30,16 @@ def test_share_and_overhead(tmp_path):
   assert out["train_s"] == pytest.approx(106.0) and out["refresh_share"] == pytest.approx(10 / 106)
   assert out["step_s_mined"] == pytest.approx(0.48) and out["step_s_plain"] == pytest.approx(0.4)
   assert out["step_overhead"] == pytest.approx(0.2)
+
+
+def test_a_resumed_run_counts_only_its_own_refreshes(tmp_path):
+  # Resumed at step 150 (mining again there, untimed) and ran to 200: 49 timed steps at 1 step/s; the first
+  # invocation's refreshes (steps 0 and 100) do not count.
+  _run(tmp_path / "mined", 200, 1.0, [{"step": 0, "mining_s": 9.0}, {"step": 100, "mining_s": 9.0},
+                                      {"step": 150, "mining_s": 3.0}], start=150)
+  out = mining_cost.mining_cost(str(tmp_path / "mined"))
+  assert out["refreshes"] == 1 and out["train_s"] == pytest.approx(52.0)
+  assert out["refresh_share"] == pytest.approx(3 / 52) and out["step_s_mined"] == pytest.approx(1.0)
+  _run(tmp_path / "short", 1, None, [{"step": 0, "mining_s": 1.0}])
+  with pytest.raises(SystemExit, match="no timed steps"):
+    mining_cost.mining_cost(str(tmp_path / "short"))

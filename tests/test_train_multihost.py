@@ -39,11 +39,21 @@ def _args(cache, workdir):
   return [sys.executable, "-m", "afmrl_jax.main", *ARGS, f"--workdir={workdir}", f"--config.catalog.cache_dir={cache}"]
 
 
-def _two_processes(cache, workdir, log_dir):
+def _two_processes(cache, workdir, log_dir, *extra):
+  """The launcher with 2 processes x 4 devices, in its own process group (see `_kill_group`)."""
   env = dict(_env(), LOG_DIR=str(log_dir))
   env.pop("XLA_FLAGS")
-  return subprocess.Popen(["bash", SCRIPT, "2", "4", *_args(cache, workdir)], cwd=ROOT, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen(["bash", SCRIPT, "2", "4", *_args(cache, workdir), *extra], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _kill_group(proc):
+  """SIGKILLs whatever of the launcher's process group is left (a process hung in a collective ignores the
+  launcher's SIGTERM)."""
+  try:
+    os.killpg(proc.pid, signal.SIGKILL)
+  except ProcessLookupError:
+    pass
 
 
 def _losses(workdir):
@@ -69,7 +79,10 @@ def _final_params(workdir):
 def two_process_run(cache, tmp_path_factory):
   root = tmp_path_factory.mktemp("two")
   proc = _two_processes(cache, root / "work", root / "logs")
-  out, _ = proc.communicate(timeout=600)
+  try:
+    out, _ = proc.communicate(timeout=600)
+  finally:
+    _kill_group(proc)
   assert proc.returncode == 0, out[-3000:]
   return root / "work"
 
@@ -93,18 +106,24 @@ def test_two_processes_train_like_one_with_all_devices(cache, two_process_run, t
 def test_sigkill_of_one_process_then_restart_resumes_to_the_same_parameters(cache, two_process_run, tmp_path):
   workdir, logs = tmp_path / "work", tmp_path / "logs"
   proc = _two_processes(cache, workdir, logs)
-  deadline = time.time() + 600
-  while not (workdir / "checkpoints" / "2").is_dir() or not _committed(workdir / "checkpoints", 2):
-    assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
-    time.sleep(0.1)
-  pids = dict(line.split() for line in (logs / "pids").read_text().splitlines())
-  os.kill(int(pids["1"]), signal.SIGKILL)
-  out, _ = proc.communicate(timeout=300)
+  try:
+    deadline = time.time() + 600
+    while not (workdir / "checkpoints" / "2").is_dir() or not _committed(workdir / "checkpoints", 2):
+      assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+      time.sleep(0.1)
+    pids = dict(line.split() for line in (logs / "pids").read_text().splitlines())
+    os.kill(int(pids["1"]), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+  finally:
+    _kill_group(proc)
   assert proc.returncode != 0  # the launcher reports the killed process and stops the other
   last = max(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())
   assert 2 <= last < STEPS, last
   restart = _two_processes(cache, workdir, tmp_path / "logs2")
-  out, _ = restart.communicate(timeout=600)
+  try:
+    out, _ = restart.communicate(timeout=600)
+  finally:
+    _kill_group(restart)
   assert restart.returncode == 0, out[-3000:]
   step, resumed = _final_params(workdir)
   _, uninterrupted = _final_params(two_process_run)
@@ -118,26 +137,18 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(cache, tmp_path):
   save that step and exit cleanly (without the agreement, process 1 would leave the loop while process 0
   waits in the next step's collectives)."""
   workdir, logs = tmp_path / "work", tmp_path / "logs"
-  env = dict(_env(), LOG_DIR=str(logs))
-  env.pop("XLA_FLAGS")
-  proc = subprocess.Popen(["bash", SCRIPT, "2", "4", *_args(cache, workdir), "--config.train.num_steps=400",
-                           "--config.train.stop_check_every=5", "--config.checkpoint.every=1000"],
-                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  metrics, deadline = workdir / "metrics.jsonl", time.time() + 600
-  while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):  # training has started
-    assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
-    time.sleep(0.1)
-  pids = dict(line.split() for line in (logs / "pids").read_text().splitlines())
-  os.kill(int(pids["1"]), signal.SIGTERM)
+  proc = _two_processes(cache, workdir, logs, "--config.train.num_steps=400", "--config.train.stop_check_every=5",
+                        "--config.checkpoint.every=1000")
   try:
+    metrics, deadline = workdir / "metrics.jsonl", time.time() + 600
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):  # training has started
+      assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+      time.sleep(0.1)
+    pids = dict(line.split() for line in (logs / "pids").read_text().splitlines())
+    os.kill(int(pids["1"]), signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
-  except subprocess.TimeoutExpired:  # a process hung in a collective ignores the launcher's SIGTERM
-    for pid in [*pids.values(), proc.pid]:
-      try:
-        os.kill(int(pid), signal.SIGKILL)
-      except ProcessLookupError:
-        pass
-    raise
+  finally:
+    _kill_group(proc)
   assert proc.returncode == 0, out[-3000:]
   stops = [[line for line in (logs / f"process_{i}.log").read_text().splitlines() if "Stopping at step" in line]
            for i in (0, 1)]

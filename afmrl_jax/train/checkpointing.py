@@ -260,7 +260,8 @@ def stop_on_signals(signals=(signal.SIGTERM, signal.SIGINT)) -> Iterator[StopReq
       if callable(old):
         old(signum, frame)
       raise KeyboardInterrupt(name)
-    logging.warning("%s received: saving a checkpoint and stopping after this step.", name)
+    logging.warning("%s received: saving a checkpoint and stopping after this step (with several processes:"
+                    " at the next step where they agree, train.stop_check_every).", name)
     request.set(name)
 
   for sig in signals:

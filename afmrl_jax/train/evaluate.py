@@ -331,6 +331,7 @@ def evaluate(
     os.makedirs(out_dir, exist_ok=True)
   except OSError as e:
     raise OSError(f"evaluate: cannot create the output folder {out_dir} ({e}); check --workdir.") from e
+  _remove_stale_gallery_files(out_dir, sharded, process, jax.process_count() if jax is not None else 1)
   if sharded:  # each process writes its own shard (the output folder must be shared by the processes)
     if cfg.save_index and index.size:
       retriever.save(os.path.join(out_dir, "index", f"process-{process:03d}"))
@@ -370,6 +371,23 @@ def load_gallery_embeddings(out_dir: str) -> dict[str, np.ndarray]:
     with np.load(os.path.join(out_dir, name)) as f:
       parts.append({k: f[k] for k in f.files})
   joined = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  if len(np.unique(joined["listing_id"])) != len(joined["listing_id"]):
+    raise ValueError(f"{out_dir}: the gallery_embeddings.process-NNN.npz files repeat listings (left from an "
+                     "evaluation with more processes?); evaluate again into an empty folder.")
   order = np.argsort(joined["listing_id"], kind="stable")
   return {k: v[order] for k, v in joined.items()}
+
+
+def _remove_stale_gallery_files(out_dir: str, sharded: bool, process: int, num_processes: int) -> None:
+  """Process 0 removes what an earlier evaluation of the other kind (or with more processes) left in
+  `out_dir`, so that `load_gallery_embeddings` reads only this evaluation's gallery."""
+  if process != 0:
+    return
+  for name in os.listdir(out_dir):
+    if name == "gallery_embeddings.npz" and sharded:
+      os.remove(os.path.join(out_dir, name))
+    elif name.startswith("gallery_embeddings.process-") and name.endswith(".npz"):
+      shard = int(name[len("gallery_embeddings.process-"):-len(".npz")])
+      if not sharded or shard >= num_processes:
+        os.remove(os.path.join(out_dir, name))
 

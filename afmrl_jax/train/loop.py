@@ -50,9 +50,10 @@ class TrainOptions(Checked):
   # schedule still uses num_steps, so a resumed run continues exactly where this one stopped.
   stop_after_steps: int = non_negative(0)
   log_every: int = positive(10)
-  # With several processes a SIGTERM/SIGINT is acted on at the next step divisible by this, where the
-  # processes agree (one collective) that one of them was signalled and all save and stop together.
-  stop_check_every: int = positive(10)
+  # With several processes a SIGTERM/SIGINT is acted on at the next step divisible by this (and at the
+  # last step), where the processes agree (one small collective, which waits for the step to finish) that
+  # one of them was signalled and all save and stop together. Raise it when that wait costs throughput.
+  stop_check_every: int = positive(1)
   check_finite: bool = True  # stop the run on a NaN/Inf loss, naming the step and batch
   eval_at_end: bool = True  # the stage evaluates after the last step
   metrics_file: str = "metrics.jsonl"  # per-step metrics, relative to the workdir
@@ -67,15 +68,17 @@ class LoopResult:
   stopped_early: bool
   stop_reason: str
   flops_per_step_per_device: float | None
-  steps_per_s: float | None
+  steps_per_s: float | None  # timed from the end of the first step this call ran (start_step + 1)
+  start_step: int = 0  # the state's step when this call began (a resumed run's checkpoint step)
 
 
-def _signalled(stop_request: checkpointing.StopRequest, step: int, check_every: int) -> bool:
+def _signalled(stop_request: checkpointing.StopRequest, step: int, check_every: int, num_steps: int) -> bool:
   """Whether the run stops for a signal after `step`: at once with one process; with several, at steps
-  divisible by `check_every`, if any process was signalled (so that all save and leave together)."""
+  divisible by `check_every` and at the last step, if any process was signalled (so that all save and
+  leave together, and a signal near the end still marks the run as stopped)."""
   if jax.process_count() == 1:
     return bool(stop_request)
-  return step % check_every == 0 and parallel.any_process(bool(stop_request))
+  return (step % check_every == 0 or step == num_steps) and parallel.any_process(bool(stop_request))
 
 
 def _device_batch(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -235,7 +238,7 @@ def run(step_fn: Callable, state: dict[str, Any], rest: Any, data: Iterator, *, 
 
         log_now = step % options.log_every == 0 or step == options.num_steps
         by_budget = bool(options.stop_after_steps) and step - start >= options.stop_after_steps
-        signalled = _signalled(stop_request, step, options.stop_check_every)
+        signalled = _signalled(stop_request, step, options.stop_check_every, options.num_steps)
         stop_now = signalled or (by_budget and step < options.num_steps)
         save_now = stop_now or step == options.num_steps or bool(
             checkpointer and step % checkpointer.every == 0)
@@ -258,4 +261,4 @@ def run(step_fn: Callable, state: dict[str, Any], rest: Any, data: Iterator, *, 
   elapsed = time.perf_counter() - t_start if t_start is not None else 0.0
   return LoopResult(state=state, step=step, losses=pending.losses, stopped_early=bool(stop_reason),
                     stop_reason=stop_reason, flops_per_step_per_device=flops,
-                    steps_per_s=timed / elapsed if elapsed > 0 and timed > 0 else None)
+                    steps_per_s=timed / elapsed if elapsed > 0 and timed > 0 else None, start_step=start)

@@ -107,6 +107,7 @@ class MinedNegatives:
   def refresh(self, params, step: int) -> dict[str, float]:
     """Mines the table with `params` at `step`, filters it, saves it; returns the refresh's metrics."""
     o = self.options
+    jax.block_until_ready(params)  # the step in flight is not the refresh's time
     t0 = time.perf_counter()
     queries, cands = self._embeddings(params, "query"), self._embeddings(params, "candidate")
     n = len(self.product)

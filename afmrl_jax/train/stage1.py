@@ -101,6 +101,7 @@ def train_and_evaluate(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
   result, model, data = train(run, workdir, mesh=mesh)
   summary: dict[str, Any] = {
       "step": result.step,
+      "start_step": result.start_step,
       "stopped_early": result.stopped_early,
       "stop_reason": result.stop_reason,
       "first_loss": result.losses[min(result.losses)] if result.losses else None,
