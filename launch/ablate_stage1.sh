@@ -8,13 +8,15 @@
 # Environment: PRESET (default tiny), STEPS (default: the preset's), MARGIN (uniform-margin control,
 # default 1.0), MINED (the mining flags of the *_mined arms), EXTRA (more --config overrides for every
 # run), PYTHON (default .venv/bin/python),
-# BASELINE (the arm of the paired differences, default infonce), SFT_ATTRIBUTES and RAR_ATTRIBUTES (the
+# BASELINE (the arm of the paired differences, default infonce), PAIRS (more paired differences for the
+# report, "A:B C:D", see launch/ablate_report.py --pairs), SFT_ATTRIBUTES and RAR_ATTRIBUTES (the
 # generate stage's attributes.jsonl of the SFT and of the RAR generator, for agcl_sft_enriched and
 # agcl_rar_enriched).
 #
 # The mined-negatives question (does attribute guidance beat a uniform margin once hard negatives are in
 # the batch?):
-#   BASELINE=uniform_margin launch/ablate_stage1.sh /tmp/ablate_mining "0 1 2 3 4" \
+#   STEPS=200 BASELINE=uniform_margin PAIRS="agcl_mined:uniform_margin_mined infonce_mined:infonce" \
+#     launch/ablate_stage1.sh /tmp/ablate_mining "0 1 2 3 4" \
 #     "infonce uniform_margin agcl agcl_published infonce_mined uniform_margin_mined agcl_mined \
 #      agcl_published_mined agcl_mined_attribute_filter agcl_mined_score_filter"
 #
@@ -79,4 +81,6 @@ for seed in ${SEEDS}; do
       || { echo "run failed, see ${dir}.log" >&2; tail -5 "${dir}.log" >&2; }
   done
 done
-"${PYTHON}" launch/ablate_report.py "${OUT}" --baseline "${BASELINE:-infonce}" --json "${OUT}/ablation.json" | tee "${OUT}/ablation.md"
+# shellcheck disable=SC2086
+"${PYTHON}" launch/ablate_report.py "${OUT}" --baseline "${BASELINE:-infonce}" --pairs ${PAIRS:-} \
+  --json "${OUT}/ablation.json" | tee "${OUT}/ablation.md"
