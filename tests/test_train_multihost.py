@@ -47,6 +47,21 @@ def _two_processes(cache, workdir, log_dir, *extra):
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+def _signal_process_1(proc, logs, sig, when):
+  """Once `when()` holds, sends `sig` to process 1 of the launcher `proc`; returns the launcher's output after
+  it exits (its process group is killed if it hangs)."""
+  try:
+    deadline = time.time() + 600
+    while not when():
+      assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+      time.sleep(0.1)
+    pids = dict(line.split() for line in (logs / "pids").read_text().splitlines())
+    os.kill(int(pids["1"]), sig)
+    return proc.communicate(timeout=300)[0]
+  finally:
+    _kill_group(proc)
+
+
 def _kill_group(proc):
   """SIGKILLs whatever of the launcher's process group is left (a process hung in a collective ignores the
   launcher's SIGTERM)."""
@@ -106,16 +121,7 @@ def test_two_processes_train_like_one_with_all_devices(cache, two_process_run, t
 def test_sigkill_of_one_process_then_restart_resumes_to_the_same_parameters(cache, two_process_run, tmp_path):
   workdir, logs = tmp_path / "work", tmp_path / "logs"
   proc = _two_processes(cache, workdir, logs)
-  try:
-    deadline = time.time() + 600
-    while not (workdir / "checkpoints" / "2").is_dir() or not _committed(workdir / "checkpoints", 2):
-      assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
-      time.sleep(0.1)
-    pids = dict(line.split() for line in (logs / "pids").read_text().splitlines())
-    os.kill(int(pids["1"]), signal.SIGKILL)
-    out, _ = proc.communicate(timeout=300)
-  finally:
-    _kill_group(proc)
+  _signal_process_1(proc, logs, signal.SIGKILL, when=lambda: _committed(workdir / "checkpoints", 2))
   assert proc.returncode != 0  # the launcher reports the killed process and stops the other
   last = max(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())
   assert 2 <= last < STEPS, last
@@ -139,16 +145,9 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(cache, tmp_path):
   workdir, logs = tmp_path / "work", tmp_path / "logs"
   proc = _two_processes(cache, workdir, logs, "--config.train.num_steps=400", "--config.train.stop_check_every=5",
                         "--config.checkpoint.every=1000")
-  try:
-    metrics, deadline = workdir / "metrics.jsonl", time.time() + 600
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):  # training has started
-      assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
-      time.sleep(0.1)
-    pids = dict(line.split() for line in (logs / "pids").read_text().splitlines())
-    os.kill(int(pids["1"]), signal.SIGTERM)
-    out, _ = proc.communicate(timeout=300)
-  finally:
-    _kill_group(proc)
+  metrics = workdir / "metrics.jsonl"
+  out = _signal_process_1(proc, logs, signal.SIGTERM,  # once training has started
+                          when=lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2)
   assert proc.returncode == 0, out[-3000:]
   stops = [[line for line in (logs / f"process_{i}.log").read_text().splitlines() if "Stopping at step" in line]
            for i in (0, 1)]
