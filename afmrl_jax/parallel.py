@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -186,6 +187,15 @@ def agree(flag: bool) -> bool:
 def any_process(flag: bool) -> bool:
   """Whether `flag` is set on any process (a collective: every process must call it at the same point)."""
   return bool(gather_processes(np.asarray([flag], np.int32)).any())
+
+
+def from_process_0(tree: Any) -> Any:
+  """Process 0's pytree of NumPy arrays on every process (itself with one process). Through jax arrays:
+  int64 / float64 travel as int32 / float32 unless jax_enable_x64."""
+  if jax.process_count() == 1:
+    return tree
+  from jax.experimental import multihost_utils
+  return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(tree))
 
 
 def maybe_initialize_distributed() -> bool:

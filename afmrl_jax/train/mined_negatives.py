@@ -14,8 +14,8 @@ mined columns, host metrics)`. The table and the step it was mined at are saved 
 `<workdir>/mined/step_<N>.npz` at each refresh (kept while a saved checkpoint may need it). A resumed run
 takes the table of the last refresh at or before its step (mining again when it resumes exactly at a
 refresh step, as the uninterrupted run did), so it trains on the same batches. With several processes every process embeds
-its slice of the listings, the embeddings are gathered, and each process mines the same table and extends
-its own rows.
+its slice of the listings, the embeddings are gathered, each process mines, and all take process 0's table
+(ScaNN builds can differ between machines) before extending their own rows.
 
 Each refresh appends a line to `<workdir>/mined/refreshes.jsonl`, and every logged step carries the
 current table's figures: the time (`mining_s`), the entries mined, dropped, and dropped by each rule and,
@@ -118,6 +118,8 @@ class MinedNegatives:
         positive_scores=(mining.positive_scores(queries, cands, self.product, self.product,
                                                 query_rows=np.arange(n)) if "score" in rules else None))
     self.mined, counts = mining.apply_filter(mined, inputs, mining.FilterConfig(rules=rules, margin=o.margin))
+    # Two ScaNN builds can differ between machines: every process trains on process 0's table.
+    self.mined = mining.MinedTable.from_pytree(parallel.from_process_0(self.mined.to_pytree()))
     metrics = {"mining_s": time.perf_counter() - t0, "mined": float(counts["mined"]),
                "mined_dropped": float(counts["dropped"]),
                **{f"mined_dropped_{rule}": float(counts[rule]) for rule in rules if rule != "none"},
