@@ -178,10 +178,7 @@ def gather_processes(x: np.ndarray) -> np.ndarray:
 def agree(flag: bool) -> bool:
   """Process 0's `flag` on every process: a decision that leads to collectives (load a file or compute
   it) must be the same everywhere, even when a shared filesystem shows the processes different things."""
-  if jax.process_count() == 1:
-    return bool(flag)
-  from jax.experimental import multihost_utils
-  return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(flag))))
+  return bool(from_process_0(np.int32(bool(flag))))
 
 
 def any_process(flag: bool) -> bool:

@@ -335,7 +335,7 @@ def evaluate(
   if sharded:  # each process writes its own shard (the output folder must be shared by the processes)
     if cfg.save_index and index.size:
       retriever.save(os.path.join(out_dir, "index", f"process-{process:03d}"))
-    np.savez(os.path.join(out_dir, f"gallery_embeddings.process-{process:03d}.npz"),
+    np.savez(os.path.join(out_dir, _shard_file(process)),
              embeddings=local["embeddings"], **{key: local[key] for key in ID_KEYS})
     if process != 0:
       return metrics
@@ -363,7 +363,7 @@ def load_gallery_embeddings(out_dir: str) -> dict[str, np.ndarray]:
   if os.path.isfile(single):
     with np.load(single) as f:
       return {k: f[k] for k in f.files}
-  names = sorted(n for n in os.listdir(out_dir) if n.startswith("gallery_embeddings.process-") and n.endswith(".npz"))
+  names = sorted(n for n in os.listdir(out_dir) if _shard_of(n) is not None)
   if not names:
     raise FileNotFoundError(f"No gallery_embeddings.npz or gallery_embeddings.process-NNN.npz in {out_dir}.")
   parts = []
@@ -384,10 +384,19 @@ def _remove_stale_gallery_files(out_dir: str, sharded: bool, process: int, num_p
   if process != 0:
     return
   for name in os.listdir(out_dir):
-    if name == "gallery_embeddings.npz" and sharded:
+    shard = _shard_of(name)
+    stale_shard = shard is not None and (not sharded or shard >= num_processes)
+    if stale_shard or (sharded and name == "gallery_embeddings.npz"):
       os.remove(os.path.join(out_dir, name))
-    elif name.startswith("gallery_embeddings.process-") and name.endswith(".npz"):
-      shard = int(name[len("gallery_embeddings.process-"):-len(".npz")])
-      if not sharded or shard >= num_processes:
-        os.remove(os.path.join(out_dir, name))
 
+
+def _shard_file(process: int) -> str:
+  """The file a sharded evaluation's process writes its gallery rows to."""
+  return f"gallery_embeddings.process-{process:03d}.npz"
+
+
+def _shard_of(name: str) -> int | None:
+  """The process whose `_shard_file` `name` is; None for any other file."""
+  head, tail = "gallery_embeddings.process-", ".npz"
+  digits = name[len(head):-len(tail)] if name.startswith(head) and name.endswith(tail) else ""
+  return int(digits) if digits.isdigit() else None

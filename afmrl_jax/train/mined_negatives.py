@@ -117,13 +117,13 @@ class MinedNegatives:
         query_terms=self.terms, cand_terms=self.terms,
         positive_scores=(mining.positive_scores(queries, cands, self.product, self.product,
                                                 query_rows=np.arange(n)) if "score" in rules else None))
-    self.mined, counts = mining.apply_filter(mined, inputs, mining.FilterConfig(rules=rules, margin=o.margin))
+    filtered, counts = mining.apply_filter(mined, inputs, mining.FilterConfig(rules=rules, margin=o.margin))
     # Two ScaNN builds can differ between machines: every process trains on process 0's table.
-    self.mined = mining.MinedTable.from_pytree(parallel.from_process_0(self.mined.to_pytree()))
+    self.mined = mining.MinedTable.from_pytree(parallel.from_process_0(filtered.to_pytree()))
     metrics = {"mining_s": time.perf_counter() - t0, "mined": float(counts["mined"]),
                "mined_dropped": float(counts["dropped"]),
                **{f"mined_dropped_{rule}": float(counts[rule]) for rule in rules if rule != "none"},
-               **self._duplicate_figures(mined)}
+               **self._duplicate_figures(mined, filtered)}
     if jax.process_index() == 0:
       os.makedirs(os.path.join(self.workdir, FOLDER), exist_ok=True)
       self.mined.save(table_path(self.workdir, step))
@@ -133,16 +133,15 @@ class MinedNegatives:
     logging.info("Mined hard negatives at step %d: %s", step, metrics)
     return metrics
 
-  def _duplicate_figures(self, mined: mining.MinedTable) -> dict[str, float]:
-    """How many mined entries are relistings of the query's item (same `true_product_id`, another product
-    id) and, with a filter, its recall and precision against them."""
+  def _duplicate_figures(self, mined: mining.MinedTable, filtered: mining.MinedTable) -> dict[str, float]:
+    """How many `mined` entries are relistings of the query's item (same `true_product_id`, another product
+    id) and, with a filter, its recall and precision against them (`filtered`: what the filter kept)."""
     true_ids = np.asarray(self.table.true_product_id, np.int64)
     is_dup = mining.true_duplicates(mined.table, self.product, true_ids, self.product, true_ids)
     out = {"mined_true_duplicates": float(is_dup.sum())}
-    if self.mined is not None and self.options.filter != "none" and is_dup.any():
-      kept = np.zeros(mined.table.shape, bool)  # which of the mined entries the filter kept
-      for row in range(len(mined.table)):
-        kept[row] = np.isin(mined.table[row], self.mined.table[row][self.mined.valid[row]])
+    if self.options.filter != "none" and is_dup.any():
+      # Which mined entries the filter kept: those still in their row of the filtered table ([Q, M, M]).
+      kept = mined.valid & (mined.table[:, :, None] == np.where(filtered.valid, filtered.table, -2)[:, None, :]).any(-1)
       quality = mining.filter_quality({"filter": kept}, mined.valid, is_dup)["filter"]
       out["mined_filter_recall"] = quality["recall"]
       if quality["dropped"]:
