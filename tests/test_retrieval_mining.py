@@ -15,11 +15,13 @@ from afmrl_jax.retrieval.mining import FilterConfig, FilterInputs, MinedTable
 
 
 def reference(queries, gallery, query_product, cand_product, m):
-  """Brute force: cosine scores (float64 over the float32 unit rows), other-product rows sorted by
-  (-score, row), first m; -1 / -inf padding."""
-  q = unit_rows(queries).astype(np.float64)
-  g = unit_rows(gallery).astype(np.float64)
-  s = q @ g.T
+  """Brute force: the exact backend's documented cosine score (float64 sum in dimension order over the
+  float32 unit rows, rounded to float32; no BLAS, whose last bits move with the kernel), other-product
+  rows sorted by (-score, row), first m; -1 / -inf padding."""
+  from tests.test_retrieval_index import rule_scores
+  # `mine` normalises, and the retriever normalises what it indexes and is asked again: the same rows here.
+  q, g = unit_rows(unit_rows(queries)), unit_rows(unit_rows(gallery))
+  s = rule_scores(q, g)
   table = np.full((len(q), m), -1, np.int64)
   scores = np.full((len(q), m), -np.inf)
   for i in range(len(q)):
@@ -48,7 +50,7 @@ def check_against_reference(queries, gallery, qp, cp, m, **kw):
   got = mining.mine(queries, gallery, qp, cp, m, backend="exact", **kw)
   want_table, want_scores = reference(queries, gallery, qp, cp, m)
   np.testing.assert_array_equal(got.table, want_table)
-  np.testing.assert_allclose(got.scores, want_scores, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(got.scores, want_scores)  # the same arithmetic, written twice
   assert got.table.dtype == np.int32 and got.scores.dtype == np.float32
   return got
 
@@ -216,6 +218,7 @@ def test_scann_agrees_with_exact_on_a_clustered_gallery():
   assert not (cp[approx.table] == qp[:, None]).any()
   recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(approx.table.tolist(), exact.table.tolist())])
   print(f"mining: ScaNN recall@10 against exact {recall:.3f}")
+  # Measured, seeds 0-9 x 4 OpenBLAS kernels (default, Haswell, Sandybridge, Prescott): 0.9995 to 1.0.
   assert recall >= 0.95, recall
 
 

@@ -36,8 +36,9 @@ def test_merge_topk_of_shards_equals_the_whole_gallery():
   shards = np.array_split(np.random.default_rng(1).permutation(len(gallery)), 3)
   parts = [make_retriever("exact").build(gallery[s], ids[s]).search(queries, 10) for s in shards]
   got_ids, got_scores = merge_topk(np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts]), 10)
+  # Exact on every BLAS kernel: a row's exact score does not depend on its shard or block (exact.py).
   np.testing.assert_array_equal(got_ids, want_ids)
-  np.testing.assert_allclose(got_scores, want_scores, rtol=1e-6)
+  np.testing.assert_array_equal(got_scores, want_scores)
 
 
 def test_merge_topk_by_hand():
@@ -82,4 +83,6 @@ def test_two_processes_each_with_half_the_gallery():
   scann = np.asarray(results[0]["scann"])
   recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(scann, want)])
   print(f"sharded ScaNN recall@10 against exact: {recall:.3f}")
+  # Measured on this gallery's generator, seeds 0-9 x 4 OpenBLAS kernels (default, Haswell, Sandybridge,
+  # Prescott): 0.977 to 1.0 (ScaNN builds vary between runs and machines).
   assert recall >= 0.95, recall

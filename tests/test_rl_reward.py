@@ -97,5 +97,30 @@ def test_scann_and_exact_rewards_agree_on_a_clustered_gallery():
     scores[kind], _ = R.RetrievalReward(retriever, listing, product, R.RewardOptions())(
         q_emb, queries, product[queries], malformed)
   same = np.isclose(scores["exact"], scores["scann"], atol=1e-6)
-  assert same.mean() >= 0.99, same.mean()
+  # Measured (this data with seeds 0-9, each under the default OpenBLAS kernel and OPENBLAS_CORETYPE=
+  # Haswell / Sandybridge / Prescott, AMD EPYC, 40 ScaNN builds): 0.9875 to 1.0, mostly 0.9925-1.0; a
+  # build differs from run to run and machine to machine. At most 5 of 400 disagreed; 0.975 allows 10.
+  assert same.mean() >= 0.975, same.mean()
   assert 0.3 < scores["exact"].mean() < 0.95  # the gallery is neither trivial nor hopeless
+
+
+def test_scann_padding_is_never_a_hit():
+  """ScaNN searching 2 of 20 leaves for k = 200 returns about 40 rows and pads the rest (as row 0 with a
+  NaN score in ScaNN itself). Row 0 is a listing of the query's product: counted as a hit, the padding
+  gave recall > 1. Padding is a miss: the reward is what the real results give."""
+  pytest.importorskip("scann")
+  rng = np.random.default_rng(8)
+  emb = rng.normal(size=(600, 16)).astype(np.float32)
+  product = np.concatenate([[0, 0, 0, 0], 1 + np.arange(596) // 4])
+  listing = np.arange(600)
+  retriever = make_retriever("scann", brute_force_below=500, num_leaves=20, leaves_to_search=2).build(emb)
+  query = -emb[:1]  # far from product 0's rows: the searched leaves hold none of them
+  rows, _ = retriever.search(query, 201)
+  assert (rows < 0).sum() > 100  # the list was padded
+  want_found = int(np.isin(rows[rows >= 0], [0, 1, 2, 3]).sum())
+  for kind, want in (("recall", want_found / 4), ("ndcg", None)):
+    reward = R.RetrievalReward(retriever, listing, product, R.RewardOptions(kind=kind, k=200))
+    r, info = reward(query, np.array([10_000]), np.array([0]), np.array([False]))
+    assert 0.0 <= r[0] <= 1.0 and info["recall@200"] == pytest.approx(want_found / 4)
+    if want is not None:
+      assert r[0] == pytest.approx(want)

@@ -16,7 +16,9 @@ class Retriever(Protocol):
   """Maximum-inner-product search over L2-normalised gallery embeddings.
 
   `build(embeddings [N, D], ids int64 [N]) -> self`; `search(queries [Q, D], k) -> (ids int64 [Q, k],
-  scores float32 [Q, k])`, best first; `save(directory)`; `Cls.load(directory)`.
+  scores float32 [Q, k])`, best first; `save(directory)`; `Cls.load(directory)`. An approximate index may
+  find fewer than k rows for a query: the row then ends in id -1 with score -inf ("no result": never a
+  hit, a neighbour or a mined negative; `metrics.labels_at` reads labels at such ids).
   """
 
   def build(self, embeddings: np.ndarray, ids: np.ndarray | None = None) -> "Retriever":

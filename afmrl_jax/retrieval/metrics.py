@@ -17,6 +17,20 @@ from typing import Any
 import numpy as np
 
 
+# The label `labels_at` gives a missing result (id -1): equal to no real label, and no kNN vote.
+MISSING = np.iinfo(np.int64).min
+
+
+def labels_at(labels: np.ndarray, rows: np.ndarray) -> np.ndarray:
+  """int64 [Q, K]: `labels [N]` (ints) at ranked `rows [Q, K]`, `MISSING` where a row is -1 (an
+  approximate index found fewer than K results): a missing result is never a hit, and never itself."""
+  labels = np.asarray(labels, np.int64)
+  rows = np.asarray(rows, np.int64)
+  if not len(labels):
+    return np.full(rows.shape, MISSING, np.int64)
+  return np.where(rows >= 0, labels[np.maximum(rows, 0)], MISSING)
+
+
 def relevance(retrieved_labels: np.ndarray, query_labels: np.ndarray) -> np.ndarray:
   """hits [Q, K] = retrieved_labels [Q, K] == query_labels [Q] (per row)."""
   retrieved_labels = np.asarray(retrieved_labels)
@@ -134,7 +148,8 @@ def knn_accuracy(neighbor_labels: np.ndarray, query_labels: np.ndarray, k: int) 
   """kNN classification accuracy: each query takes the majority label of its top k neighbours.
 
   Ties between labels with equal votes go to the label seen first in the ranking (the nearer one).
-  neighbor_labels: [Q, K] labels of the ranked results (query itself already excluded).
+  neighbor_labels: [Q, K] labels of the ranked results (query itself already excluded); `MISSING`
+  entries (no result) do not vote, and a query without any neighbour counts as wrong.
   """
   neighbor_labels = np.asarray(neighbor_labels)[:, :k]
   query_labels = np.asarray(query_labels)
@@ -142,6 +157,10 @@ def knn_accuracy(neighbor_labels: np.ndarray, query_labels: np.ndarray, k: int) 
     raise ValueError(f"knn_accuracy: k={k} but only {neighbor_labels.shape[1]} neighbours given.")
   correct = 0
   for row, truth in zip(neighbor_labels, query_labels):
+    if row.dtype.kind in "iu":
+      row = row[row != MISSING]
+    if not len(row):
+      continue
     labels, first, votes = np.unique(row, return_index=True, return_counts=True)
     # Most votes first, then earliest first occurrence.
     best = np.lexsort((first, -votes))[0]

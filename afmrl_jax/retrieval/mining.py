@@ -17,7 +17,10 @@ with fewer than M such candidates end in -1 (score -inf).
 
 Ties and reproducibility. The order is by score (descending), then by the smaller candidate index
 (global id in `mine_sharded`): a query's row is the first M other-product candidates of the sequence
-sorted by (-score, index). With the exact backend this is exactly what the result is: the search
+sorted by (-score, index). With the exact backend the score is `exact.exact_scores` (the float64 sum in
+index order of the exact products of the float32 unit rows, rounded to float32): bitwise the same for
+equal vectors wherever they sit and whatever the BLAS kernel, so ties are real ties, and the table is the
+same on every machine. With the exact backend this is exactly what the result is: the search
 over-fetches `M + over_fetch` candidates, and a query whose row is not yet certain (fewer than M
 other-product candidates found, or its M-th one tied with the last fetched score, so that tied
 candidates past the cut could precede it) is searched again with a larger k (its own-product count
@@ -163,7 +166,8 @@ def _mine_local(search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray
   while True:
     ids, scores = search(queries[todo], k)
     scores = np.asarray(scores, np.float32)
-    # ScaNN pads a list it cannot fill (fewer rows in the leaves it searched) with row 0 and score NaN.
+    # No result: -1 / -inf (ScannRetriever's padding when the searched leaves hold fewer than k rows;
+    # a raw ScaNN searcher writes row 0 with score NaN).
     ids = np.where(np.isfinite(scores), np.asarray(ids, np.int64), -1)
     foreign = product_of(ids) != query_product[todo][:, None]
     got_ids, got_scores, got = _select(ids, scores, foreign, m)
@@ -261,8 +265,8 @@ def mine(query_emb: np.ndarray, cand_emb: np.ndarray, query_product: np.ndarray,
 def merge_mined(ids: np.ndarray, scores: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
   """The best m of several shards' mined lists, ids int [S, Q, m_s] and scores [S, Q, m_s] -> [Q, m].
 
-  Sorted by (-score, global id), unlike `sharded.merge_topk` (lower shard first on ties), so that the
-  result does not depend on which process holds which row.
+  Sorted by (-score, global id), as `sharded.merge_topk`, so that the result does not depend on which
+  process holds which row (the exact backend's scores do not depend on it either).
   """
   s, q, ms = ids.shape
   flat_ids = np.transpose(np.asarray(ids, np.int64), (1, 0, 2)).reshape(q, s * ms)

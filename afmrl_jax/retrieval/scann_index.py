@@ -73,7 +73,8 @@ class ScannRetriever:
     return self
 
   def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """queries [Q, D] -> (ids int64 [Q, k], scores float32 [Q, k]), best first."""
+    """queries [Q, D] -> (ids int64 [Q, k], scores float32 [Q, k]), best first; -1 / -inf at the end of
+    a row where the searched leaves held fewer than k rows (tree_ah only)."""
     if self.searcher is None:
       raise RuntimeError("ScannRetriever.search called before build() or load().")
     if not 1 <= k <= self.size:
@@ -88,9 +89,13 @@ class ScannRetriever:
     else:
       idx, scores = self.searcher.search_batched(q, **kwargs)
     idx = np.asarray(idx, dtype=np.int64)
+    scores = np.asarray(scores, dtype=np.float32)
     if idx.shape != (q.shape[0], k):
       raise RuntimeError(f"ScaNN returned shape {idx.shape}, expected {(q.shape[0], k)}.")
-    return self.ids[idx], np.asarray(scores, dtype=np.float32)
+    # When the searched leaves hold fewer than k rows, ScaNN pads the list with row 0 and a NaN score:
+    # that is "no result" (-1, -inf), never row 0 (it would count as a hit or a neighbour).
+    pad = ~np.isfinite(scores)
+    return np.where(pad, -1, self.ids[idx]), np.where(pad, -np.inf, scores).astype(np.float32)
 
   def save(self, directory: str) -> None:
     """Writes the ScaNN artifacts (relative paths, so the folder can move), ids and options."""

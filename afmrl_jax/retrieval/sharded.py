@@ -3,8 +3,10 @@
 A gallery too large for one host is embedded where it was read: process p holds rows `G_p`. Each
 process builds its own index (exact or ScaNN) over `G_p`, searches *every* query there for its top k,
 and the per-shard lists (ids and scores, `[P, Q, k]` after an all-gather) are merged into the global
-top k. With the exact backend the result is the top k of one index over the whole gallery (up to the
-order of exactly equal scores); with ScaNN each shard is approximate on its own.
+top k. With the exact backend the result is exactly the top k of one index over the whole gallery, ties
+included: its scores (`exact.exact_scores`) do not depend on where a row sits or on the BLAS kernel, and
+the merge breaks ties by the smaller global id as one index does. With ScaNN each shard is approximate
+on its own.
 
     index = ShardedIndex(make_retriever("exact")).build(local_embeddings, local_global_ids)
     ids, scores = index.search(queries, k)          # [Q, k] global ids, identical on every process
@@ -31,8 +33,7 @@ def merge_topk(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray,
     k: results to keep, <= S * k_s.
   Returns:
     (ids int64 [Q, k], scores float32 [Q, k]), best first; equal scores keep the smaller id first, as
-    one exact index does (with shards built in increasing id order, the merge is the one-index answer
-    even on ties).
+    one exact index does: with the exact backend the merge is the one-index answer, ties included.
   """
   s, q, ks = ids.shape
   flat_ids = np.transpose(ids, (1, 0, 2)).reshape(q, s * ks)

@@ -136,9 +136,11 @@ class RetrievalReward:
                   ) -> tuple[np.ndarray, np.ndarray]:
     """(hits bool [n, k] of the top k without the query's own listing, num_positives int [n])."""
     k = self.options.k
-    rows, _ = self.retriever.search(embeddings, k + 1)
-    rows = retrieval_metrics.exclude_self(self.listing_ids[rows], np.asarray(listing_ids), k, rows)[1]
-    hits = retrieval_metrics.relevance(self.product_ids[rows], np.asarray(product_ids, np.int64))
+    rows, _ = self.retriever.search(embeddings, k + 1)  # -1 = no result (ScaNN's padding): a miss
+    rows = retrieval_metrics.exclude_self(retrieval_metrics.labels_at(self.listing_ids, rows),
+                                          np.asarray(listing_ids), k, rows)[1]
+    hits = retrieval_metrics.relevance(retrieval_metrics.labels_at(self.product_ids, rows),
+                                       np.asarray(product_ids, np.int64))
     return hits, self.num_positives(listing_ids, product_ids)
 
   def num_positives(self, listing_ids: np.ndarray, product_ids: np.ndarray) -> np.ndarray:

@@ -197,16 +197,18 @@ def _sharded_gallery_stats(local: dict[str, Any], shard_rows: np.ndarray, galler
 
 def compute_metrics(query: dict[str, Any], gallery: dict[str, Any], ranked_rows: np.ndarray,
                     cfg: EvalConfig, stats: GalleryStats | None = None) -> dict[str, float]:
-  """All metrics from gallery row indices ranked per query ([Q, K], self already excluded); `stats` of the
-  gallery embeddings default to `gallery_stats(gallery, cfg)` (a sharded gallery brings its own)."""
+  """All metrics from gallery row indices ranked per query ([Q, K], self already excluded; -1 = no result,
+  which counts as a miss); `stats` of the gallery embeddings default to `gallery_stats(gallery, cfg)` (a
+  sharded gallery brings its own)."""
   k_avail = ranked_rows.shape[1]
   q_pid, q_cat = query["product_id"], query["category_id"]
   q_ids = query["listing_id"] if cfg.exclude_self else None
   g_ids = gallery["listing_id"] if cfg.exclude_self else None
   product_pos = M.count_positives(q_pid, gallery["product_id"], q_ids, g_ids)
   category_pos = M.count_positives(q_cat, gallery["category_id"], q_ids, g_ids)
-  product_hits = M.relevance(gallery["product_id"][ranked_rows], q_pid)
-  category_labels = gallery["category_id"][ranked_rows]
+  # A row of -1 (an approximate index found fewer results) has label MISSING: a miss, and no kNN vote.
+  product_hits = M.relevance(M.labels_at(gallery["product_id"], ranked_rows), q_pid)
+  category_labels = M.labels_at(gallery["category_id"], ranked_rows)
   category_hits = M.relevance(category_labels, q_cat)
 
   out: dict[str, float] = {}
@@ -317,7 +319,8 @@ def evaluate(
   search_k = min(k + 1, n) if cfg.exclude_self else k
   rows, scores = index.search(query["embeddings"], search_k)
   if cfg.exclude_self:
-    _, rows, scores = M.exclude_self(gallery["listing_id"][rows], query["listing_id"], k, rows, scores)
+    _, rows, scores = M.exclude_self(M.labels_at(gallery["listing_id"], rows), query["listing_id"], k, rows,
+                                     scores)
   metrics = compute_metrics(query, gallery, rows, cfg, stats)
 
   jax = sys.modules.get("jax")

@@ -301,7 +301,8 @@ def queries_html(metrics: Mapping[str, float], table_md: str, plots: Mapping[str
     same = gallery["product_id"] == pid
     if exclude_self:
       same &= gallery["listing_id"] != query["listing_id"][q]
-    found = [r for r in range(ranked_rows.shape[1]) if gallery["product_id"][ranked_rows[q, r]] == pid]
+    found = [r for r in range(ranked_rows.shape[1])
+             if ranked_rows[q, r] >= 0 and gallery["product_id"][ranked_rows[q, r]] == pid]
     summary = (f"{int(same.sum())} same-product listing(s) in the gallery; "
                + (f"first found at #{found[0] + 1}" if found else f"none in the top {ranked_rows.shape[1]}"))
     out.append('<div class="row"><div class="query">' + _image_tag(shown.get("image"))
@@ -313,6 +314,8 @@ def queries_html(metrics: Mapping[str, float], table_md: str, plots: Mapping[str
                + '</div><div class="results">')
     for r in range(min(top, ranked_rows.shape[1])):
       g = int(ranked_rows[q, r])
+      if g < 0:  # no result (an approximate index found fewer): the rest of the row is empty too
+        break
       same_product = int(gallery["product_id"][g]) == pid
       colour = HIT if same_product else NEAR if int(gallery["category_id"][g]) == cat else MISS
       badge = "&#10003; hit" if same_product else "&#10007;"
@@ -351,7 +354,7 @@ def write_report(out_dir: str, metrics: Mapping[str, float], cfg: Any, *, query:
   path = os.path.join(out_dir, "loss_curve.png")
   if plot_loss_curve(train_metrics_path, path):
     plots["loss_curve.png"] = written["loss_curve.png"] = path
-  first_hit = gallery["product_id"][ranked_rows[:, 0]] == query["product_id"]
+  first_hit = (ranked_rows[:, 0] >= 0) & (gallery["product_id"][ranked_rows[:, 0]] == query["product_id"])
   chosen = choose_queries(first_hit, int(cfg.num_report_queries), int(cfg.seed))
   page = queries_html(metrics, table_md, plots, query, gallery, ranked_rows, scores, listings, chosen,
                       int(cfg.report_top), bool(cfg.exclude_self))
