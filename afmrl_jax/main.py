@@ -45,6 +45,35 @@ def bad_override(argv: list[str]) -> str | None:
   return None
 
 
+def bad_preset(argv: list[str]) -> str | None:
+  """The one-line refusal of `--config=FILE:PRESET` when FILE's `get_config` refuses PRESET (a ConfigError
+  naming the presets), or None. absl's own report of it is a 13-line "FATAL Flags parsing error" with the
+  traceback, so the file is tried here first; any other failure is left to absl to report."""
+  import importlib.util
+  from afmrl_jax.train import schema
+  value = None
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      value = arg[len("--config="):]
+    elif arg == "--config" and i + 1 < len(argv):
+      value = argv[i + 1]
+  if not value or ":" not in value:
+    return None
+  path, preset = value.split(":", 1)
+  if not os.path.isfile(path):
+    return None
+  try:
+    spec = importlib.util.spec_from_file_location("_afmrl_preset_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.get_config(preset)
+  except schema.ConfigError as e:
+    return " ".join(e.problems)
+  except Exception:  # noqa: BLE001 - absl loads the file again and reports its own errors
+    return None
+  return None
+
+
 def _dotted(tree, prefix: str = ""):
   for key, value in tree.items():
     path = f"{prefix}{key}"
@@ -78,7 +107,7 @@ def main(argv):
 
 
 def entry():
-  problem = bad_override(sys.argv[1:])
+  problem = bad_override(sys.argv[1:]) or bad_preset(sys.argv[1:])
   if problem:
     print(problem, file=sys.stderr)
     sys.exit(2)

@@ -23,9 +23,9 @@ PRESETS = ("tiny", "ci", "bench-small", "qwen2vl-2b")
 def parse_preset(arg: str | None, presets: tuple[str, ...] = PRESETS) -> str:
   """The preset named by the config-file argument (`configs/stage1.py:tiny`); `tiny` when absent."""
   preset = (arg or "tiny").strip()
-  if preset not in presets:
-    raise ValueError(
-        f"Unknown config preset '{preset}' (the part after ':' in --config); choose one of {list(presets)}.")
+  if preset not in presets:  # a ConfigError (a ValueError): `main` prints it as one line, exit 2
+    raise schema.ConfigError([
+        f"Unknown config preset '{preset}' (the part after ':' in --config); choose one of {list(presets)}."])
   return preset
 
 
@@ -76,9 +76,11 @@ def base(preset: str, stage: str) -> ml_collections.ConfigDict:
 
   c.pipeline.batch_size = _pick(preset, {"ci": 16, "tiny": 64, "bench-small": 32}, 1024)
   c.pipeline.eval_batch_size = _pick(preset, {"ci": 32, "tiny": 64, "bench-small": 64}, 256)
-  c.pipeline.max_text_len = _pick(preset, {"ci": 48, "tiny": 64, "bench-small": 64}, 256)
+  # Prompts hold the image's (image_size / 28)^2 tokens too: 256 at 448 px, so the paper's 320 leaves ~55
+  # tokens of instruction and title (validate refuses a length without room for the image).
+  c.pipeline.max_text_len = _pick(preset, {"ci": 48, "tiny": 64, "bench-small": 64}, 320)
   c.pipeline.max_terms = 24
-  c.pipeline.fresh_views = True
+  c.pipeline.fresh_views = True  # the synthetic catalog's; a manifest run has its own photos only
 
   c.model.arch = ml_collections.ConfigDict(arch(preset))
 

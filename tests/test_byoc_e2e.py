@@ -98,7 +98,7 @@ def test_csv_to_manifest_to_stage1_to_eval(tmp_path):
   work, work2 = tmp_path / "W", tmp_path / "W2"
   train = _run("-m", "afmrl_jax.main", "--config=configs/stage1.py:ci", f"--workdir={work}",
                f"--config.catalog.manifest={manifest}", "--config.catalog.skip_bad_rows=True",
-               "--config.catalog.eval_share=0.3", "--config.pipeline.fresh_views=False",
+               "--config.catalog.eval_share=0.3",
                "--config.pipeline.batch_size=8", "--config.pipeline.eval_batch_size=8",
                "--config.train.num_steps=4", "--config.eval.retriever=exact")
   assert f"catalog {manifest}: train " in train.stdout and "; query " in train.stdout

@@ -51,7 +51,6 @@ def test_bad_manifest_row_stops_or_is_skipped(manifest_with_a_bad_row, tmp_path)
 def _config(path, **attributes):
   config = stage1_configs.get_config("ci")
   config.catalog.manifest = path
-  config.pipeline.fresh_views = False
   for key, value in attributes.items():
     config.attributes[key] = value
   return config

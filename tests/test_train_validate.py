@@ -130,17 +130,18 @@ def test_hf_checkpoint_of_the_wrong_architecture(tmp_path):
                      "vision-language model (qwen2_vl, qwen2_5_vl).")
 
 
-def test_fresh_views_on_a_manifest_is_refused_before_loading(tmp_path):
+def test_fresh_views_belong_to_the_synthetic_catalog(tmp_path):
+  """The presets' fresh_views=True is accepted with a manifest (before: refused until the user passed a flag
+  meaningless there) and off in the pipeline it builds; the synthetic catalog keeps it."""
+  from afmrl_jax.train import stage1_data
   manifest = tmp_path / "m.jsonl"
   manifest.write_text("")  # exists; never read: validate reads nothing
   config = stage1_configs.get_config("ci")
+  assert config.pipeline.fresh_views
+  assert stage1_data.pipeline_config(validate(config, str(tmp_path / "w"), num_devices=8, num_processes=1)).fresh_views
   config.catalog.manifest = str(manifest)
-  config.pipeline.fresh_views = True
-  (problem,) = problems_of(config, tmp_path / "w")
-  assert problem == ("config.pipeline.fresh_views=True renders new views of the synthetic catalog's products; "
-                     "with config.catalog.manifest set, pass --config.pipeline.fresh_views=False.")
-  config.pipeline.fresh_views = False
-  validate(config, str(tmp_path / "w"), num_devices=8, num_processes=1)
+  run = validate(config, str(tmp_path / "w"), num_devices=8, num_processes=1)
+  assert run.pipeline.fresh_views and not stage1_data.pipeline_config(run).fresh_views
 
 
 def _manifest_run(tmp_path, rows, **overrides):
@@ -149,7 +150,6 @@ def _manifest_run(tmp_path, rows, **overrides):
   from tests.test_data_manifest_real import _write_jsonl
   config = stage1_configs.get_config("ci")
   config.catalog.manifest = _write_jsonl(tmp_path / "data" / "manifest.jsonl", rows)
-  config.pipeline.fresh_views = False
   for key, value in overrides.items():
     section, name = key.split(".")
     setattr(getattr(config, section), name, value)

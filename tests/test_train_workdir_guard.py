@@ -73,7 +73,9 @@ def test_changed_config_is_refused_then_allowed_and_recorded(trained, workdir, c
   with open(os.path.join(workdir, workdir_lib.CHANGES_FILE), encoding="utf-8") as f:
     rows = [json.loads(line) for line in f]
   assert len(rows) == 1 and rows[0]["step"] == STEPS
-  assert rows[0]["changes"] == {"config.optimizer.learning_rate": [old_lr, 0.01]}
+  # The longer run moves the schedule too: one row at the step holds both.
+  assert rows[0]["changes"] == {"config.optimizer.learning_rate": [old_lr, 0.01],
+                                "config.train.num_steps": [STEPS, STEPS + 1]}
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
     assert json.load(f)["optimizer"]["learning_rate"] == 0.01
   # The fingerprint follows the allowed change: the same new config now resumes without the flag.
@@ -122,7 +124,11 @@ def test_resume_says_where_it_starts(trained, workdir, capsys):
   out = capsys.readouterr().out
   assert f"resumed from step {STEPS}" in out and "config changed" not in out
   assert result.step == STEPS + 1 and min(result.losses) == STEPS + 1
-  assert not os.path.exists(os.path.join(workdir, workdir_lib.CHANGES_FILE))
+  # A longer run is no config change, but its learning-rate schedule is another: said and recorded.
+  assert f"config.train.num_steps changed {STEPS} -> {STEPS + 1} at step {STEPS}: the learning-rate schedule" in out
+  with open(os.path.join(workdir, workdir_lib.CHANGES_FILE), encoding="utf-8") as f:
+    [row] = [json.loads(line) for line in f]
+  assert row["changes"] == {"config.train.num_steps": [STEPS, STEPS + 1]}
 
 
 def test_fingerprint_ignores_run_length_logging_and_eval():

@@ -34,10 +34,20 @@ SPLITS = ("train", "gallery", "query", "heldout")
 _S_ORDER = 201
 
 
+ANSWER_CUE = "\nattributes:"  # ends every prompt: the answer follows it
+
+
 def instruction(category: str) -> str:
   """The generator's instruction for a listing of `category` (names the keys to describe)."""
   keys = ", ".join(schema.category_keys(category)) or "the product's attributes"
   return f"{category} attributes ({keys}):"
+
+
+def min_prompt_len(num_image_tokens: int) -> int:
+  """A floor for `max_prompt_len`: the image tokens, vision start/end and the answer cue (at most a token per
+  byte under a byte-level BPE tokenizer). The instruction comes on top: its tokens depend on the category's
+  keys and the tokenizer (a manifest's categories come from its rows), so it is not counted."""
+  return num_image_tokens + 2 + len(ANSWER_CUE.encode("utf-8"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +98,7 @@ class GeneratorEncoder:
     tp = self.config.max_prompt_len
     head = (self._text.cached(instruction(category)) + [self.ids["vision_start"]]
             + [self.ids["image_pad"]] * self.num_image_tokens + [self.ids["vision_end"]])
-    tail = self._text.cached("\nattributes:")
+    tail = self._text.cached(ANSWER_CUE)
     budget = tp - len(head) - len(tail)
     if budget < 0:
       raise ValueError(f"GeneratorDataConfig.max_prompt_len={tp} cannot hold the instruction and "

@@ -27,6 +27,13 @@ def prompt_text(title: str, attributes: str | None = None) -> str:
   return f"{title}\nattributes: {attributes}" if attributes else title
 
 
+def min_length(num_image_tokens: int, *instructions: str) -> int:
+  """The shortest `max_length` that holds each instruction, the image tokens, vision start/end and eos
+  under any byte-level BPE tokenizer (ours, Qwen's: a token is at least one byte), so `build` never fails;
+  the title then gets what is left. Config validation uses it before any tokenizer exists."""
+  return num_image_tokens + 3 + max((len(i.encode("utf-8")) for i in instructions), default=0)
+
+
 @dataclasses.dataclass
 class PromptBuilder:
   """Tokenizes prompts to int32 [T] ids + mask. `tokenizer`: a HF fast tokenizer with the special tokens."""

@@ -136,12 +136,14 @@ def check_attribute_coverage(run: Any, listings, generated: Mapping[int, str] | 
 
 
 def pipeline_config(run: Any):
-  """`run.pipeline` completed with what other sections decide: the image size and the attribute strings."""
+  """`run.pipeline` completed with what other sections decide: the image size, the attribute strings, and
+  fresh views only for the synthetic catalog (they re-render its products; a manifest's listings have their
+  own photos only, so `pipeline.fresh_views` means nothing there and is off whatever its value)."""
   source = run.attributes.source
   named = "true" if source == "true" else "teacher"  # a generated file overrides per listing
   return dataclasses.replace(run.pipeline, image_size=run.catalog.image_size,
                              text_attributes=named if run.attributes.enrich_queries else "none",
-                             term_source=named)
+                             term_source=named, fresh_views=run.pipeline.fresh_views and not run.catalog.manifest)
 
 
 def synthetic_catalog_config(run: Any):

@@ -2,8 +2,8 @@
 
 Field values are checked once, against their declarations, by `schema.parse_sections`; this module adds
 what no single field can say: the stage, combinations (batch vs devices, heads vs widths, image size vs
-patches) and the file system (checkpoint, tokenizer, manifest and attribute paths exist; the workdir is
-writable). All problems are reported together in one `ConfigError`.
+patches, prompt length vs image tokens) and the file system (checkpoint, tokenizer, manifest and attribute
+paths exist; the workdir is writable). All problems are reported together in one `ConfigError`.
 
 `validate_catalog(run)` then checks what only the catalog's rows can say (a manifest's rows are read, its
 images are not): a gallery smaller than the evaluation's K, an attribute source the training rows lack.
@@ -120,16 +120,43 @@ def _batch(pipeline, mesh, gradcache, num_devices: int, num_processes: int) -> l
   return []
 
 
-def _combinations(catalog, pipeline, mining=None) -> list[str]:
+def _combinations(pipeline, mining=None) -> list[str]:
   """Settings that each work alone but not together."""
   problems = []
   if mining is not None and mining.enabled and pipeline is not None and pipeline.pair_mode != "listing":
     problems.append(f"config.mining.enabled=True mines listings as candidates; it needs "
                     f"config.pipeline.pair_mode='listing' (got {pipeline.pair_mode!r}).")
-  if catalog is not None and pipeline is not None and catalog.manifest and pipeline.fresh_views:
-    problems.append("config.pipeline.fresh_views=True renders new views of the synthetic catalog's products; "
-                    "with config.catalog.manifest set, pass --config.pipeline.fresh_views=False.")
   return problems
+
+
+# The stages whose prompts hold an image: the representation model's (`pipeline.max_text_len`) and the
+# attribute generator's (`generator.max_prompt_len`).
+PIPELINE_STAGES = ("stage1", "eval")
+GENERATOR_STAGES = ("sft", "generate", "stage2")
+
+
+def _prompt_room(stage: str, catalog, pipeline, generator) -> list[str]:
+  """A prompt length too short for the image tokens of `catalog.image_size` (and the instruction, vision
+  start/end and eos) fails at the first batch; say it now, with the minimum."""
+  from afmrl_jax.data import generator_data, image_patches, prompts
+  if catalog is None or catalog.image_size <= 0 or catalog.image_size % 28:
+    return []  # `_paths` names a bad image size
+  size = catalog.image_size
+  tokens = image_patches.num_image_tokens(size, size)
+  where = f"the {tokens} image tokens of config.catalog.image_size={size} images"
+  if stage in PIPELINE_STAGES and pipeline is not None:
+    need = prompts.min_length(tokens, pipeline.query_instruction, pipeline.candidate_instruction)
+    if pipeline.max_text_len < need:
+      return [f"config.pipeline.max_text_len={pipeline.max_text_len} cannot hold {where} plus the instruction, "
+              f"vision start/end and eos; raise it to at least {need} (more leaves room for the title) or lower "
+              "config.catalog.image_size."]
+  if stage in GENERATOR_STAGES and generator is not None:
+    need = generator_data.min_prompt_len(tokens)
+    if generator.max_prompt_len < need:
+      return [f"config.generator.max_prompt_len={generator.max_prompt_len} cannot hold {where} plus vision "
+              f"start/end and the answer cue; raise it to at least {need} plus room for the instruction and title "
+              "(or lower config.catalog.image_size)."]
+  return []
 
 
 def _paths(catalog, attributes, checkpoint) -> list[str]:
@@ -201,7 +228,8 @@ def validate(config: Any, workdir: str, *, num_devices: int | None = None,
   if parts["pipeline"] is not None and parts["mesh"] is not None:
     problems += _batch(parts["pipeline"], parts["mesh"], parts["gradcache"], num_devices, num_processes)
   problems += _paths(parts["catalog"], parts["attributes"], parts["checkpoint"])
-  problems += _combinations(parts["catalog"], parts["pipeline"], parts["mining"])
+  problems += _combinations(parts["pipeline"], parts["mining"])
+  problems += _prompt_room(parts["stage"], parts["catalog"], parts["pipeline"], parts["generator"])
   problems += _workdir(workdir)
   if parts["stage"] == "stage2" and parts["rar"] is not None:
     problems += _rar(parts["rar"], parts["mesh"], num_devices)

@@ -6,7 +6,9 @@ run length) in `<workdir>/config_fingerprint.json`. A run that would resume from
 under a config whose fingerprint differs is refused before anything is built or written, with one line
 naming every differing field (old -> new); `--config.checkpoint.allow_config_change=True` resumes anyway,
 says so on the console and, once the checkpoint has restored, appends the change and the step to
-`<workdir>/config_changes.jsonl`. Every trainer calls `prepare` first (instead of writing config.json
+`<workdir>/config_changes.jsonl`. `train.num_steps` is not fingerprinted (a run may be extended), but the
+cosine schedule decays to it: a resume that changes it says so in one line (the learning rate of the next
+step, old and new) and records it in the same file. Every trainer calls `prepare` first (instead of writing config.json
 itself); `loop.resume_and_run` calls `commit` after a successful restore.
 """
 
@@ -34,6 +36,19 @@ NOT_FINGERPRINTED = ("catalog.cache_dir", "pipeline.eval_batch_size", "pipeline.
                      "pipeline.prefetch_buffer_size", "pipeline.worker_processes", "generator.eval_batch_size",
                      "generator.num_threads", "generator.prefetch_buffer_size", "rar.rollout_chunks",
                      "rar.eval_queries")
+
+
+def _not_fingerprinted(config: dict[str, Any]) -> set[str]:
+  """NOT_FINGERPRINTED, adjusted by what the run uses: with mining on, `pipeline.eval_batch_size` is the
+  batch the mining refresh embeds with, and another batch size gives other float sums, so other neighbours
+  near a tie: other mined negatives (kept); with a manifest, `pipeline.fresh_views` does nothing (it
+  re-renders the synthetic catalog's products; `stage1_data.pipeline_config`), so it is no change (dropped)."""
+  skip = set(NOT_FINGERPRINTED)
+  if (config.get("mining") or {}).get("enabled"):
+    skip.discard("pipeline.eval_batch_size")
+  if (config.get("catalog") or {}).get("manifest"):
+    skip.add("pipeline.fresh_views")
+  return skip
 
 
 class WorkdirError(ConfigError):
@@ -65,7 +80,7 @@ def fingerprint_fields(config: dict[str, Any]) -> dict[str, Any]:
   for section in FINGERPRINT_SECTIONS:
     if isinstance(config.get(section), dict):
       _flatten(config[section], f"config.{section}", out)
-  for name in NOT_FINGERPRINTED:
+  for name in _not_fingerprinted(config):
     out.pop(f"config.{name}", None)
   return out
 
@@ -146,7 +161,30 @@ def prepare(run: Any, workdir: str) -> None:
         f"{workdir} holds checkpoints (step {step}) of a run with a different config: {describe(changes)}",
         hint=f"rerun with that config, use a new --workdir, or pass --config.checkpoint.allow_config_change=True "
              f"to resume under this one (recorded in {CHANGES_FILE})")
-  _PENDING[_key(workdir)] = {"fields": fields, "changes": changes, "config": run.to_dict()}
+  old_steps = _stored_num_steps(workdir)
+  _PENDING[_key(workdir)] = {
+      "fields": fields, "changes": changes, "config": run.to_dict(), "optimizer": run.optimizer,
+      "num_steps": (old_steps, run.train.num_steps) if old_steps not in (None, run.train.num_steps) else None,
+      "new_fields": bool(set(fields) - set(stored))}
+
+
+def _stored_num_steps(workdir: str) -> int | None:
+  """`train.num_steps` of the run that last trained in `workdir` (its config.json), None if unknown."""
+  try:
+    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+      return int(json.load(f)["train"]["num_steps"])
+  except (OSError, KeyError, TypeError, ValueError):
+    return None
+
+
+def _schedule_change(optimizer: Any, old: int, new: int, step: int) -> tuple[str, list[float]]:
+  """The console words for a resume at `step` whose `train.num_steps` went `old` -> `new`, and the learning
+  rate of the next update under each (`train.state.make_schedule`: the cosine decays to num_steps)."""
+  from afmrl_jax.train.state import make_schedule  # optax: only when a resume changed the run length
+  rates = [float(f"{float(make_schedule(optimizer, n)(step)):.6g}") for n in (old, new)]
+  return (f"config.train.num_steps changed {old} -> {new} at step {step}: the learning-rate schedule (warmup, "
+          f"then cosine decay to step {new}) changes with it; the learning rate of step {step} is "
+          f"{rates[1]:.3g}, not {rates[0]:.3g}"), rates
 
 
 def commit(workdir: str, step: int) -> None:
@@ -157,13 +195,27 @@ def commit(workdir: str, step: int) -> None:
   if pending is None:
     return
   changes = pending["changes"]
-  if changes and _is_chief():
-    path = os.path.join(workdir, CHANGES_FILE)
+  num_steps = pending["num_steps"]
+  if num_steps is not None and step >= num_steps[1]:
+    # Nothing trains under the new length: config.json keeps the length the checkpoints were trained with.
+    pending["config"]["train"]["num_steps"] = num_steps[0]
+    num_steps = None
+  path = os.path.join(workdir, CHANGES_FILE)
+  if (changes or num_steps) and _is_chief():
+    row = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "changes": {k: [a, b] for k, (a, b) in changes.items()}}
+    if num_steps:  # not fingerprinted (a run may be extended), but it moves the learning-rate schedule
+      line, rates = _schedule_change(pending["optimizer"], *num_steps, step)
+      row["changes"]["config.train.num_steps"] = list(num_steps)
+      row["learning_rate_at_step"] = rates
     with open(path, "a", encoding="utf-8") as f:
-      f.write(json.dumps({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                          "changes": {k: [a, b] for k, (a, b) in changes.items()}}, default=str) + "\n")
-    print(f"config changed at step {step} (config.checkpoint.allow_config_change=True): {describe(changes)}; "
-          f"recorded in {path}", flush=True)
-  if changes or not os.path.isfile(os.path.join(workdir, FINGERPRINT_FILE)):
-    _write_fingerprint(workdir, pending["fields"])  # also adopts the config of a workdir from before fingerprints
+      f.write(json.dumps(row, default=str) + "\n")
+    if changes:
+      print(f"config changed at step {step} (config.checkpoint.allow_config_change=True): {describe(changes)}; "
+            f"recorded in {path}", flush=True)
+    if num_steps:
+      print(f"{line}; recorded in {path}", flush=True)
+  if changes or pending["new_fields"] or not os.path.isfile(os.path.join(workdir, FINGERPRINT_FILE)):
+    # Also adopts the config of a workdir from before fingerprints, or before a field was fingerprinted.
+    _write_fingerprint(workdir, pending["fields"])
   report.write_json(os.path.join(workdir, "config.json"), pending["config"])
