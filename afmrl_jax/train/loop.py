@@ -142,7 +142,7 @@ def resume_and_run(step_fn: Callable, model: Any, tx: optax.GradientTransformati
   resumed = None
   if checkpointer is not None and checkpoint.resume:
     try:
-      state, resumed = checkpointer.restore_latest(state, data)
+      state, resumed = checkpointer.restore_latest(state, data, set_aside=True)  # damaged steps: moved aside
     except BaseException:
       checkpointer.close()  # e.g. a checkpoint of another model shape (one-line error): release orbax first
       raise
