@@ -142,14 +142,18 @@ def run_generation(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
           f"{rate:.1f} listings/s | ETA {train_logging.format_duration(left / rate)}", file=sys.stdout, flush=True)
 
   # Join (process 0, after every process committed its shards): one file, listing-id order, each listing once.
+  # Every process returns only once it is there: the next stage (a CIT chain's stage1) reads it everywhere.
   parallel.barrier("generate_shards_committed")
-  if jax.process_index() != 0:
-    return {"generated_now": made, "shards": len(mine)}
-  text = "".join(open(shard_path(folder, k), encoding="utf-8").read() for k in range(num_shards))
-  out = os.path.join(folder, "attributes.jsonl")
-  write_atomically(out, text)
-  records = [json.loads(line) for line in text.splitlines()]
-  elapsed = time.perf_counter() - t0
-  return {"output": out, "listings": len(records), "generated_now": made, "resumed_shards": len(mine) - len(todo),
-          "malformed_rate": float(np.mean([r["malformed"] for r in records])),
-          "listings_per_s": made / elapsed if made and elapsed > 0 else None}
+  summary = {"generated_now": made, "shards": len(mine)}
+  if jax.process_index() == 0:
+    text = "".join(open(shard_path(folder, k), encoding="utf-8").read() for k in range(num_shards))
+    out = os.path.join(folder, "attributes.jsonl")
+    write_atomically(out, text)
+    records = [json.loads(line) for line in text.splitlines()]
+    elapsed = time.perf_counter() - t0
+    summary = {"output": out, "listings": len(records), "generated_now": made,
+               "resumed_shards": len(mine) - len(todo),
+               "malformed_rate": float(np.mean([r["malformed"] for r in records])),
+               "listings_per_s": made / elapsed if made and elapsed > 0 else None}
+  parallel.barrier("generate_joined")
+  return summary
