@@ -48,7 +48,7 @@ def main() -> None:
   ap.add_argument("--preset", default="tiny")
   args = ap.parse_args()
   import configs.stage1 as stage1_configs
-  from afmrl_jax.train import stage1_data
+  from afmrl_jax.stages.stage1 import data as stage1_data
   config = stage1_configs.get_config(args.preset)
   config.catalog.cache_dir = args.catalog_cache
   catalog, _, _ = stage1_data.load_catalog(config, args.catalog_cache)

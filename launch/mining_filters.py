@@ -41,8 +41,10 @@ def model_embedding(workdir: str, listing_ids: np.ndarray) -> tuple[np.ndarray, 
   """The stage-1 model saved in `workdir` embeds the training listings on the query side and on the
   candidate side (as the loss pairs them): two float32 [N, D] arrays in the order of `listing_ids`."""
   from afmrl_jax import parallel
-  from afmrl_jax.train import builders, checkpointing, schema, stage1_data, stage1_step
-  from afmrl_jax.train.evaluate import embed_all
+  from afmrl_jax.train import model as builders, checkpointing
+  from afmrl_jax.config import schema
+  from afmrl_jax.stages.stage1 import data as stage1_data, objective as stage1_step
+  from afmrl_jax.eval.retrieval import embed_all
   run = schema.load_saved(workdir)
   mesh = parallel.make_mesh(run.mesh)
   data = stage1_data.make(run, workdir)
@@ -89,7 +91,8 @@ def main() -> None:
   import configs.stage1 as stage1_configs
   from afmrl_jax.attributes.bm25 import CorpusStats
   from afmrl_jax.retrieval import mining
-  from afmrl_jax.train import schema, stage1_data
+  from afmrl_jax.config import schema
+  from afmrl_jax.stages.stage1 import data as stage1_data
 
   t0 = time.perf_counter()
   if args.workdir:  # the trained run's own catalog

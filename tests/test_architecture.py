@@ -67,7 +67,7 @@ def violations(root=ROOT):
     if name.endswith(".py"):
       used = _imported_packages(os.path.join(root, "configs", name))
       for pkg in used - {"train"}:
-        bad.append(f"configs/{name} imports afmrl_jax.{pkg}; configs import only afmrl_jax.train.schema")
+        bad.append(f"configs/{name} imports afmrl_jax.{pkg}; configs import only afmrl_jax.config.schema")
   return bad
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import configs.stage1 as stage1_configs
-from afmrl_jax.train import stage1_data
+from afmrl_jax.stages.stage1 import data as stage1_data
 
 GENERATED = "colour: red; pattern: stripes"
 

@@ -8,8 +8,8 @@ import pytest
 import configs.stage1 as stage1_configs
 from afmrl_jax.data import catalog as catalog_lib
 from afmrl_jax.data import manifest
-from afmrl_jax.train import stage1_data
-from afmrl_jax.train.schema import ConfigError
+from afmrl_jax.stages.stage1 import data as stage1_data
+from afmrl_jax.config.schema import ConfigError
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ from flax import nnx
 import configs.sft as sft_configs
 from afmrl_jax.models.config import VLConfig
 from afmrl_jax.models.vl_model import VLModel
-from afmrl_jax.train import checkpointing, sft, sft_step
+from afmrl_jax.train import checkpointing
+from afmrl_jax.stages.sft import run as sft, objective as sft_step
 from tests.small_runs import small
 
 GRID = (1, 4, 4)  # 56x56 images: 16 patches, 4 merged image tokens
@@ -113,7 +114,8 @@ def test_sft_learns_to_copy_the_title_colour(tmp_path):
   from afmrl_jax import parallel
   from afmrl_jax.data import generator_data, tokenizer as tokenizer_lib
   from afmrl_jax.generate.filters import SamplingConfig
-  from afmrl_jax.train import attribute_eval, loop as loop_lib, state as state_lib
+  from afmrl_jax.eval import attributes as attribute_eval
+  from afmrl_jax.train import loop as loop_lib, state as state_lib
   train_table, heldout = _toy_table(192, 0), _toy_table(48, 1)
   texts = list(train_table.title) + list(train_table.teacher_attributes) + [generator_data.instruction("toy")] * 50
   tok = tokenizer_lib.default_tokenizer(texts, str(tmp_path / "tok"))

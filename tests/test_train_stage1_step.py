@@ -11,7 +11,7 @@ from afmrl_jax import parallel
 from afmrl_jax.losses import AGCLConfig
 from afmrl_jax.models.config import VLConfig
 from afmrl_jax.models.vl_model import VLModel
-from afmrl_jax.train import stage1_step
+from afmrl_jax.stages.stage1 import objective as stage1_step
 from afmrl_jax.train import state as state_lib
 
 import configs.stage1 as stage1_configs

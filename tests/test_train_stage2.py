@@ -19,8 +19,10 @@ from afmrl_jax.data import generator_data
 from afmrl_jax.data.table import ListingTable
 from afmrl_jax.generate.logprobs import completion_logprobs
 from afmrl_jax.rl import algo
-from afmrl_jax.train import rar_env, sft, stage1, stage1_data, stage2
-from afmrl_jax.train.validate import ConfigError, validate
+from afmrl_jax.stages.stage2 import environment as rar_env, run as stage2
+from afmrl_jax.stages.sft import run as sft
+from afmrl_jax.stages.stage1 import run as stage1, data as stage1_data
+from afmrl_jax.stages.validate import ConfigError, validate
 from tests.small_runs import small
 
 

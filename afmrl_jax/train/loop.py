@@ -1,6 +1,6 @@
 """The training loop every stage shares: one jitted step, logs, checkpoints, clean stops.
 
-A stage builds the pieces and hands them over explicitly (see `train/stage1.py`):
+A stage builds the pieces and hands them over explicitly (see `stages/stage1/run.py`):
 
     step_fn = make_train_step(model.graphdef, tx, loss_fn=loss_fn)      # or grad_fn= (GradCache)
     state, _ = checkpointer.restore_latest(init_state, train_iter)      # resume, data position too
@@ -31,7 +31,7 @@ from afmrl_jax import parallel
 from afmrl_jax.errors import UserError
 from afmrl_jax.fields import Checked, non_negative, positive
 from afmrl_jax.train import checkpointing
-from afmrl_jax.train import logging as train_logging
+from afmrl_jax.train import metrics_log as train_logging
 from afmrl_jax.train import state as state_lib
 
 

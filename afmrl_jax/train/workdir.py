@@ -19,8 +19,10 @@ import sys
 import time
 from typing import Any
 
-from afmrl_jax.train import checkpointing, report
-from afmrl_jax.train.schema import ConfigError
+from afmrl_jax.train import checkpointing
+
+from afmrl_jax.eval import report
+from afmrl_jax.config.schema import ConfigError
 
 FINGERPRINT_FILE = "config_fingerprint.json"
 CHANGES_FILE = "config_changes.jsonl"

@@ -45,8 +45,9 @@ from afmrl_jax import parallel
 from afmrl_jax.data import pipeline as pipeline_lib
 from afmrl_jax.fields import Checked, choice, non_negative, positive
 from afmrl_jax.retrieval import mining
-from afmrl_jax.train import checkpointing, stage1_step
-from afmrl_jax.train.evaluate import embed_all, gather_across_processes
+from afmrl_jax.train import checkpointing
+from afmrl_jax.stages.stage1 import objective as stage1_step
+from afmrl_jax.eval.retrieval import embed_all, gather_across_processes
 
 FILTER_CHOICES = ("none", "attribute", "score", "attribute+score")
 FOLDER = "mined"

@@ -122,7 +122,7 @@ def attribute_coverage_problem(run: Any, strings: list[str]) -> str | None:
 def check_attribute_coverage(run: Any, listings, generated: Mapping[int, str] | None) -> None:
   """Stops (ConfigError, `attribute_coverage_problem`) on training `listings` without enough attribute
   strings; warns when some have none."""
-  from afmrl_jax.train import schema
+  from afmrl_jax.config import schema
   source = run.attributes.source
   strings = [(generated or {}).get(l.listing_id, "") if generated is not None else source_string(l, source)
              for l in listings]
@@ -159,7 +159,7 @@ def load_catalog(run: Any, workdir: str):
   """(catalog, tokenizer, BM25 corpus stats) of `run` (a `schema.Run` or its ConfigDict)."""
   from afmrl_jax.attributes.bm25 import CorpusStats
   from afmrl_jax.data import defaults, manifest, tokenizer as tokenizer_lib
-  from afmrl_jax.train import schema
+  from afmrl_jax.config import schema
   run = schema.parse(run)
   cache = run.catalog.cache_dir or os.path.join(workdir, "data_cache")
   hf_tok = run.model.tokenizer or run.model.hf_checkpoint
@@ -172,7 +172,7 @@ def load_catalog(run: Any, workdir: str):
     import jax
     if jax.process_index() == 0:
       print(f"catalog {run.catalog.manifest}: {manifest.split_summary(catalog.listings)}", flush=True)
-    from afmrl_jax.train import report
+    from afmrl_jax.eval import report
     r = catalog.report
     report.write_json(os.path.join(workdir, MANIFEST_IDS), {
         "manifest": run.catalog.manifest, "categories": list(r.categories),
@@ -199,7 +199,7 @@ def make(run: Any, workdir: str) -> Stage1Data:
   """The catalog, tokenizer, BM25 statistics and pipelines of `run` (a `schema.Run` or its ConfigDict)."""
   from afmrl_jax.data import pipeline
   from afmrl_jax.data.table import ListingTable
-  from afmrl_jax.train import schema
+  from afmrl_jax.config import schema
   run = schema.parse(run)
   catalog, tokenizer, stats = load_catalog(run, workdir)
   source = run.attributes.source

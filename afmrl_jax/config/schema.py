@@ -33,16 +33,16 @@ from afmrl_jax.models.lora import LoRAConfig
 from afmrl_jax.parallel import MeshShape
 from afmrl_jax.rl.algo import GRPOConfig
 from afmrl_jax.rl.reward import RewardOptions
-from afmrl_jax.train.attribute_eval import AttributeEvalOptions
-from afmrl_jax.train.builders import ModelOptions
+from afmrl_jax.eval.attributes import AttributeEvalOptions
+from afmrl_jax.train.model import ModelOptions
 from afmrl_jax.train.checkpointing import CheckpointOptions
-from afmrl_jax.train.cit import CITOptions
-from afmrl_jax.train.evaluate import EvalConfig
+from afmrl_jax.stages.cit import CITOptions
+from afmrl_jax.eval.retrieval import EvalConfig
 from afmrl_jax.train.loop import TrainOptions
-from afmrl_jax.train.mined_negatives import MiningOptions
-from afmrl_jax.train.rar_rollout import RAROptions
-from afmrl_jax.train.stage1_data import AttributeOptions
-from afmrl_jax.train.stage1_step import GradCacheOptions
+from afmrl_jax.stages.stage1.mined_negatives import MiningOptions
+from afmrl_jax.rl.rollout import RAROptions
+from afmrl_jax.stages.stage1.data import AttributeOptions
+from afmrl_jax.stages.stage1.objective import GradCacheOptions
 from afmrl_jax.train.state import OptimizerConfig
 
 STAGES = ("stage1", "eval", "sft", "generate", "stage2", "cit")

@@ -27,9 +27,11 @@ from afmrl_jax.data.table import ListingTable
 from afmrl_jax.attributes.parse import parse_attributes
 from afmrl_jax.retrieval import load_retriever
 from afmrl_jax.rl.reward import RetrievalReward, malformed_flags
-from afmrl_jax.train import builders, checkpointing, schema, stage1_data, stage1_step
+from afmrl_jax.train import model as builders, checkpointing
+from afmrl_jax.config import schema
+from afmrl_jax.stages.stage1 import data as stage1_data, objective as stage1_step
 from afmrl_jax.retrieval.sharded import OwnQueries
-from afmrl_jax.train.evaluate import embed_all, index_gallery, make_index
+from afmrl_jax.eval.retrieval import embed_all, index_gallery, make_index
 
 INDEX_DIR = "rar_index"
 

@@ -27,11 +27,16 @@ from afmrl_jax.data import generator_data
 from afmrl_jax.data.table import ListingTable
 from afmrl_jax.generate.sampling import eos_ids_of
 from afmrl_jax.models import lora as lora_lib
-from afmrl_jax.train import attribute_eval, builders, checkpointing, rar_env, rar_rollout, report, schema, sft
-from afmrl_jax.train import stage1_data
+from afmrl_jax.eval import attributes as attribute_eval, report
+from afmrl_jax.train import model as builders, checkpointing
+from afmrl_jax.stages.stage2 import environment as rar_env
+from afmrl_jax.rl import rollout as rar_rollout
+from afmrl_jax.config import schema
+from afmrl_jax.stages.sft import run as sft
+from afmrl_jax.stages.stage1 import data as stage1_data
 from afmrl_jax.train import loop as loop_lib
 from afmrl_jax.train import workdir as workdir_lib
-from afmrl_jax.train import stage2_step
+from afmrl_jax.rl import objective as stage2_step
 from afmrl_jax.train import state as state_lib
 
 

@@ -19,7 +19,7 @@ from afmrl_jax.fields import check, choice, non_negative, positive
 from afmrl_jax.retrieval import make_retriever
 from afmrl_jax.retrieval import metrics as M
 from afmrl_jax.retrieval.sharded import ShardedIndex
-from afmrl_jax.train import report
+from afmrl_jax.eval import report
 
 Batch = Mapping[str, Any]
 ID_KEYS = ("listing_id", "product_id", "category_id")

@@ -35,7 +35,7 @@ from afmrl_jax.generate.filters import SamplingConfig
 from afmrl_jax.generate.logprobs import completion_logprobs
 from afmrl_jax.rl import algo
 from afmrl_jax.rl.reward import equal_group_share
-from afmrl_jax.train.attribute_eval import decode_text
+from afmrl_jax.eval.attributes import decode_text
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,8 +38,12 @@ from afmrl_jax.data import generator_data
 from afmrl_jax.data.table import ListingTable
 from afmrl_jax.generate.filters import SamplingConfig
 from afmrl_jax.generate.sampling import eos_ids_of
-from afmrl_jax.train import attribute_eval, builders, checkpointing, schema, stage1_data, stage2
-from afmrl_jax.train import logging as train_logging
+from afmrl_jax.eval import attributes as attribute_eval
+from afmrl_jax.train import model as builders, checkpointing
+from afmrl_jax.config import schema
+from afmrl_jax.stages.stage1 import data as stage1_data
+from afmrl_jax.stages.stage2 import run as stage2
+from afmrl_jax.train import metrics_log as train_logging
 
 def shard_path(folder: str, k: int) -> str:
   return os.path.join(folder, f"shard-{k:05d}.jsonl")

@@ -19,7 +19,11 @@ from afmrl_jax.data import generator_data
 from afmrl_jax.data.table import ListingTable
 from afmrl_jax.generate.filters import SamplingConfig
 from afmrl_jax.generate.sampling import eos_ids_of
-from afmrl_jax.train import attribute_eval, builders, checkpointing, report, schema, sft_step, stage1_data
+from afmrl_jax.eval import attributes as attribute_eval, report
+from afmrl_jax.train import model as builders, checkpointing
+from afmrl_jax.config import schema
+from afmrl_jax.stages.sft import objective as sft_step
+from afmrl_jax.stages.stage1 import data as stage1_data
 from afmrl_jax.train import loop as loop_lib
 from afmrl_jax.train import workdir as workdir_lib
 from afmrl_jax.train import state as state_lib
@@ -82,7 +86,7 @@ def evaluate_checkpoint(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
   ckpt_dir = checkpointing.checkpoint_dir(source)
   mesh = parallel.make_mesh(run.mesh)
   if schema.saved_stage(source) == "stage2":  # a RAR run: its tuned parameters on its SFT policy
-    from afmrl_jax.train import stage2  # stage2 builds on this module
+    from afmrl_jax.stages.stage2 import run as stage2  # stage2 builds on this module
     model, step = stage2.tuned_policy(source, tokenizer, mesh)
   else:
     model, step = builders.restore_model(run, ckpt_dir, tokenizer, mesh)

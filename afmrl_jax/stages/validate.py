@@ -17,9 +17,10 @@ import tempfile
 from typing import Any
 
 from afmrl_jax import parallel
-from afmrl_jax.train import checkpointing, schema
-from afmrl_jax.train.cit import CONFIG_OF
-from afmrl_jax.train.schema import ConfigError
+from afmrl_jax.train import checkpointing
+from afmrl_jax.config import schema
+from afmrl_jax.stages.cit import CONFIG_OF
+from afmrl_jax.config.schema import ConfigError
 
 CIT_STAGE_CONFIGS = tuple(sorted(set(CONFIG_OF.values())))
 
@@ -223,7 +224,7 @@ def validate(config: Any, workdir: str, *, num_devices: int | None = None,
 
 def _gallery_problems(run: schema.Run, num_gallery: int, where: str) -> list[str]:
   """One problem naming the evaluation Ks that a gallery of `num_gallery` listings cannot fill."""
-  from afmrl_jax.train.evaluate import available_k
+  from afmrl_jax.eval.retrieval import available_k
   room = available_k(num_gallery, run.eval, queries_in_gallery=False)  # a listing has one split
   asked = [("recall_ks", max(run.eval.recall_ks)), ("map_k", run.eval.map_k), ("knn_k", run.eval.knn_k)]
   too_big = [f"config.eval.{name}" + (f"={list(run.eval.recall_ks)}" if name == "recall_ks" else f"={k}")
@@ -242,7 +243,7 @@ def validate_catalog(run: schema.Run) -> None:
     return
   import warnings
   from afmrl_jax.data import manifest
-  from afmrl_jax.train import stage1_data
+  from afmrl_jax.stages.stage1 import data as stage1_data
   with warnings.catch_warnings():  # unknown fields are warned about once, when the data is loaded
     warnings.simplefilter("ignore", manifest.ManifestWarning)
     report = manifest.read_manifest(run.catalog.manifest, skip_bad_rows=run.catalog.skip_bad_rows,

@@ -17,15 +17,15 @@ from absl import logging
 from afmrl_jax import parallel
 from afmrl_jax.fields import narrow
 from afmrl_jax.losses.config import AGCLConfig
-from afmrl_jax.train import builders
+from afmrl_jax.train import model as builders
 from afmrl_jax.train import checkpointing
-from afmrl_jax.train import report
+from afmrl_jax.eval import report
 from afmrl_jax.train import loop as loop_lib
-from afmrl_jax.train import mined_negatives
+from afmrl_jax.stages.stage1 import mined_negatives
 from afmrl_jax.train import workdir as workdir_lib
-from afmrl_jax.train import schema
-from afmrl_jax.train import stage1_data
-from afmrl_jax.train import stage1_step
+from afmrl_jax.config import schema
+from afmrl_jax.stages.stage1 import data as stage1_data
+from afmrl_jax.stages.stage1 import objective as stage1_step
 from afmrl_jax.train import state as state_lib
 
 
@@ -85,7 +85,7 @@ def catalog_skips(data: stage1_data.Stage1Data, keep: int = 5) -> dict[str, Any]
 def run_evaluation(run: schema.Run, workdir: str, model: state_lib.ShardedModel,
                    data: stage1_data.Stage1Data, mesh, step: int | None) -> dict[str, float]:
   """Embeds the query and gallery splits with `model` and scores them (`train.evaluate`)."""
-  from afmrl_jax.train.evaluate import evaluate
+  from afmrl_jax.eval.retrieval import evaluate
   embed_fn = stage1_step.make_embed_fn((model.graphdef, model.params, model.rest), mesh, data.image_grid_thw,
                                        run.pipeline.eval_batch_size)
   return evaluate(embed_fn, data.eval_batches("gallery"), data.eval_batches("query"), workdir, run.eval,

@@ -30,7 +30,7 @@ import ml_collections
 from absl import logging
 
 from afmrl_jax.fields import Checked, bounded
-from afmrl_jax.train import report
+from afmrl_jax.eval import report
 
 CHAIN = ("sft", "generate_sft", "stage1", "stage2", "generate_rar", "stage1_cit")
 CONFIG_OF = {"sft": "sft", "generate_sft": "generate", "stage1": "stage1", "stage2": "stage2",
@@ -105,7 +105,7 @@ def write_report(workdir: str, rows: dict[str, dict[str, Any]]) -> None:
 
 def run_cit(run: Any, workdir: str) -> dict[str, Any]:
   """The `cit` stage: runs the chain (skipping finished steps); returns the side-by-side report."""
-  from afmrl_jax.train.stages import run_stage
+  from afmrl_jax.stages.registry import run_stage
   rows: dict[str, dict[str, Any]] = {}
   for step in CHAIN:
     step_dir = os.path.join(workdir, step)
