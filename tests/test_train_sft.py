@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 import configs.sft as sft_configs
+from afmrl_jax.config import sections
 from afmrl_jax.models.config import VLConfig
 from afmrl_jax.models.vl_model import VLModel
 from afmrl_jax.train import checkpointing
@@ -128,14 +129,14 @@ def test_sft_learns_to_copy_the_title_colour(tmp_path):
   vl = VLConfig.from_hf_dict(arch)
   mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
   model = state_lib.create_sharded(lambda: VLModel(vl, rngs=nnx.Rngs(0)), mesh, nnx.Param)
-  opt = state_lib.OptimizerConfig(learning_rate=3e-3, warmup_steps=10)
+  opt = sections.OptimizerConfig(learning_rate=3e-3, warmup_steps=10)
   tx = state_lib.make_optimizer(opt, STEPS)
   grid = generator_data.image_grid_thw(cfg)
   step_fn = loop_lib.make_train_step(model.graphdef, tx, loss_fn=sft_step.make_loss_fn(grid))
   data = iter(generator_data.sft_dataset(train_table, tok, cfg, shard_options=grain.sharding.NoSharding()))
   result = loop_lib.resume_and_run(step_fn, model, tx, data, mesh=mesh,
-                                   options=loop_lib.TrainOptions(num_steps=STEPS, log_every=100),
-                                   checkpoint=checkpointing.CheckpointOptions(enabled=False),
+                                   options=sections.TrainOptions(num_steps=STEPS, log_every=100),
+                                   checkpoint=sections.CheckpointOptions(enabled=False),
                                    workdir=str(tmp_path), examples_per_step=16)
   model.params = result.state["params"]
   sampling = SamplingConfig(temperature=0.0, max_new_tokens=8, eos_ids=(ids["eos"],), pad_id=ids["pad"])

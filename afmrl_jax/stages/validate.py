@@ -19,8 +19,9 @@ from typing import Any
 from afmrl_jax import parallel
 from afmrl_jax.train import checkpointing
 from afmrl_jax.config import schema
-from afmrl_jax.stages.cit import CONFIG_OF
-from afmrl_jax.config.schema import ConfigError
+from afmrl_jax.config.sections import CONFIG_OF
+from afmrl_jax.errors import ConfigError
+from afmrl_jax.train import catalog as catalog_lib
 
 CIT_STAGE_CONFIGS = tuple(sorted(set(CONFIG_OF.values())))
 
@@ -238,7 +239,7 @@ def _gallery_problems(run: schema.Run, num_gallery: int, where: str) -> list[str
 def validate_catalog(run: schema.Run) -> None:
   """Raises ConfigError when a manifest run (stage 1 or its eval) cannot work with the manifest's rows: a
   gallery smaller than an evaluation K, or a loss with attribute terms whose source the training rows lack
-  (`stage1_data.attribute_coverage_problem`). Reads the manifest's rows, not its images."""
+  (`catalog_lib.attribute_coverage_problem`). Reads the manifest's rows, not its images."""
   if run.stage not in ("stage1", "eval") or run.task != "representation" or not run.catalog.manifest:
     return
   import warnings
@@ -255,16 +256,16 @@ def validate_catalog(run: schema.Run) -> None:
   source = run.attributes.source
   if run.stage == "stage1" and source not in ("teacher", "true", "none"):
     try:
-      generated = stage1_data.read_generated_attributes(source, [r.listing_id for r in report.rows],
+      generated = catalog_lib.read_generated_attributes(source, [r.listing_id for r in report.rows],
                                                         run.attributes.skip_bad_rows)
     except ValueError as e:
       problems.append(str(e))
       generated = {}
     strings = [generated.get(r.listing_id, "") for r in train]
   else:
-    strings = [stage1_data.source_string(r, source) for r in train]
+    strings = [catalog_lib.source_string(r, source) for r in train]
   if run.stage == "stage1":
-    problem = stage1_data.attribute_coverage_problem(run, strings)
+    problem = catalog_lib.attribute_coverage_problem(run, strings)
     problems += [problem] if problem else []
   if problems:
     raise ConfigError(problems)

@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from afmrl_jax import parallel
 from afmrl_jax.errors import UserError
-from afmrl_jax.fields import Checked, non_negative, positive
+from afmrl_jax.config.sections import CheckpointOptions, TrainOptions
 from afmrl_jax.train import checkpointing
 from afmrl_jax.train import metrics_log as train_logging
 from afmrl_jax.train import state as state_lib
@@ -41,22 +41,6 @@ class NonFiniteLossError(UserError, FloatingPointError):
   hint = ("lower config.optimizer.learning_rate or raise config.loss.tau; the run resumes from its last "
           "checkpoint")
 
-
-@dataclasses.dataclass(frozen=True)
-class TrainOptions(Checked):
-  """The run's length, logging and stopping rules."""
-  num_steps: int = positive(400)
-  # Stop this process after this many steps (checkpointing first), as if interrupted; 0 = off. The
-  # schedule still uses num_steps, so a resumed run continues exactly where this one stopped.
-  stop_after_steps: int = non_negative(0)
-  log_every: int = positive(10)
-  # With several processes a SIGTERM/SIGINT is acted on at the next step divisible by this (and at the
-  # last step), where the processes agree (one small collective, which waits for the step to finish) that
-  # one of them was signalled and all save and stop together. Raise it when that wait costs throughput.
-  stop_check_every: int = positive(1)
-  check_finite: bool = True  # stop the run on a NaN/Inf loss, naming the step and batch
-  eval_at_end: bool = True  # the stage evaluates after the last step
-  metrics_file: str = "metrics.jsonl"  # per-step metrics, relative to the workdir
 
 
 @dataclasses.dataclass
@@ -129,7 +113,7 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation,
 
 
 def resume_and_run(step_fn: Callable, model: Any, tx: optax.GradientTransformation, data: Iterator, *,
-                   mesh: Mesh, options: TrainOptions, checkpoint: checkpointing.CheckpointOptions,
+                   mesh: Mesh, options: TrainOptions, checkpoint: CheckpointOptions,
                    workdir: str, examples_per_step: int, rollout: Callable | None = None) -> LoopResult:
   """What every stage does after building its step: a fresh train state for `model`
   (`train.state.ShardedModel`), resumed from the latest checkpoint of `workdir` (the data iterator too)

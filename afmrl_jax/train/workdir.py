@@ -21,8 +21,8 @@ from typing import Any
 
 from afmrl_jax.train import checkpointing
 
-from afmrl_jax.eval import report
-from afmrl_jax.config.schema import ConfigError
+from afmrl_jax.errors import WorkdirError
+from afmrl_jax.train import files
 
 FINGERPRINT_FILE = "config_fingerprint.json"
 CHANGES_FILE = "config_changes.jsonl"
@@ -37,15 +37,6 @@ NOT_FINGERPRINTED = ("catalog.cache_dir", "pipeline.eval_batch_size", "pipeline.
                      "generator.num_threads", "generator.prefetch_buffer_size", "rar.rollout_chunks",
                      "rar.eval_queries")
 
-
-class WorkdirError(ConfigError):
-  """The workdir does not fit the run (config or model changed since its checkpoints): a one-line message
-  and a `hint`, which `main` prints like any config error (no traceback, exit 2)."""
-
-  def __init__(self, message: str, hint: str = ""):
-    self.problems = [message]
-    self.hint = hint
-    ValueError.__init__(self, message)
 
 
 def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
@@ -111,7 +102,7 @@ def _is_chief() -> bool:
 
 
 def _write_fingerprint(workdir: str, fields: dict[str, Any]) -> None:
-  report.write_json(os.path.join(workdir, FINGERPRINT_FILE), {"digest": digest(fields), "fields": fields})
+  files.write_json(os.path.join(workdir, FINGERPRINT_FILE), {"digest": digest(fields), "fields": fields})
 
 
 # Resumes checked by `prepare`, written by `commit` once the checkpoint restored: {workdir: what to write}.
@@ -136,7 +127,7 @@ def prepare(run: Any, workdir: str) -> None:
   _PENDING.pop(_key(workdir), None)
   if stored is None:  # a fresh workdir (or checkpoints without any record of their config)
     _write_fingerprint(workdir, fields)
-    report.write_json(os.path.join(workdir, "config.json"), run.to_dict())
+    files.write_json(os.path.join(workdir, "config.json"), run.to_dict())
     return
   if not (ckpt.enabled and ckpt.resume):
     # This run does not resume: the fingerprint keeps guarding the checkpoints already in the workdir.
@@ -168,4 +159,4 @@ def commit(workdir: str, step: int) -> None:
           f"recorded in {path}", flush=True)
   if changes or not os.path.isfile(os.path.join(workdir, FINGERPRINT_FILE)):
     _write_fingerprint(workdir, pending["fields"])  # also adopts the config of a workdir from before fingerprints
-  report.write_json(os.path.join(workdir, "config.json"), pending["config"])
+  files.write_json(os.path.join(workdir, "config.json"), pending["config"])

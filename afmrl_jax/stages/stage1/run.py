@@ -27,6 +27,8 @@ from afmrl_jax.config import schema
 from afmrl_jax.stages.stage1 import data as stage1_data
 from afmrl_jax.stages.stage1 import objective as stage1_step
 from afmrl_jax.train import state as state_lib
+from afmrl_jax.eval import embed as embed_lib
+from afmrl_jax.train import files
 
 
 def train(run: schema.Run | Any, workdir: str, data: stage1_data.Stage1Data | None = None, mesh=None
@@ -86,7 +88,7 @@ def run_evaluation(run: schema.Run, workdir: str, model: state_lib.ShardedModel,
                    data: stage1_data.Stage1Data, mesh, step: int | None) -> dict[str, float]:
   """Embeds the query and gallery splits with `model` and scores them (`train.evaluate`)."""
   from afmrl_jax.eval.retrieval import evaluate
-  embed_fn = stage1_step.make_embed_fn((model.graphdef, model.params, model.rest), mesh, data.image_grid_thw,
+  embed_fn = embed_lib.make_embed_fn((model.graphdef, model.params, model.rest), mesh, data.image_grid_thw,
                                        run.pipeline.eval_batch_size)
   return evaluate(embed_fn, data.eval_batches("gallery"), data.eval_batches("query"), workdir, run.eval,
                   listings=data.listings_by_id(), step=step,
@@ -115,7 +117,7 @@ def train_and_evaluate(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
   if run.train.eval_at_end and not result.stopped_early:
     summary["eval"] = run_evaluation(run, workdir, model, data, mesh, step=None)
   summary["wall_s"] = time.perf_counter() - t0
-  report.write_json(os.path.join(workdir, "summary.json"), summary)
+  files.write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
 
 
