@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
@@ -93,9 +94,9 @@ def write_report(workdir: str, rows: dict[str, dict[str, Any]]) -> None:
     f.write("\n".join(lines) + "\n")
 
 
-def run_cit(run: Any, workdir: str) -> dict[str, Any]:
-  """The `cit` stage: runs the chain (skipping finished steps); returns the side-by-side report."""
-  from afmrl_jax.stages.registry import run_stage
+def run_cit(run: Any, workdir: str, run_stage: Callable[[Any, str], dict]) -> dict[str, Any]:
+  """The `cit` stage: runs the chain (skipping finished steps) with `run_stage` (the registry's, handed in
+  so that this stage imports no other); returns the side-by-side report."""
   rows: dict[str, dict[str, Any]] = {}
   for step in CHAIN:
     step_dir = os.path.join(workdir, step)

@@ -24,5 +24,5 @@ def run_stage(config: Any, workdir: str) -> dict:
   evaluators = {"representation": stage1.evaluate_checkpoint, "generator": sft.evaluate_checkpoint}
   stages = {"stage1": stage1.train_and_evaluate, "eval": evaluators[run.task], "sft": sft.train_and_evaluate,
             "generate": generate_stage.run_generation, "stage2": stage2.train_and_evaluate,
-            "cit": cit.run_cit}
+            "cit": lambda run, workdir: cit.run_cit(run, workdir, run_stage)}
   return stages[run.stage](run, workdir)

@@ -239,12 +239,11 @@ def _gallery_problems(run: schema.Run, num_gallery: int, where: str) -> list[str
 def validate_catalog(run: schema.Run) -> None:
   """Raises ConfigError when a manifest run (stage 1 or its eval) cannot work with the manifest's rows: a
   gallery smaller than an evaluation K, or a loss with attribute terms whose source the training rows lack
-  (`catalog_lib.attribute_coverage_problem`). Reads the manifest's rows, not its images."""
+  (`train.catalog.attribute_coverage_problem`). Reads the manifest's rows, not its images."""
   if run.stage not in ("stage1", "eval") or run.task != "representation" or not run.catalog.manifest:
     return
   import warnings
   from afmrl_jax.data import manifest
-  from afmrl_jax.stages.stage1 import data as stage1_data
   with warnings.catch_warnings():  # unknown fields are warned about once, when the data is loaded
     warnings.simplefilter("ignore", manifest.ManifestWarning)
     report = manifest.read_manifest(run.catalog.manifest, skip_bad_rows=run.catalog.skip_bad_rows,
