@@ -7,7 +7,7 @@ under a config whose fingerprint differs is refused before anything is built or 
 naming every differing field (old -> new); `--config.checkpoint.allow_config_change=True` resumes anyway,
 says so on the console and, once the checkpoint has restored, appends the change and the step to
 `<workdir>/config_changes.jsonl`. Every trainer calls `prepare` first (instead of writing config.json
-itself); `loop.resume_and_run` calls `commit` after a successful restore.
+itself); `prepare` returns the on-resume callback that `loop.resume_and_run` calls after a successful restore.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from afmrl_jax.train import checkpointing
@@ -105,33 +106,25 @@ def _write_fingerprint(workdir: str, fields: dict[str, Any]) -> None:
   files.write_json(os.path.join(workdir, FINGERPRINT_FILE), {"digest": digest(fields), "fields": fields})
 
 
-# Resumes checked by `prepare`, written by `commit` once the checkpoint restored: {workdir: what to write}.
-_PENDING: dict[str, dict[str, Any]] = {}
-
-
-def _key(workdir: str) -> str:
-  return os.path.normpath(os.path.abspath(workdir))
-
-
-def prepare(run: Any, workdir: str) -> None:
+def prepare(run: Any, workdir: str) -> Callable[[int], None]:
   """Checks `run` (a `schema.Run`) against the fingerprint of the checkpoints it would resume from.
 
   A fresh start writes the fingerprint and `<workdir>/config.json` now; a resume leaves them (and the
-  record of an allowed change) to `commit`, which `loop.resume_and_run` calls once the checkpoint has
-  restored, so a resume that fails (a model of another shape) changes nothing in the workdir.
+  record of an allowed change) to the callback this returns, which the stage hands to
+  `loop.resume_and_run(on_resume=...)`; the loop calls it once the checkpoint has restored, so a resume
+  that fails (a model of another shape) changes nothing in the workdir.
   Raises WorkdirError (one line naming every differing field, old -> new; its hint names the override)
   when resuming under a different config without `checkpoint.allow_config_change`."""
   fields = fingerprint_fields(run.to_dict())
   ckpt = run.checkpoint
   stored = stored_fingerprint(workdir) if checkpointing.has_checkpoint(workdir) else None
-  _PENDING.pop(_key(workdir), None)
   if stored is None:  # a fresh workdir (or checkpoints without any record of their config)
     _write_fingerprint(workdir, fields)
     files.write_json(os.path.join(workdir, "config.json"), run.to_dict())
-    return
+    return _nothing
   if not (ckpt.enabled and ckpt.resume):
     # This run does not resume: the fingerprint keeps guarding the checkpoints already in the workdir.
-    return
+    return _nothing
   changes = differences(stored, fields)
   step = checkpointing.latest_saved_step(workdir)
   if changes and not ckpt.allow_config_change:
@@ -139,16 +132,18 @@ def prepare(run: Any, workdir: str) -> None:
         f"{workdir} holds checkpoints (step {step}) of a run with a different config: {describe(changes)}",
         hint=f"rerun with that config, use a new --workdir, or pass --config.checkpoint.allow_config_change=True "
              f"to resume under this one (recorded in {CHANGES_FILE})")
-  _PENDING[_key(workdir)] = {"fields": fields, "changes": changes, "config": run.to_dict()}
+  pending = {"fields": fields, "changes": changes, "config": run.to_dict()}
+  return lambda resumed_step: commit(workdir, resumed_step, pending)
 
 
-def commit(workdir: str, step: int) -> None:
+def _nothing(step: int) -> None:
+  del step
+
+
+def commit(workdir: str, step: int, pending: dict[str, Any]) -> None:
   """After a resume from `step` restored: appends the allowed change (if any) to `config_changes.jsonl`
   and prints one line saying so; writes the fingerprint and `config.json` of the run that `prepare`
-  checked (nothing when `prepare` was not called)."""
-  pending = _PENDING.pop(_key(workdir), None)
-  if pending is None:
-    return
+  checked (`pending`: its fingerprint fields, changes and config)."""
   changes = pending["changes"]
   if changes and _is_chief():
     path = os.path.join(workdir, CHANGES_FILE)

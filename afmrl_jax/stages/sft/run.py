@@ -32,7 +32,7 @@ from afmrl_jax.stages import generator
 def train(run: schema.Run | Any, workdir: str):
   """Runs (or resumes) SFT; returns (loop result, trained model, catalog, tokenizer)."""
   run = schema.parse(run)
-  workdir_lib.prepare(run, workdir)  # refuses a resume under a changed config; writes config.json
+  on_resume = workdir_lib.prepare(run, workdir)  # refuses a resume under a changed config; writes config.json
 
   # Mesh.
   mesh = parallel.make_mesh(run.mesh)
@@ -52,7 +52,8 @@ def train(run: schema.Run | Any, workdir: str):
 
   # Checkpoint and loop.
   result = loop_lib.resume_and_run(step_fn, model, tx, train_iter, mesh=mesh, options=run.train,
-                                   checkpoint=run.checkpoint, workdir=workdir, examples_per_step=cfg.batch_size)
+                                   checkpoint=run.checkpoint, workdir=workdir, examples_per_step=cfg.batch_size,
+                                   on_resume=on_resume)
   model.params = result.state["params"]
   return result, model, catalog, tokenizer
 

@@ -31,11 +31,16 @@ from afmrl_jax.eval import embed as embed_lib
 from afmrl_jax.train import files
 
 
+# What to change when the AGCL loss turns NaN/Inf (the loop names the step and batch).
+NONFINITE_HINT = ("lower config.optimizer.learning_rate or raise config.loss.tau; the run resumes from its last "
+                  "checkpoint")
+
+
 def train(run: schema.Run | Any, workdir: str, data: stage1_data.Stage1Data | None = None, mesh=None
           ) -> tuple[loop_lib.LoopResult, state_lib.ShardedModel, stage1_data.Stage1Data]:
   """Runs (or resumes) stage-1 training; returns the loop result, the trained model and the data."""
   run = schema.parse(run)
-  workdir_lib.prepare(run, workdir)  # refuses a resume under a changed config; writes config.json
+  on_resume = workdir_lib.prepare(run, workdir)  # refuses a resume under a changed config; writes config.json
 
   # Mesh: (data, fsdp, tensor); the batch is split over data x fsdp.
   mesh = mesh or parallel.make_mesh(run.mesh)
@@ -61,14 +66,16 @@ def train(run: schema.Run | Any, workdir: str, data: stage1_data.Stage1Data | No
 
   # Mined hard negatives: every `mining.every` steps the current model mines each training listing's
   # nearest other products; each query brings `mining.per_query` of them as extra candidate columns.
-  rollout = None
+  mined_negatives_hook = None
   if run.mining.enabled:
-    rollout = mined_negatives.MinedNegatives(run.mining, data, model, mesh, workdir)
+    mined_negatives_hook = mined_negatives.MinedNegatives(run.mining, data, model, mesh, workdir)
 
   # Checkpoint and loop: resume the train state and the data position from the latest save, then train.
   result = loop_lib.resume_and_run(step_fn, model, tx, train_iter, mesh=mesh, options=run.train,
                                    checkpoint=run.checkpoint, workdir=workdir,
-                                   examples_per_step=run.pipeline.batch_size, rollout=rollout)
+                                   examples_per_step=run.pipeline.batch_size, per_batch=mined_negatives_hook,
+                                   on_resume=on_resume,
+                                   nonfinite_hint=NONFINITE_HINT)
   model.params = result.state["params"]
   return result, model, data
 

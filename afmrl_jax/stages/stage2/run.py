@@ -101,13 +101,13 @@ def build(run: schema.Run | Any, workdir: str) -> Stage2Parts:
 def train(run: schema.Run | Any, workdir: str) -> tuple[loop_lib.LoopResult, Stage2Parts]:
   """Runs (or resumes) RAR; returns the loop result and the parts (`parts.model` holds the trained policy)."""
   run = schema.parse(run)
-  workdir_lib.prepare(run, workdir)  # refuses a resume under a changed config; writes config.json
+  on_resume = workdir_lib.prepare(run, workdir)  # refuses a resume under a changed config; writes config.json
   parts = build(run, workdir)
   # Checkpoint and loop: the policy's train state and the query position; sampling keys follow the step.
   result = loop_lib.resume_and_run(parts.step_fn, parts.model, parts.tx, parts.queries, mesh=parts.mesh,
                                    options=run.train, checkpoint=run.checkpoint, workdir=workdir,
                                    examples_per_step=run.rar.queries_per_step * run.rar.group_size,
-                                   rollout=parts.rollout)
+                                   per_batch=parts.rollout, on_resume=on_resume)
   parts.model.params = result.state["params"]
   return result, parts
 
