@@ -11,3 +11,21 @@ class UserError(Exception):
   """An error in what the user gave; `hint` says what to change (empty: the message says it)."""
 
   hint: str = ""
+
+
+class ConfigError(UserError, ValueError):
+  """A bad config: `problems` holds one sentence per bad value."""
+
+  def __init__(self, problems: list[str]):
+    self.problems = list(problems)
+    super().__init__("Invalid config:\n  - " + "\n  - ".join(self.problems))
+
+
+class WorkdirError(ConfigError):
+  """The workdir does not fit the run (config or model changed since its checkpoints): a one-line message
+  and a `hint`, which `main` prints like any config error (no traceback, exit 2)."""
+
+  def __init__(self, message: str, hint: str = ""):
+    self.problems = [message]
+    self.hint = hint
+    ValueError.__init__(self, message)

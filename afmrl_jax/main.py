@@ -24,7 +24,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, log
 
 def run(config, workdir: str) -> dict:
   """Validates `config` and runs its stage; returns the stage's summary dict."""
-  from afmrl_jax.train.stages import run_stage
+  from afmrl_jax.stages.registry import run_stage
   return run_stage(config, workdir)
 
 
@@ -33,7 +33,7 @@ def bad_override(argv: list[str]) -> str | None:
 
   Checked before absl parses the flags, whose own error for an unknown key is a traceback.
   """
-  from afmrl_jax.train import schema
+  from afmrl_jax.config import schema
   known = set(_dotted(schema.defaults()))
   # An HF config.json dict, and the cit chain's stage configs: their keys come from the presets.
   free_form = ("model.arch.", "cit.stages.")
@@ -50,7 +50,7 @@ def bad_preset(argv: list[str]) -> str | None:
   naming the presets), or None. absl's own report of it is a 13-line "FATAL Flags parsing error" with the
   traceback, so the file is tried here first; any other failure is left to absl to report."""
   import importlib.util
-  from afmrl_jax.train import schema
+  from afmrl_jax.config import schema
   value = None
   for i, arg in enumerate(argv):
     if arg.startswith("--config="):

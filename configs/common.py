@@ -1,7 +1,7 @@
 """What the stage configs share: the presets' values on top of the defaults.
 
 Every knob of a run, its default and its allowed values are declared once, in the dataclasses behind
-`afmrl_jax.train.schema` (`schema.defaults()` is the full ConfigDict with every default). This file
+`afmrl_jax.config.schema` (`schema.defaults()` is the full ConfigDict with every default). This file
 only says how each preset differs: `tiny` (the default; the embedded catalog on a CPU in a few
 minutes), `ci` (smaller still, for tests), `bench-small` (the benchmark model) and `qwen2vl-2b` (the
 paper's scale: a local Qwen2-VL-2B checkpoint + LoRA, global batch 1024, tau 0.02, bf16).
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from afmrl_jax.train import schema
+from afmrl_jax.config import schema
 
 PRESETS = ("tiny", "ci", "bench-small", "qwen2vl-2b")
 

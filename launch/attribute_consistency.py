@@ -21,6 +21,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from afmrl_jax.attributes.parse import parse_attributes  # noqa: E402
+from afmrl_jax.train import catalog as catalog_lib
 
 
 def _pairs(text: str) -> dict[str, str]:
@@ -48,10 +49,10 @@ def main() -> None:
   ap.add_argument("--preset", default="tiny")
   args = ap.parse_args()
   import configs.stage1 as stage1_configs
-  from afmrl_jax.train import stage1_data
+  from afmrl_jax.stages.stage1 import data as stage1_data
   config = stage1_configs.get_config(args.preset)
   config.catalog.cache_dir = args.catalog_cache
-  catalog, _, _ = stage1_data.load_catalog(config, args.catalog_cache)
+  catalog, _, _ = catalog_lib.load_catalog(config, args.catalog_cache)
   generated = {r["listing_id"]: r["attributes"] for r in map(json.loads, open(args.attributes, encoding="utf-8"))}
   listings = [l for l in catalog.listings if l.split in ("query", "gallery")]
   by_product, by_family = collections.defaultdict(list), collections.defaultdict(dict)

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _train_one_step(config, workdir):
-  from afmrl_jax.train.stages import run_stage
+  from afmrl_jax.stages.registry import run_stage
   config.train.num_steps = 1
   config.train.eval_at_end = False
   run_stage(config, workdir)
@@ -40,7 +40,7 @@ def _train_one_step(config, workdir):
 
 def rar_phases(preset: str, steps: int, root: str) -> dict:
   from configs import sft as sft_config, stage1 as stage1_config, stage2 as stage2_config
-  from afmrl_jax.train.stages import run_stage
+  from afmrl_jax.stages.registry import run_stage
   cache = os.path.join(root, "data_cache")
   for name, cfg in (("sft", sft_config.get_config(preset)), ("stage1", stage1_config.get_config(preset))):
     cfg.catalog.cache_dir = cache

@@ -45,7 +45,8 @@ PAD, V_START, V_END, IMAGE = 0, 8189, 8190, 8191
 
 def model_config(preset: str):
   import configs.stage1 as stage1_configs
-  from afmrl_jax.train import builders, schema
+  from afmrl_jax.train import model as builders
+  from afmrl_jax.config import schema
   config = stage1_configs.get_config(preset)
   config.model.arch.vocab_size = VOCAB
   config = schema.parse(config)
@@ -82,9 +83,9 @@ def ours_step(config, vl, batch_np, grid, attributes: bool):
   from afmrl_jax import parallel
   from afmrl_jax.losses import AGCLConfig
   from afmrl_jax.models.vl_model import VLModel
-  from afmrl_jax.train import logging as train_logging
+  from afmrl_jax.train import metrics_log as train_logging
   from afmrl_jax.train import loop as loop_lib
-  from afmrl_jax.train import stage1_step
+  from afmrl_jax.stages.stage1 import objective as stage1_step
   from afmrl_jax.train import state as state_lib
   from jax.sharding import NamedSharding, PartitionSpec
 

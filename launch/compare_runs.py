@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from afmrl_jax.train.evaluate import load_gallery_embeddings
+from afmrl_jax.eval.retrieval import load_gallery_embeddings
 
 
 def _losses(workdir: str) -> list[tuple[int, float]]:

@@ -41,14 +41,18 @@ def model_embedding(workdir: str, listing_ids: np.ndarray) -> tuple[np.ndarray, 
   """The stage-1 model saved in `workdir` embeds the training listings on the query side and on the
   candidate side (as the loss pairs them): two float32 [N, D] arrays in the order of `listing_ids`."""
   from afmrl_jax import parallel
-  from afmrl_jax.train import builders, checkpointing, schema, stage1_data, stage1_step
-  from afmrl_jax.train.evaluate import embed_all
+  from afmrl_jax.train import model as builders, checkpointing
+  from afmrl_jax.config import schema
+  from afmrl_jax.eval import embed as embed_lib
+  from afmrl_jax.train import catalog as catalog_lib
+  from afmrl_jax.stages.stage1 import data as stage1_data, objective as stage1_step
+  from afmrl_jax.eval.embed import embed_all
   run = schema.load_saved(workdir)
   mesh = parallel.make_mesh(run.mesh)
   data = stage1_data.make(run, workdir)
   model, step = builders.restore_model(run, checkpointing.checkpoint_dir(workdir), data.tokenizer, mesh)
   print(f"model: {workdir} at step {step}", flush=True)
-  embed_fn = stage1_step.make_embed_fn((model.graphdef, model.params, model.rest), mesh, data.image_grid_thw,
+  embed_fn = embed_lib.make_embed_fn((model.graphdef, model.params, model.rest), mesh, data.image_grid_thw,
                                        run.pipeline.eval_batch_size)
   sides = []
   for side in ("query", "candidate"):
@@ -89,7 +93,10 @@ def main() -> None:
   import configs.stage1 as stage1_configs
   from afmrl_jax.attributes.bm25 import CorpusStats
   from afmrl_jax.retrieval import mining
-  from afmrl_jax.train import schema, stage1_data
+  from afmrl_jax.config import schema
+  from afmrl_jax.eval import embed as embed_lib
+  from afmrl_jax.train import catalog as catalog_lib
+  from afmrl_jax.stages.stage1 import data as stage1_data
 
   t0 = time.perf_counter()
   if args.workdir:  # the trained run's own catalog
@@ -98,7 +105,7 @@ def main() -> None:
     config = stage1_configs.get_config(args.preset)
     config.catalog.cache_dir = args.cache_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"), "afmrl_mining_cache")
     run, root, source = schema.parse(config), config.catalog.cache_dir, f"preset {args.preset}"
-  catalog, _, teacher_stats = stage1_data.load_catalog(run, root)
+  catalog, _, teacher_stats = catalog_lib.load_catalog(run, root)
   train = catalog.split("train")
   print(f"catalog ({source}): {len(train)} training listings, {time.perf_counter() - t0:.1f} s", flush=True)
 

@@ -45,7 +45,7 @@ def best_time(fn, *args, repeats: int) -> float:
 
 
 def flops_of(jitted, *args) -> float | None:
-  from afmrl_jax.train import logging as train_logging
+  from afmrl_jax.train import metrics_log as train_logging
   return train_logging.compiled_flops(jitted.lower(*args).compile())
 
 
@@ -61,7 +61,7 @@ def profile(preset: str, batch: int, repeats: int) -> dict:
   from afmrl_jax.losses import AGCLConfig
   from afmrl_jax.models.vl_model import VLModel
   from afmrl_jax.train import loop as loop_lib
-  from afmrl_jax.train import stage1_step
+  from afmrl_jax.stages.stage1 import objective as stage1_step
   from afmrl_jax.train import state as state_lib
 
   config, vl = model_config(preset)

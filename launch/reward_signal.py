@@ -35,7 +35,8 @@ def main() -> None:
   import jax
   from configs import stage2 as stage2_config
   from afmrl_jax.rl import reward as reward_lib
-  from afmrl_jax.train import schema, stage2
+  from afmrl_jax.config import schema
+  from afmrl_jax.stages.stage2 import run as stage2
 
   config = stage2_config.get_config(args.preset)
   config.rar.policy, config.rar.environment = args.policy, args.environment

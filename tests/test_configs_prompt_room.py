@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from afmrl_jax.train import schema
-from afmrl_jax.train.validate import validate
+from afmrl_jax.config import schema
+from afmrl_jax.stages.validate import validate
 from tests.test_main import ROOT, _main
 
 from configs import cit, common, sft  # noqa: E402

@@ -9,9 +9,9 @@ import pytest
 
 from afmrl_jax.retrieval import load_retriever
 from afmrl_jax.retrieval import metrics as M
-from afmrl_jax.train import report
+from afmrl_jax.eval import report
 from afmrl_jax.fields import InvalidFields
-from afmrl_jax.train.evaluate import EvalConfig, evaluate, load_gallery_embeddings
+from afmrl_jax.eval.retrieval import EvalConfig, evaluate, load_gallery_embeddings
 
 D = 16
 NUM_PRODUCTS = 40
@@ -134,7 +134,7 @@ def _display_listings():
 @pytest.mark.parametrize("retriever", ["exact", "scann"])
 def test_evaluate_writes_report_and_matches_direct_metrics(tmp_path, retriever):
   workdir = str(tmp_path)
-  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:  # what train/logging.py writes
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:  # what train/metrics_log.py writes
     for step in range(0, 100, 5):
       f.write(json.dumps({"step": step, "loss": 3.0 / (1 + step)}) + "\n")
     f.write(json.dumps({"step": 100, "eval": {"recall@1": 0.5}}) + "\n")
@@ -286,7 +286,7 @@ def test_load_gallery_embeddings_joins_process_shards_in_listing_order(tmp_path)
 
 
 def test_stale_gallery_files_are_removed_and_repeated_shards_refused(tmp_path):
-  from afmrl_jax.train.evaluate import _remove_stale_gallery_files
+  from afmrl_jax.eval.retrieval import _remove_stale_gallery_files
   names = ["gallery_embeddings.npz"] + [f"gallery_embeddings.process-00{p}.npz" for p in range(4)]
   shard = {"embeddings": np.zeros((2, 3), np.float32), "listing_id": np.array([1, 2]), "product_id": np.array([1, 2]),
            "category_id": np.array([0, 0])}

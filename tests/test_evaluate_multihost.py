@@ -21,7 +21,7 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 port, pid, workdir, search = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=pid)
 from tests.test_evaluate import _batches, _embed_fn, _split
-from afmrl_jax.train.evaluate import EvalConfig, evaluate
+from afmrl_jax.eval.retrieval import EvalConfig, evaluate
 # Process-local shards: alternate batches (the two processes hold different row counts).
 gallery = list(_batches(_split("gallery"), batch_size=8))[pid::2]
 query = list(_batches(_split("query"), batch_size=8))[pid::2]

@@ -21,7 +21,7 @@ ARGS = ["--config=configs/generate.py:ci", "--config.catalog.families_per_catego
 def sft_workdir(tmp_path_factory):
   """A few SFT steps of the `ci` generator (its checkpoint is what the generate stage loads)."""
   import configs.sft as sft_configs
-  from afmrl_jax.train import sft
+  from afmrl_jax.stages.sft import run as sft
   root = tmp_path_factory.mktemp("gen")
   config = sft_configs.get_config("ci")
   config.catalog.cache_dir = str(root / "cache")

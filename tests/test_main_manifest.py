@@ -19,7 +19,8 @@ def test_the_readme_manifest_command_trains_without_a_fresh_views_flag(tmp_path)
   assert "fresh_views" not in proc.stderr
   assert json.loads((work / "summary.json").read_text())["step"] == 2
   # The preset's value stays in the resolved config; the pipeline the run built had fresh views off.
-  from afmrl_jax.train import schema, stage1_data
+  from afmrl_jax.config import schema
+  from afmrl_jax.stages.stage1 import data as stage1_data
   run = schema.load_saved(str(work))
   assert run.pipeline.fresh_views and run.catalog.manifest == path
   assert not stage1_data.pipeline_config(run).fresh_views

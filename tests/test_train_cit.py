@@ -61,7 +61,7 @@ def _section(out, step):
 
 @pytest.mark.slow
 def test_cit_resumes_after_a_kill_in_its_third_stage(tmp_path):
-  from afmrl_jax.train.cit import CHAIN, DONE
+  from afmrl_jax.stages.cit import CHAIN, DONE
   workdir = tmp_path / "cit"
   stage1 = workdir / "stage1"
 
@@ -143,7 +143,8 @@ def test_cit_resumes_after_a_kill_in_its_third_stage(tmp_path):
 
 def test_stage_config_wires_each_step_to_the_earlier_ones(tmp_path):
   import configs.cit as cit_config
-  from afmrl_jax.train import cit, schema
+  from afmrl_jax.stages import cit
+  from afmrl_jax.config import schema
   run = schema.parse(cit_config.get_config("ci"))
   workdir = str(tmp_path / "w")
   d = lambda name: os.path.join(workdir, name)

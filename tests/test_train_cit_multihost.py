@@ -31,7 +31,8 @@ def _losses(step_dir):
 
 @pytest.mark.slow
 def test_cit_two_processes_run_the_chain_like_one(tmp_path):
-  from afmrl_jax.train.cit import CHAIN, DONE
+  from afmrl_jax.config.sections import CHAIN
+  from afmrl_jax.stages.cit import DONE
   env = dict(_env(), LOG_DIR=str(tmp_path / "logs"))
   env.pop("XLA_FLAGS")
   two = subprocess.run(["bash", SCRIPT, "2", "2", sys.executable, "-m", "afmrl_jax.main", *ARGS,

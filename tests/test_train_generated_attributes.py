@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import configs.stage1 as stage1_configs
-from afmrl_jax.train import stage1_data
+from afmrl_jax.stages.stage1 import data as stage1_data
+from afmrl_jax.train import catalog as catalog_lib
 
 GENERATED = "colour: red; pattern: stripes"
 
@@ -14,7 +15,7 @@ GENERATED = "colour: red; pattern: stripes"
 def test_generated_attributes_replace_teacher_terms(tmp_path):
   config = stage1_configs.get_config("ci")
   config.catalog.cache_dir = str(tmp_path / "cache")
-  catalog, _, stats = stage1_data.load_catalog(config, str(tmp_path / "w0"))
+  catalog, _, stats = catalog_lib.load_catalog(config, str(tmp_path / "w0"))
   teacher_batch = next(stage1_data.make(config, str(tmp_path / "w0")).train_iter())
   # The teacher strings vary from row to row.
   assert not (teacher_batch["query_terms"] == teacher_batch["query_terms"][0]).all()
@@ -37,11 +38,11 @@ def test_unknown_or_repeated_listing_ids_name_the_line(tmp_path):
                   '{"listing_id": 1, "attributes": "colour: green"}\n'
                   'not json\n')
   with pytest.raises(ValueError, match=r"a.jsonl:2: listing 99 is not a listing of this catalog"):
-    stage1_data.read_generated_attributes(str(path), known_ids=[1, 2])
+    catalog_lib.read_generated_attributes(str(path), known_ids=[1, 2])
   path.write_text('{"listing_id": 1, "attributes": "colour: red"}\n{"listing_id": 1, "attributes": "x: y"}\n')
   with pytest.raises(ValueError, match=r"a.jsonl:2: listing 1 appears twice"):
-    stage1_data.read_generated_attributes(str(path), known_ids=[1, 2])
+    catalog_lib.read_generated_attributes(str(path), known_ids=[1, 2])
   path.write_text('{"listing_id": 1, "attributes": "colour: red"}\n{"listing_id": 99, "attributes": "a: b"}\n'
                   '{"listing_id": 1, "attributes": "x: y"}\nnot json\n{"listing_id": 2, "attributes": "c: d"}\n')
-  assert stage1_data.read_generated_attributes(str(path), known_ids=[1, 2], skip_bad_rows=True) == {
+  assert catalog_lib.read_generated_attributes(str(path), known_ids=[1, 2], skip_bad_rows=True) == {
       1: "colour: red", 2: "c: d"}

@@ -17,6 +17,7 @@ import optax
 import pytest
 from flax import nnx
 
+from afmrl_jax.config import sections
 from afmrl_jax import parallel
 from afmrl_jax.train import checkpointing
 from afmrl_jax.train import loop as loop_lib
@@ -59,7 +60,7 @@ def loss_fn(model, batch):
 
 
 def opt_config(**kw):
-  return state_lib.OptimizerConfig(**{**dict(learning_rate=3e-2, warmup_steps=3, min_lr_ratio=0.1, b1=0.9,
+  return sections.OptimizerConfig(**{**dict(learning_rate=3e-2, warmup_steps=3, min_lr_ratio=0.1, b1=0.9,
                                              b2=0.98, eps=1e-8, weight_decay=0.01, grad_clip=1.0), **kw})
 
 
@@ -71,10 +72,10 @@ def train(workdir, num_steps=12, stop_after=0, every=4, mesh_shape=None, loss=lo
   shardings = state_lib.state_shardings(tx, model, mesh)
   step_fn = loop_lib.make_train_step(model.graphdef, tx, loss_fn=loss)
   data = data or data_iter()
-  checkpointer = checkpointing.Checkpointer.for_workdir(str(workdir), checkpointing.CheckpointOptions(
+  checkpointer = checkpointing.Checkpointer.for_workdir(str(workdir), sections.CheckpointOptions(
       every=every, keep=2))
   state, _ = checkpointer.restore_latest(state_lib.init_train_state(tx, model, mesh, shardings), data)
-  options = loop_lib.TrainOptions(num_steps=num_steps, stop_after_steps=stop_after, log_every=1)
+  options = sections.TrainOptions(num_steps=num_steps, stop_after_steps=stop_after, log_every=1)
   return loop_lib.run(step_fn, state, model.rest, data, mesh=mesh, shardings=(shardings, model.rest_shardings),
                       options=options, workdir=str(workdir), examples_per_step=16, checkpointer=checkpointer)
 

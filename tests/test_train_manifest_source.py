@@ -8,8 +8,9 @@ import pytest
 import configs.stage1 as stage1_configs
 from afmrl_jax.data import catalog as catalog_lib
 from afmrl_jax.data import manifest
-from afmrl_jax.train import stage1_data
-from afmrl_jax.train.schema import ConfigError
+from afmrl_jax.stages.stage1 import data as stage1_data
+from afmrl_jax.config.schema import ConfigError
+from afmrl_jax.train import catalog as catalog_lib
 
 
 @pytest.fixture
@@ -40,9 +41,9 @@ def test_bad_manifest_row_stops_or_is_skipped(manifest_with_a_bad_row, tmp_path)
   config = stage1_configs.get_config("ci")
   config.catalog.manifest = path
   with pytest.raises(manifest.ManifestError, match=r"row 2.*'title'"):
-    stage1_data.load_catalog(config, str(tmp_path / "w"))
+    catalog_lib.load_catalog(config, str(tmp_path / "w"))
   config.catalog.skip_bad_rows = True
-  catalog, _, stats = stage1_data.load_catalog(config, str(tmp_path / "w"))
+  catalog, _, stats = catalog_lib.load_catalog(config, str(tmp_path / "w"))
   assert len(catalog) == num_rows - 1
   assert [row for row, _ in catalog.report.skipped] == [2]
   assert stats.num_docs > 0
@@ -92,7 +93,7 @@ def test_manifest_honours_the_attribute_source(manifest_rows, tmp_path):
   with pytest.raises(ConfigError, match="100% of the"):
     stage1_data.make(_config(path, source="none"), str(tmp_path / "w"))
   # The record of how the manifest was read sits in the workdir.
-  with open(tmp_path / "w" / stage1_data.MANIFEST_IDS) as f:
+  with open(tmp_path / "w" / catalog_lib.MANIFEST_IDS) as f:
     record = json.load(f)
   assert record["manifest"] == path and record["categories"] == sorted({r["category"] for r in rows})
   assert record["ids"]["listing"] == {str(r["listing_id"]): r["listing_id"] for r in rows}

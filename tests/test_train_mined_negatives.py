@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from afmrl_jax.retrieval import mining
-from afmrl_jax.train import mined_negatives, stage1
+from afmrl_jax.stages.stage1 import mined_negatives, run as stage1
 from tests.test_train_stage1_e2e import cache, small_config  # noqa: F401 (cache: the shared catalog fixture)
 from tests.test_train_stage1_resume import _losses
 
@@ -53,7 +53,8 @@ def test_refreshes_are_logged_and_saved(full):
 def test_batches_carry_h_mined_listings_of_other_products(full, cache):
   workdir, result, data = full
   from afmrl_jax import parallel
-  from afmrl_jax.train import builders, schema
+  from afmrl_jax.train import model as builders
+  from afmrl_jax.config import schema
   run = schema.parse(small_config(cache, STEPS, **MINING))
   mesh = parallel.make_mesh(run.mesh)
   model = builders.create_model(run, data.tokenizer, mesh)

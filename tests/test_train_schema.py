@@ -9,7 +9,7 @@ from ml_collections import config_flags
 
 import configs.stage1 as stage1_configs
 from afmrl_jax import fields
-from afmrl_jax.train import schema
+from afmrl_jax.config import schema
 
 
 @dataclasses.dataclass(frozen=True)

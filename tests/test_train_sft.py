@@ -8,9 +8,11 @@ import pytest
 from flax import nnx
 
 import configs.sft as sft_configs
+from afmrl_jax.config import sections
 from afmrl_jax.models.config import VLConfig
 from afmrl_jax.models.vl_model import VLModel
-from afmrl_jax.train import checkpointing, sft, sft_step
+from afmrl_jax.train import checkpointing
+from afmrl_jax.stages.sft import run as sft, objective as sft_step
 from tests.small_runs import small
 
 GRID = (1, 4, 4)  # 56x56 images: 16 patches, 4 merged image tokens
@@ -113,7 +115,8 @@ def test_sft_learns_to_copy_the_title_colour(tmp_path):
   from afmrl_jax import parallel
   from afmrl_jax.data import generator_data, tokenizer as tokenizer_lib
   from afmrl_jax.generate.filters import SamplingConfig
-  from afmrl_jax.train import attribute_eval, loop as loop_lib, state as state_lib
+  from afmrl_jax.eval import attributes as attribute_eval
+  from afmrl_jax.train import loop as loop_lib, state as state_lib
   train_table, heldout = _toy_table(192, 0), _toy_table(48, 1)
   texts = list(train_table.title) + list(train_table.teacher_attributes) + [generator_data.instruction("toy")] * 50
   tok = tokenizer_lib.default_tokenizer(texts, str(tmp_path / "tok"))
@@ -126,14 +129,14 @@ def test_sft_learns_to_copy_the_title_colour(tmp_path):
   vl = VLConfig.from_hf_dict(arch)
   mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
   model = state_lib.create_sharded(lambda: VLModel(vl, rngs=nnx.Rngs(0)), mesh, nnx.Param)
-  opt = state_lib.OptimizerConfig(learning_rate=3e-3, warmup_steps=10)
+  opt = sections.OptimizerConfig(learning_rate=3e-3, warmup_steps=10)
   tx = state_lib.make_optimizer(opt, STEPS)
   grid = generator_data.image_grid_thw(cfg)
   step_fn = loop_lib.make_train_step(model.graphdef, tx, loss_fn=sft_step.make_loss_fn(grid))
   data = iter(generator_data.sft_dataset(train_table, tok, cfg, shard_options=grain.sharding.NoSharding()))
   result = loop_lib.resume_and_run(step_fn, model, tx, data, mesh=mesh,
-                                   options=loop_lib.TrainOptions(num_steps=STEPS, log_every=100),
-                                   checkpoint=checkpointing.CheckpointOptions(enabled=False),
+                                   options=sections.TrainOptions(num_steps=STEPS, log_every=100),
+                                   checkpoint=sections.CheckpointOptions(enabled=False),
                                    workdir=str(tmp_path), examples_per_step=16)
   model.params = result.state["params"]
   sampling = SamplingConfig(temperature=0.0, max_new_tokens=8, eos_ids=(ids["eos"],), pad_id=ids["pad"])

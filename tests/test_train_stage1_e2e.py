@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import configs.stage1 as stage1_configs
-from afmrl_jax.train import stage1, stage1_data
+from afmrl_jax.stages.stage1 import run as stage1, data as stage1_data
 
 STEPS = 24
 
@@ -81,7 +81,7 @@ def test_eval_stage_reproduces_end_of_training_metrics(full_run, tmp_path):
   """`configs/eval.py` at the plain preset restores the last checkpoint of a run trained with other
   catalog / pipeline / optimizer settings: the run's stored config applies, so the metrics are the same."""
   import configs.eval as eval_configs
-  from afmrl_jax.train import stages
+  from afmrl_jax.stages import registry as stages
   config, workdir, summary = full_run
   eval_config = eval_configs.get_config("ci")
   assert eval_config.catalog.families_per_category != config.catalog.families_per_category

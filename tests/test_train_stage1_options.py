@@ -12,7 +12,9 @@ import configs.stage1 as stage1_configs
 from afmrl_jax import parallel
 from afmrl_jax.losses import AGCLConfig
 from afmrl_jax.models import hf_checkpoint
-from afmrl_jax.train import builders, schema, stage1_step
+from afmrl_jax.train import model as builders
+from afmrl_jax.config import schema
+from afmrl_jax.stages.stage1 import objective as stage1_step
 from afmrl_jax.train import loop as loop_lib
 from afmrl_jax.train import state as state_lib
 from tests.test_train_stage1_step import GRID, IDF, make_batch, mesh_of, tiny_vl

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from afmrl_jax.train import stage1
+from afmrl_jax.stages.stage1 import run as stage1
 from tests.test_train_stage1_e2e import small_config
 
 STEPS = 10

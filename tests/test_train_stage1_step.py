@@ -11,8 +11,9 @@ from afmrl_jax import parallel
 from afmrl_jax.losses import AGCLConfig
 from afmrl_jax.models.config import VLConfig
 from afmrl_jax.models.vl_model import VLModel
-from afmrl_jax.train import stage1_step
+from afmrl_jax.stages.stage1 import objective as stage1_step
 from afmrl_jax.train import state as state_lib
+from afmrl_jax.eval import embed as embed_lib
 
 import configs.stage1 as stage1_configs
 
@@ -109,8 +110,8 @@ def test_infonce_matches_numpy(reference):
 
   @nnx.jit
   def run(model, batch):
-    q = heads.embed(model, stage1_step.side(batch, "query"), GRID)
-    c = heads.embed(model, stage1_step.side(batch, "candidate"), GRID)
+    q = heads.embed(model, embed_lib.side(batch, "query"), GRID)
+    c = heads.embed(model, embed_lib.side(batch, "candidate"), GRID)
     return q, c, loss_fn(model, batch)[0]
 
   q, c, loss = run(model, batch)

@@ -19,8 +19,12 @@ from afmrl_jax.data import generator_data
 from afmrl_jax.data.table import ListingTable
 from afmrl_jax.generate.logprobs import completion_logprobs
 from afmrl_jax.rl import algo
-from afmrl_jax.train import rar_env, sft, stage1, stage1_data, stage2
-from afmrl_jax.train.validate import ConfigError, validate
+from afmrl_jax.stages.stage2 import environment as rar_env, run as stage2
+from afmrl_jax.stages.sft import run as sft
+from afmrl_jax.stages.stage1 import run as stage1
+from afmrl_jax.stages.validate import ConfigError, validate
+from afmrl_jax.train import catalog as catalog_lib
+from afmrl_jax.stages import generator
 from tests.small_runs import small
 
 
@@ -80,7 +84,7 @@ class _EndingReward:
 
 def _eos_logprob(parts, params):
   """Mean log-probability of ending at once (a completion of just EOS) over the first query prompts."""
-  data_cfg = sft.data_config(parts.policy_run)
+  data_cfg = generator.data_config(parts.policy_run)
   grid = generator_data.image_grid_thw(data_cfg)
   batch = next(iter(generator_data.prompt_batches(parts.environment.table, parts.tokenizer, data_cfg,
                                                   with_answers=False)))
@@ -101,7 +105,7 @@ def _eos_logprob(parts, params):
 def test_grpo_steps_follow_the_reward_sign(sign, flip_advantages, direction, sft_workdir, root, tmp_path,
                                            monkeypatch):
   def load(run, workdir, mesh, batch_size):
-    catalog, _, _ = stage1_data.load_catalog(stage2.policy_run(run), run.rar.policy)
+    catalog, _, _ = catalog_lib.load_catalog(generator.policy_run(run), run.rar.policy)
     return _EndingReward(ListingTable.from_catalog(catalog, run.rar.query_split), sign)
 
   monkeypatch.setattr(rar_env.Environment, "load", staticmethod(load))
@@ -125,7 +129,7 @@ def test_lora_policy_trains_only_adapters_on_frozen_sft_weights(sft_workdir, roo
   """`lora.enabled`: the policy starts equal to SFT (zero adapters), the reward moves it the way it points,
   only adapters are trained and checkpointed, and the generate stage's loader rebuilds the tuned policy."""
   def load(run, workdir, mesh, batch_size):
-    catalog, _, _ = stage1_data.load_catalog(stage2.policy_run(run), run.rar.policy)
+    catalog, _, _ = catalog_lib.load_catalog(generator.policy_run(run), run.rar.policy)
     return _EndingReward(ListingTable.from_catalog(catalog, run.rar.query_split), 1.0)
 
   monkeypatch.setattr(rar_env.Environment, "load", staticmethod(load))
@@ -137,7 +141,7 @@ def test_lora_policy_trains_only_adapters_on_frozen_sft_weights(sft_workdir, roo
   kinds = {type(v).__name__ for v in jax.tree.leaves(parts.model.params, is_leaf=lambda x: isinstance(x, nnx.Variable))}
   assert kinds == {"LoRAParam"}, kinds
   # The frozen base is the SFT generator, bit for bit.
-  sft_model = stage2.policy_model(dataclasses.replace(parts.run, lora=dataclasses.replace(parts.run.lora, enabled=False)),
+  sft_model = generator.policy_model(dataclasses.replace(parts.run, lora=dataclasses.replace(parts.run.lora, enabled=False)),
                                   parts.policy_run, parts.tokenizer, parts.mesh)
   frozen = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
   base = nnx.to_pure_dict(nnx.state(parts.model.merge(), frozen))
@@ -147,7 +151,7 @@ def test_lora_policy_trains_only_adapters_on_frozen_sft_weights(sft_workdir, roo
   after = _eos_logprob(parts, parts.model.params)
   assert after - sft_logp > 0.2, (sft_logp, after)
   # What the generate stage loads from this workdir: the SFT weights plus the last checkpoint's adapters.
-  tuned, step = stage2.tuned_policy(str(tmp_path), parts.tokenizer, parts.mesh)
+  tuned, step = generator.tuned_policy(str(tmp_path), parts.tokenizer, parts.mesh)
   assert step == 4
   assert _eos_logprob(dataclasses.replace(parts, model=tuned), tuned.params) == pytest.approx(after, abs=1e-6)
 

@@ -6,7 +6,7 @@ import pytest
 
 import configs.eval as eval_configs
 import configs.stage1 as stage1_configs
-from afmrl_jax.train.validate import ConfigError, validate
+from afmrl_jax.stages.validate import ConfigError, validate
 
 
 def problems_of(config, workdir, **kw):
@@ -133,7 +133,7 @@ def test_hf_checkpoint_of_the_wrong_architecture(tmp_path):
 def test_fresh_views_belong_to_the_synthetic_catalog(tmp_path):
   """The presets' fresh_views=True is accepted with a manifest (before: refused until the user passed a flag
   meaningless there) and off in the pipeline it builds; the synthetic catalog keeps it."""
-  from afmrl_jax.train import stage1_data
+  from afmrl_jax.stages.stage1 import data as stage1_data
   manifest = tmp_path / "m.jsonl"
   manifest.write_text("")  # exists; never read: validate reads nothing
   config = stage1_configs.get_config("ci")
@@ -146,7 +146,7 @@ def test_fresh_views_belong_to_the_synthetic_catalog(tmp_path):
 
 def _manifest_run(tmp_path, rows, **overrides):
   """The typed stage-1 `ci` run of a manifest made of `rows` (images as the rows name them)."""
-  from afmrl_jax.train import schema
+  from afmrl_jax.config import schema
   from tests.test_data_manifest_real import _write_jsonl
   config = stage1_configs.get_config("ci")
   config.catalog.manifest = _write_jsonl(tmp_path / "data" / "manifest.jsonl", rows)
@@ -158,7 +158,7 @@ def _manifest_run(tmp_path, rows, **overrides):
 
 def test_a_manifest_gallery_smaller_than_k_is_refused_before_loading(tmp_path):
   from afmrl_jax.data import manifest
-  from afmrl_jax.train.validate import validate_catalog
+  from afmrl_jax.stages.validate import validate_catalog
   from tests.test_data_manifest_real import _rows
   rows = _rows(tmp_path / "data", products_per_category=8, listings_per_product=2)
   run = _manifest_run(tmp_path, rows)
@@ -175,7 +175,7 @@ def test_a_manifest_gallery_smaller_than_k_is_refused_before_loading(tmp_path):
 
 
 def test_an_attribute_source_the_manifest_lacks_is_refused_before_loading(tmp_path):
-  from afmrl_jax.train.validate import validate_catalog
+  from afmrl_jax.stages.validate import validate_catalog
   from tests.test_data_manifest_real import _rows
   rows = _rows(tmp_path / "data", products_per_category=20, listings_per_product=2)
   for r in rows:

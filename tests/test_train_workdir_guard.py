@@ -10,8 +10,10 @@ import shutil
 
 import pytest
 
-from afmrl_jax.train import checkpointing, stage1, workdir as workdir_lib
-from afmrl_jax.train.schema import ConfigError
+from afmrl_jax.train import checkpointing, workdir as workdir_lib
+
+from afmrl_jax.stages.stage1 import run as stage1
+from afmrl_jax.config.schema import ConfigError
 from configs import stage1 as stage1_configs
 from tests.small_runs import small
 

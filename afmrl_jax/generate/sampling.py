@@ -18,6 +18,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from afmrl_jax.generate.filters import SamplingConfig
@@ -95,3 +96,12 @@ def eos_ids_of(model_config) -> tuple[int, ...]:
   if eos is None:
     return ()
   return tuple(eos) if isinstance(eos, (tuple, list)) else (int(eos),)
+
+
+def decode_text(tokenizer, tokens: np.ndarray, length: int, eos_ids: tuple[int, ...]) -> tuple[str, bool]:
+  """(text of the first `length` tokens without EOS, whether it ended with one of `eos_ids`)."""
+  row = [int(t) for t in tokens[:length]]
+  ended = bool(row) and row[-1] in eos_ids
+  if ended:
+    row = row[:-1]
+  return tokenizer.decode(row, skip_special_tokens=True).strip(), ended

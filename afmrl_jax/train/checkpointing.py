@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import dataclasses
 import json
 import os
 import shutil
@@ -33,28 +32,12 @@ from absl import logging
 from etils import epath
 
 from afmrl_jax import parallel
-from afmrl_jax.errors import UserError
-from afmrl_jax.fields import Checked, positive
+from afmrl_jax.config.sections import CheckpointOptions
+from afmrl_jax.errors import UserError, WorkdirError
 
 DAMAGED_DIR = "damaged"  # under the checkpoint folder: steps set aside as damaged, `damaged/<step>`
 DAMAGE_RECORD = "checkpoint_damage.jsonl"  # in the workdir: one JSON row per step set aside
 
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointOptions(Checked):
-  """When to save, how many to keep, where to resume from."""
-  enabled: bool = True
-  every: int = positive(100)  # steps between saves (the last step and every stop also save)
-  keep: int = positive(3)
-  async_save: bool = True
-  resume: bool = True  # resume from the latest checkpoint in the workdir
-  restore_dir: str = ""  # eval stage: the training workdir to load from; '' = this workdir
-  # Start training from the trainable params of this workdir's latest checkpoint (fresh optimizer, step 0)
-  # when the run's own workdir has no checkpoint yet; '' = from the model's init.
-  init_from: str = ""
-  # Resume even though the config's fingerprint differs from the one the workdir's checkpoints were
-  # written under (`train.workdir`); the change is recorded in `<workdir>/config_changes.jsonl`.
-  allow_config_change: bool = False
 
 
 def checkpoint_dir(path: str) -> str:
@@ -120,7 +103,6 @@ def shape_mismatch(saved: Any, target: Any) -> str | None:
 
 
 def _mismatch_error(message: str, hint: str) -> Exception:
-  from afmrl_jax.train.workdir import WorkdirError  # workdir imports schema, which imports this module
   return WorkdirError(message, hint)
 
 

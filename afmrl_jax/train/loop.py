@@ -1,6 +1,6 @@
 """The training loop every stage shares: one jitted step, logs, checkpoints, clean stops.
 
-A stage builds the pieces and hands them over explicitly (see `train/stage1.py`):
+A stage builds the pieces and hands them over explicitly (see `stages/stage1/run.py`):
 
     step_fn = make_train_step(model.graphdef, tx, loss_fn=loss_fn)      # or grad_fn= (GradCache)
     state, _ = checkpointer.restore_latest(init_state, train_iter)      # resume, data position too
@@ -29,34 +29,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from afmrl_jax import parallel
 from afmrl_jax.errors import UserError
-from afmrl_jax.fields import Checked, non_negative, positive
+from afmrl_jax.config.sections import CheckpointOptions, TrainOptions
 from afmrl_jax.train import checkpointing
-from afmrl_jax.train import logging as train_logging
+from afmrl_jax.train import metrics_log as train_logging
 from afmrl_jax.train import state as state_lib
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
   """The loss became NaN or Inf; the message names the step and the batch."""
 
-  hint = ("lower config.optimizer.learning_rate or raise config.loss.tau; the run resumes from its last "
-          "checkpoint")
+  hint = "lower config.optimizer.learning_rate; the run resumes from its last checkpoint"  # a stage may pass its own
 
-
-@dataclasses.dataclass(frozen=True)
-class TrainOptions(Checked):
-  """The run's length, logging and stopping rules."""
-  num_steps: int = positive(400)
-  # Stop this process after this many steps (checkpointing first), as if interrupted; 0 = off. The
-  # schedule still uses num_steps, so a resumed run continues exactly where this one stopped.
-  stop_after_steps: int = non_negative(0)
-  log_every: int = positive(10)
-  # With several processes a SIGTERM/SIGINT is acted on at the next step divisible by this (and at the
-  # last step), where the processes agree (one small collective, which waits for the step to finish) that
-  # one of them was signalled and all save and stop together. Raise it when that wait costs throughput.
-  stop_check_every: int = positive(1)
-  check_finite: bool = True  # stop the run on a NaN/Inf loss, naming the step and batch
-  eval_at_end: bool = True  # the stage evaluates after the last step
-  metrics_file: str = "metrics.jsonl"  # per-step metrics, relative to the workdir
 
 
 @dataclasses.dataclass
@@ -129,8 +112,9 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation,
 
 
 def resume_and_run(step_fn: Callable, model: Any, tx: optax.GradientTransformation, data: Iterator, *,
-                   mesh: Mesh, options: TrainOptions, checkpoint: checkpointing.CheckpointOptions,
-                   workdir: str, examples_per_step: int, rollout: Callable | None = None) -> LoopResult:
+                   mesh: Mesh, options: TrainOptions, checkpoint: CheckpointOptions,
+                   workdir: str, examples_per_step: int, per_batch: Callable | None = None,
+                   on_resume: Callable[[int], None] | None = None, nonfinite_hint: str | None = None) -> LoopResult:
   """What every stage does after building its step: a fresh train state for `model`
   (`train.state.ShardedModel`), resumed from the latest checkpoint of `workdir` (the data iterator too)
   unless `checkpoint.resume` is off, else started from `checkpoint.init_from`'s params; then `run`.
@@ -146,9 +130,8 @@ def resume_and_run(step_fn: Callable, model: Any, tx: optax.GradientTransformati
     except BaseException:
       checkpointer.close()  # e.g. a checkpoint of another model shape (one-line error): release orbax first
       raise
-  if resumed is not None:
-    from afmrl_jax.train import workdir as workdir_lib  # it imports schema, which imports this module
-    workdir_lib.commit(workdir, resumed)  # the config checked by `workdir.prepare`, now that it restored
+  if resumed is not None and on_resume is not None:
+    on_resume(resumed)  # e.g. `workdir.prepare`'s: the config it checked is written now that the restore worked
   if resumed is not None and jax.process_index() == 0:
     if resumed >= options.num_steps:  # `run` trains nothing; say so instead of returning silently
       print(f"already at step {resumed} (train.num_steps={options.num_steps}); nothing to train", flush=True)
@@ -158,14 +141,15 @@ def resume_and_run(step_fn: Callable, model: Any, tx: optax.GradientTransformati
     state = dict(state, params=checkpointing.restore_params(checkpoint.init_from, state))
   return run(step_fn, state, model.rest, data, mesh=mesh, shardings=(shardings, model.rest_shardings),
              options=options, workdir=workdir, examples_per_step=examples_per_step, checkpointer=checkpointer,
-             rollout=rollout)
+             per_batch=per_batch, nonfinite_hint=nonfinite_hint)
 
 
 class _PendingMetrics:
   """Device metrics of the steps since the last boundary: fetched together, checked, logged."""
 
-  def __init__(self, logger: train_logging.MetricsLogger, check_finite: bool, checkpoint_dir: str):
-    self.logger, self.check_finite, self.checkpoint_dir = logger, check_finite, checkpoint_dir
+  def __init__(self, logger: train_logging.MetricsLogger, check_finite: bool, checkpoint_dir: str,
+               hint: str | None = None):
+    self.logger, self.check_finite, self.checkpoint_dir, self.hint = logger, check_finite, checkpoint_dir, hint
     self.losses: dict[int, float] = {}
     self._rows: list[tuple[int, Any, Any]] = []  # (step, device metrics, listing ids of its batch)
 
@@ -180,8 +164,11 @@ class _PendingMetrics:
     for (step, _, ids), m in zip(self._rows, host):
       loss = float(m["loss"])
       if self.check_finite and not np.isfinite(loss):
-        raise NonFiniteLossError(f"The loss became {loss} at step {step} (batch of step {step}: "
-                                 f"{_describe_batch(ids)}); the last good checkpoint is in {self.checkpoint_dir}.")
+        error = NonFiniteLossError(f"The loss became {loss} at step {step} (batch of step {step}: "
+                                   f"{_describe_batch(ids)}); the last good checkpoint is in {self.checkpoint_dir}.")
+        if self.hint:
+          error.hint = self.hint
+        raise error
       self.losses[step] = loss
     if log_last:
       self.logger.log(self._rows[-1][0], host[-1])
@@ -190,7 +177,8 @@ class _PendingMetrics:
 
 def run(step_fn: Callable, state: dict[str, Any], rest: Any, data: Iterator, *, mesh: Mesh,
         shardings: tuple[Any, Any], options: TrainOptions, workdir: str, examples_per_step: int,
-        checkpointer: checkpointing.Checkpointer | None = None, rollout: Callable | None = None) -> LoopResult:
+        checkpointer: checkpointing.Checkpointer | None = None, per_batch: Callable | None = None,
+        nonfinite_hint: str | None = None) -> LoopResult:
   """Trains from `state['step']` to `options.num_steps` (or a stop); see the module docstring.
 
   Args:
@@ -200,8 +188,10 @@ def run(step_fn: Callable, state: dict[str, Any], rest: Any, data: Iterator, *, 
     data: iterator of process-local batch dicts with `get_state()` / `set_state()`.
     shardings: (train-state shardings, frozen-variable shardings).
     checkpointer: saves every `checkpointer.every` steps, at the end and on a stop; None = no saves.
-    rollout: rollout(state, host_batch) -> (host batch, host metrics): turns what `data` yields into the
-      step's batch with the current state (RL: sample, score); its metrics are logged with the step's.
+    per_batch: per_batch(state, host_batch) -> (host batch, host metrics): turns what `data` yields into
+      the step's batch with the current state (stage 1: mined negatives; stage 2: sample and score
+      rollouts); its metrics are logged with the step's.
+    nonfinite_hint: the stage's hint for a NaN/Inf loss (which knob to change); None = the generic one.
   """
   state_sh, rest_sh = shardings
   jitted = jax.jit(step_fn, in_shardings=(state_sh, rest_sh, None),
@@ -210,7 +200,7 @@ def run(step_fn: Callable, state: dict[str, Any], rest: Any, data: Iterator, *, 
   logger = train_logging.MetricsLogger(workdir, options.num_steps, examples_per_step,
                                        metrics_file=options.metrics_file, resumed_step=start)
   pending = _PendingMetrics(logger, options.check_finite,
-                            checkpointer.directory if checkpointer else "(checkpoints disabled)")
+                            checkpointer.directory if checkpointer else "(checkpoints disabled)", nonfinite_hint)
   compiled, flops, stop_reason, t_start = None, None, "", None
 
   def save(at: int) -> None:
@@ -221,8 +211,8 @@ def run(step_fn: Callable, state: dict[str, Any], rest: Any, data: Iterator, *, 
     with checkpointing.stop_on_signals() as stop_request, jax.set_mesh(mesh), parallel.logical_rules():
       while step < options.num_steps:
         host_batch, host_metrics = next(data), {}
-        if rollout is not None:
-          host_batch, host_metrics = rollout(state, host_batch)
+        if per_batch is not None:
+          host_batch, host_metrics = per_batch(state, host_batch)
         batch = parallel.global_batch(_device_batch(host_batch), mesh)
         if compiled is None:  # compile once; the cost analysis gives the FLOPs per step
           compiled = jitted.lower(state, rest, batch).compile()

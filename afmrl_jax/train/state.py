@@ -23,21 +23,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from afmrl_jax import parallel
-from afmrl_jax.fields import Checked, bounded, non_negative, positive
+from afmrl_jax.config.sections import OptimizerConfig
 from afmrl_jax.models import sharding as model_sharding
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig(Checked):
-  """optax AdamW with linear warmup + cosine decay and global-norm clipping."""
-  learning_rate: float = positive(2e-3)
-  warmup_steps: int = non_negative(30)
-  min_lr_ratio: float = bounded(0.05, 0.0, 1.0)  # cosine decays to learning_rate * min_lr_ratio
-  b1: float = bounded(0.9, 0.0, 1.0, high_open=True)
-  b2: float = bounded(0.98, 0.0, 1.0, high_open=True)
-  eps: float = positive(1e-8)
-  weight_decay: float = non_negative(0.01)
-  grad_clip: float = non_negative(1.0)  # global-norm clip; 0 disables
 
 
 

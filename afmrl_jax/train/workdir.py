@@ -8,8 +8,9 @@ naming every differing field (old -> new); `--config.checkpoint.allow_config_cha
 says so on the console and, once the checkpoint has restored, appends the change and the step to
 `<workdir>/config_changes.jsonl`. `train.num_steps` is not fingerprinted (a run may be extended), but the
 cosine schedule decays to it: a resume that changes it says so in one line (the learning rate of the next
-step, old and new) and records it in the same file. Every trainer calls `prepare` first (instead of writing config.json
-itself); `loop.resume_and_run` calls `commit` after a successful restore.
+step, old and new) and records it in the same file. Every trainer calls `prepare` first (instead of writing
+config.json itself); `prepare` returns the on-resume callback that `loop.resume_and_run` calls after a
+successful restore.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
-from afmrl_jax.train import checkpointing, report
-from afmrl_jax.train.schema import ConfigError
+from afmrl_jax.train import checkpointing
+
+from afmrl_jax.errors import WorkdirError
+from afmrl_jax.train import files
 
 FINGERPRINT_FILE = "config_fingerprint.json"
 CHANGES_FILE = "config_changes.jsonl"
@@ -42,23 +46,13 @@ def _not_fingerprinted(config: dict[str, Any]) -> set[str]:
   """NOT_FINGERPRINTED, adjusted by what the run uses: with mining on, `pipeline.eval_batch_size` is the
   batch the mining refresh embeds with, and another batch size gives other float sums, so other neighbours
   near a tie: other mined negatives (kept); with a manifest, `pipeline.fresh_views` does nothing (it
-  re-renders the synthetic catalog's products; `stage1_data.pipeline_config`), so it is no change (dropped)."""
+  re-renders the synthetic catalog's products; `stages.stage1.data.pipeline_config`), so it is no change (dropped)."""
   skip = set(NOT_FINGERPRINTED)
   if (config.get("mining") or {}).get("enabled"):
     skip.discard("pipeline.eval_batch_size")
   if (config.get("catalog") or {}).get("manifest"):
     skip.add("pipeline.fresh_views")
   return skip
-
-
-class WorkdirError(ConfigError):
-  """The workdir does not fit the run (config or model changed since its checkpoints): a one-line message
-  and a `hint`, which `main` prints like any config error (no traceback, exit 2)."""
-
-  def __init__(self, message: str, hint: str = ""):
-    self.problems = [message]
-    self.hint = hint
-    ValueError.__init__(self, message)
 
 
 def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
@@ -124,36 +118,28 @@ def _is_chief() -> bool:
 
 
 def _write_fingerprint(workdir: str, fields: dict[str, Any]) -> None:
-  report.write_json(os.path.join(workdir, FINGERPRINT_FILE), {"digest": digest(fields), "fields": fields})
+  files.write_json(os.path.join(workdir, FINGERPRINT_FILE), {"digest": digest(fields), "fields": fields})
 
 
-# Resumes checked by `prepare`, written by `commit` once the checkpoint restored: {workdir: what to write}.
-_PENDING: dict[str, dict[str, Any]] = {}
-
-
-def _key(workdir: str) -> str:
-  return os.path.normpath(os.path.abspath(workdir))
-
-
-def prepare(run: Any, workdir: str) -> None:
+def prepare(run: Any, workdir: str) -> Callable[[int], None]:
   """Checks `run` (a `schema.Run`) against the fingerprint of the checkpoints it would resume from.
 
   A fresh start writes the fingerprint and `<workdir>/config.json` now; a resume leaves them (and the
-  record of an allowed change) to `commit`, which `loop.resume_and_run` calls once the checkpoint has
-  restored, so a resume that fails (a model of another shape) changes nothing in the workdir.
+  record of an allowed change) to the callback this returns, which the stage hands to
+  `loop.resume_and_run(on_resume=...)`; the loop calls it once the checkpoint has restored, so a resume
+  that fails (a model of another shape) changes nothing in the workdir.
   Raises WorkdirError (one line naming every differing field, old -> new; its hint names the override)
   when resuming under a different config without `checkpoint.allow_config_change`."""
   fields = fingerprint_fields(run.to_dict())
   ckpt = run.checkpoint
   stored = stored_fingerprint(workdir) if checkpointing.has_checkpoint(workdir) else None
-  _PENDING.pop(_key(workdir), None)
   if stored is None:  # a fresh workdir (or checkpoints without any record of their config)
     _write_fingerprint(workdir, fields)
-    report.write_json(os.path.join(workdir, "config.json"), run.to_dict())
-    return
+    files.write_json(os.path.join(workdir, "config.json"), run.to_dict())
+    return _nothing
   if not (ckpt.enabled and ckpt.resume):
     # This run does not resume: the fingerprint keeps guarding the checkpoints already in the workdir.
-    return
+    return _nothing
   changes = differences(stored, fields)
   step = checkpointing.latest_saved_step(workdir)
   if changes and not ckpt.allow_config_change:
@@ -162,10 +148,11 @@ def prepare(run: Any, workdir: str) -> None:
         hint=f"rerun with that config, use a new --workdir, or pass --config.checkpoint.allow_config_change=True "
              f"to resume under this one (recorded in {CHANGES_FILE})")
   old_steps = _stored_num_steps(workdir)
-  _PENDING[_key(workdir)] = {
+  pending = {
       "fields": fields, "changes": changes, "config": run.to_dict(), "optimizer": run.optimizer,
       "num_steps": (old_steps, run.train.num_steps) if old_steps not in (None, run.train.num_steps) else None,
       "new_fields": bool(set(fields) - set(stored))}
+  return lambda resumed_step: commit(workdir, resumed_step, pending)
 
 
 def _stored_num_steps(workdir: str) -> int | None:
@@ -187,13 +174,14 @@ def _schedule_change(optimizer: Any, old: int, new: int, step: int) -> tuple[str
           f"{rates[1]:.3g}, not {rates[0]:.3g}"), rates
 
 
-def commit(workdir: str, step: int) -> None:
+def _nothing(step: int) -> None:
+  del step
+
+
+def commit(workdir: str, step: int, pending: dict[str, Any]) -> None:
   """After a resume from `step` restored: appends the allowed change (if any) to `config_changes.jsonl`
   and prints one line saying so; writes the fingerprint and `config.json` of the run that `prepare`
-  checked (nothing when `prepare` was not called)."""
-  pending = _PENDING.pop(_key(workdir), None)
-  if pending is None:
-    return
+  checked (`pending`: its fingerprint fields, changes and config)."""
   changes = pending["changes"]
   num_steps = pending["num_steps"]
   if num_steps is not None and step >= num_steps[1]:
@@ -218,4 +206,4 @@ def commit(workdir: str, step: int) -> None:
   if changes or pending["new_fields"] or not os.path.isfile(os.path.join(workdir, FINGERPRINT_FILE)):
     # Also adopts the config of a workdir from before fingerprints, or before a field was fingerprinted.
     _write_fingerprint(workdir, pending["fields"])
-  report.write_json(os.path.join(workdir, "config.json"), pending["config"])
+  files.write_json(os.path.join(workdir, "config.json"), pending["config"])

@@ -20,56 +20,24 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 from afmrl_jax import parallel
 from afmrl_jax.data import generator_data
 from afmrl_jax.data.table import ListingTable
 from afmrl_jax.generate.sampling import eos_ids_of
-from afmrl_jax.models import lora as lora_lib
-from afmrl_jax.train import attribute_eval, builders, checkpointing, rar_env, rar_rollout, report, schema, sft
-from afmrl_jax.train import stage1_data
+from afmrl_jax.eval import attributes as attribute_eval, report
+from afmrl_jax.train import model as builders
+from afmrl_jax.stages.stage2 import environment as rar_env
+from afmrl_jax.rl import rollout as rar_rollout
+from afmrl_jax.config import schema
 from afmrl_jax.train import loop as loop_lib
 from afmrl_jax.train import workdir as workdir_lib
-from afmrl_jax.train import stage2_step
+from afmrl_jax.rl import objective as stage2_step
 from afmrl_jax.train import state as state_lib
+from afmrl_jax.train import catalog as catalog_lib
+from afmrl_jax.train import files
+from afmrl_jax.stages import generator
 
-
-def policy_run(run: schema.Run) -> schema.Run:
-  """The SFT run of `run.rar.policy`, with this run's mesh and attribute evaluation."""
-  saved = schema.load_saved(run.rar.policy)
-  return dataclasses.replace(saved, mesh=run.mesh, sft_eval=run.sft_eval)
-
-
-def policy_model(run: schema.Run, prun: schema.Run, tokenizer, mesh) -> state_lib.ShardedModel:
-  """The policy at the starting weights of `run.rar.policy` (an SFT run, or a stage-2 run's tuned
-  generator): every parameter trainable, or with `run.lora.enabled` (or a LoRA policy) only fresh adapters
-  (zero-initialised, so the policy starts equal to its start) on the frozen starting weights."""
-  if prun.stage == "stage2":
-    start, _ = tuned_policy(run.rar.policy, tokenizer, mesh)
-  else:
-    start, _ = builders.restore_model(prun, checkpointing.checkpoint_dir(run.rar.policy), tokenizer, mesh)
-  if not run.lora.enabled and not prun.lora.enabled:
-    return start
-  # A LoRA policy stays LoRA unless this run sets its own adapters: its adapters are folded in below and
-  # fresh ones (its LoRA settings) are trained, so the KL reference is exactly the starting policy.
-  target = dataclasses.replace(prun, lora=run.lora if run.lora.enabled else prun.lora)
-  fresh = state_lib.create_sharded(builders.model_constructor(target, builders.vl_config(prun, tokenizer)),
-                                   mesh, builders.trainable_filter(target))
-  module = fresh.merge()
-  # The starting weights (adapters they carry folded in) into the frozen base of every projection.
-  nnx.update(module, nnx.state(lora_lib.merge_lora(start.merge()), nnx.Param))
-  graphdef, params, rest = nnx.split(module, builders.trainable_filter(target), ...)
-  return state_lib.ShardedModel(graphdef, params, rest, fresh.param_shardings, fresh.rest_shardings)
-
-
-def tuned_policy(workdir: str, tokenizer, mesh) -> tuple[state_lib.ShardedModel, int]:
-  """(the generator a stage-2 run in `workdir` trained: its latest checkpoint on top of its SFT policy,
-  that checkpoint's step)."""
-  run = schema.load_saved(workdir)
-  model = policy_model(run, policy_run(run), tokenizer, mesh)
-  step = builders.restore_latest_params(model, run, checkpointing.checkpoint_dir(workdir), mesh)
-  return model, step
 
 
 def _check_same_catalog(policy_table: ListingTable, env_table: ListingTable, run: schema.Run) -> None:
@@ -106,8 +74,8 @@ def build(run: schema.Run | Any, workdir: str) -> Stage2Parts:
 
   # Policy and reference: the SFT generator; the reference keeps its weights (the train state copies them).
   prun = policy_run(run)
-  catalog, tokenizer, _ = stage1_data.load_catalog(prun, o.policy)
-  model = policy_model(run, prun, tokenizer, mesh)
+  catalog, tokenizer, _ = catalog_lib.load_catalog(prun, o.policy)
+  model = generator.policy_model(run, prun, tokenizer, mesh)
   vl = builders.vl_config(prun, tokenizer)
 
   # Environment: the frozen stage-1 model, its gallery index (built once, saved in the workdir).
@@ -117,7 +85,7 @@ def build(run: schema.Run | Any, workdir: str) -> Stage2Parts:
   _check_same_catalog(query_table, env.table, run)
 
   # Data: Q query listings per step, in a seeded order whose position is checkpointed.
-  data_cfg = dataclasses.replace(sft.data_config(prun), batch_size=o.queries_per_step, seed=o.seed)
+  data_cfg = dataclasses.replace(generator.data_config(prun), batch_size=o.queries_per_step, seed=o.seed)
   queries = iter(generator_data.sft_dataset(query_table, tokenizer, data_cfg))
   grid = generator_data.image_grid_thw(data_cfg)
 
@@ -133,13 +101,13 @@ def build(run: schema.Run | Any, workdir: str) -> Stage2Parts:
 def train(run: schema.Run | Any, workdir: str) -> tuple[loop_lib.LoopResult, Stage2Parts]:
   """Runs (or resumes) RAR; returns the loop result and the parts (`parts.model` holds the trained policy)."""
   run = schema.parse(run)
-  workdir_lib.prepare(run, workdir)  # refuses a resume under a changed config; writes config.json
+  on_resume = workdir_lib.prepare(run, workdir)  # refuses a resume under a changed config; writes config.json
   parts = build(run, workdir)
   # Checkpoint and loop: the policy's train state and the query position; sampling keys follow the step.
   result = loop_lib.resume_and_run(parts.step_fn, parts.model, parts.tx, parts.queries, mesh=parts.mesh,
                                    options=run.train, checkpoint=run.checkpoint, workdir=workdir,
                                    examples_per_step=run.rar.queries_per_step * run.rar.group_size,
-                                   rollout=parts.rollout)
+                                   per_batch=parts.rollout, on_resume=on_resume)
   parts.model.params = result.state["params"]
   return result, parts
 
@@ -150,12 +118,12 @@ def greedy_reward(parts: Stage2Parts, params, num_rows: int) -> dict[str, float]
   table = parts.environment.table
   processes = jax.process_count()  # each scores an equal share of the rows
   rows = np.arange(min(num_rows, len(table)) // processes * processes)
-  data_cfg = sft.data_config(parts.policy_run)
+  data_cfg = generator.data_config(parts.policy_run)
   batches = generator_data.prompt_batches(table, parts.tokenizer, data_cfg, rows, with_answers=False)
   vl = builders.vl_config(parts.policy_run, parts.tokenizer)
   texts, cut, _ = attribute_eval.generate_strings(parts.model.merge(params), parts.tokenizer, batches,
                                                   generator_data.image_grid_thw(data_cfg), parts.mesh,
-                                                  sft.greedy(parts.policy_run, vl))
+                                                  generator.greedy(parts.policy_run, vl))
   ids = [int(i) for i in table.listing_id[rows]][jax.process_index()::processes]
   rewards, info = parts.environment.score(ids, [texts[i] for i in ids], [i not in cut for i in ids])
   return rar_rollout.process_mean({"reward": float(rewards.mean()),
@@ -204,9 +172,9 @@ def train_and_evaluate(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
     summary["greedy_reward_sft"] = greedy_reward(parts, parts.rollout.ref_params, run.rar.eval_queries)
     summary["greedy_reward_rar"] = greedy_reward(parts, parts.model.params, run.rar.eval_queries)
   if run.train.eval_at_end and not result.stopped_early:
-    summary["attribute_eval"] = sft.evaluate(parts.policy_run, parts.model, parts.catalog, parts.tokenizer,
+    summary["attribute_eval"] = generator.evaluate(parts.policy_run, parts.model, parts.catalog, parts.tokenizer,
                                              workdir)
   summary["wall_s"] = time.perf_counter() - t0
   if jax.process_index() == 0:
-    report.write_json(os.path.join(workdir, "summary.json"), summary)
+    files.write_json(os.path.join(workdir, "summary.json"), summary)
   return summary

@@ -15,127 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from afmrl_jax.fields import check, choice, non_negative, positive
+from afmrl_jax.config.sections import EvalConfig
+from afmrl_jax.eval.embed import ID_KEYS, Batch, embed_all, gather_across_processes
 from afmrl_jax.retrieval import make_retriever
 from afmrl_jax.retrieval import metrics as M
 from afmrl_jax.retrieval.sharded import ShardedIndex
-from afmrl_jax.train import report
-
-Batch = Mapping[str, Any]
-ID_KEYS = ("listing_id", "product_id", "category_id")
-DISPLAY_KEYS = ("title", "attributes", "category", "image")
-THUMB = 96  # longest side of the images kept for the HTML page, pixels
-
-RETRIEVERS = ("scann", "exact")
-EXACT_BACKENDS = ("auto", "numpy", "jax")
-GALLERY_SEARCHES = ("gathered", "sharded")
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-  """What the retrieval evaluation computes and writes."""
-  retriever: str = choice("scann", RETRIEVERS)  # 'scann' (the index stage 2 uses) or 'exact' (inner product)
-  exact_backend: str = choice("auto", EXACT_BACKENDS)  # exact search; 'auto' = jax on a GPU/TPU, else numpy
-  # Multi-host: 'gathered' = every process holds the whole gallery and searches one index; 'sharded' = each
-  # process indexes only the gallery rows it embedded and the top-k lists are merged across processes (a
-  # gallery too large for one host). The same metrics with the exact retriever.
-  gallery_search: str = choice("gathered", GALLERY_SEARCHES)
-  recall_ks: tuple[int, ...] = (1, 5, 10)  # instance Recall@K and group Recall@K shown in the table
-  curve_ks: tuple[int, ...] = (1, 2, 3, 5, 10, 20, 50)  # Recall@K vs K plot (also returned as metrics)
-  map_k: int = positive(10)  # mAP@K with category relevance
-  knn_k: int = positive(10)  # neighbours voting in kNN category classification
-  num_clusters: int = non_negative(0)  # k-means clusters over gallery embeddings; 0 = number of categories
-  cluster_sample: int = non_negative(20000)  # k-means on at most this many gallery rows (seeded; 0 = all)
-  seed: int = 0  # k-means and the choice of report queries
-  exclude_self: bool = True  # a query's own listing in the gallery is neither a hit nor a rank
-  scann_brute_force_below: int = non_negative(20000)  # gallery rows; below it ScaNN scores exhaustively
-  scann_num_leaves: int = non_negative(0)  # 0 = about sqrt(gallery rows)
-  scann_leaves_to_search: int = non_negative(0)  # 0 = a third of the leaves (at least 8)
-  scann_reorder: int = non_negative(0)  # 0 = max(100, 4 * searched k)
-  save_index: bool = True  # write the index under <output_dir>/index (reload: retrieval.load_retriever)
-  report: bool = True  # markdown table, PNG plots and the HTML page (metrics.json is always written)
-  output_dir: str = "eval"  # relative to the workdir
-  num_report_queries: int = non_negative(12)
-  report_top: int = positive(5)
-
-  def __post_init__(self):
-    extra = []
-    for name in ("recall_ks", "curve_ks"):
-      ks = tuple(int(k) for k in getattr(self, name))
-      object.__setattr__(self, name, ks)
-      if not ks or min(ks) < 1:
-        extra.append((name, "must be a non-empty list of positive ints"))
-    check(self, extra)
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-  return x if isinstance(x, np.ndarray) else np.asarray(x)
-
-
-def _thumbnail(image: np.ndarray) -> np.ndarray:
-  """uint8 [h, w, 3] with the longest side <= THUMB (strided, no resampling library needed)."""
-  step = max(1, int(np.ceil(max(image.shape[:2]) / THUMB)))
-  return np.ascontiguousarray(image[::step, ::step])
-
-
-def embed_all(embed_fn: Callable[[Batch], Any], batches: Iterable[Batch], side: str) -> dict[str, Any]:
-  """Runs embed_fn over all batches; returns `embeddings [N, D]`, the id arrays and display lists."""
-  chunks: dict[str, list] = {k: [] for k in ("embeddings",) + ID_KEYS}
-  display: dict[str, list] = {k: [] for k in DISPLAY_KEYS}
-  for i, batch in enumerate(batches):
-    missing = [k for k in ID_KEYS if k not in batch]
-    if missing:
-      raise KeyError(f"evaluate: {side} batch {i} lacks {missing} (needs {list(ID_KEYS)}; "
-                     "see docs/interfaces.md).")
-    emb = _to_numpy(embed_fn(batch)).astype(np.float32)
-    n = len(_to_numpy(batch["listing_id"]))
-    if emb.ndim != 2 or emb.shape[0] != n:
-      raise ValueError(f"evaluate: embed_fn returned shape {emb.shape} for a {side} batch of {n} rows; "
-                       "expected [B, D].")
-    valid = _to_numpy(batch["valid"]).astype(bool) if "valid" in batch else np.ones(n, bool)
-    chunks["embeddings"].append(emb[valid])
-    for k in ID_KEYS:
-      chunks[k].append(_to_numpy(batch[k]).astype(np.int64)[valid])
-    for k in DISPLAY_KEYS:
-      if k in batch:
-        values = [v for v, ok in zip(batch[k], valid) if ok]
-        if k == "image":
-          values = [_thumbnail(np.asarray(v)) for v in values]
-        display[k].extend(values)
-  if not chunks["embeddings"]:
-    raise ValueError(f"evaluate: the {side} iterable yielded no batches.")
-  out: dict[str, Any] = {k: np.concatenate(v) for k, v in chunks.items()}
-  n = len(out["listing_id"])
-  if n == 0:
-    raise ValueError(f"evaluate: the {side} batches hold no valid rows.")
-  # Display fields only when every batch carried them.
-  out["display"] = {k: v for k, v in display.items() if len(v) == n}
-  return out
-
-
-def gather_across_processes(side: dict[str, Any], keys: tuple[str, ...] = ("embeddings",) + ID_KEYS
-                             ) -> dict[str, Any]:
-  """`side[keys]` concatenated over the processes in process order (multi-host); display stays local."""
-  jax = sys.modules.get("jax")
-  if jax is None or jax.process_count() == 1:
-    return side
-  from jax.experimental import multihost_utils
-
-  # Processes may hold different row counts: pad to the largest and drop the padding after.
-  n = len(side[keys[0]])
-  counts = np.asarray(multihost_utils.process_allgather(np.asarray([n])), np.int64).reshape(-1)
-  top = int(counts.max())
-  out = {"display": {}}
-  for k in keys:
-    x = side[k]
-    if x.dtype.kind == "i" and len(x) and np.abs(x).max() >= 2**31:
-      # process_allgather goes through jax arrays, int32 unless jax_enable_x64.
-      raise ValueError(f"evaluate: {k} values must fit in int32 for the multi-host gather.")
-    padded = np.zeros((top,) + x.shape[1:], x.dtype)
-    padded[:n] = x
-    g = np.asarray(multihost_utils.process_allgather(padded))  # [P, top, ...]
-    out[k] = np.concatenate([g[p, :c] for p, c in enumerate(counts)])
-  return out
+from afmrl_jax.eval import report
+from afmrl_jax.train import files
 
 
 def _sum_across_processes(x: np.ndarray) -> np.ndarray:
@@ -347,7 +233,7 @@ def evaluate(
       retriever.save(os.path.join(out_dir, "index"))
     np.savez(os.path.join(out_dir, "gallery_embeddings.npz"), embeddings=gallery["embeddings"],
              **{key: gallery[key] for key in ID_KEYS})
-  report.write_metrics_json(os.path.join(out_dir, "metrics.json"), metrics,
+  files.write_metrics_json(os.path.join(out_dir, "metrics.json"), metrics,
                             info=dict(step=step, retriever=cfg.retriever,
                                       retriever_mode=getattr(retriever, "mode", "exact"),
                                       config=dataclasses.asdict(cfg), **(info or {})))

@@ -21,29 +21,20 @@ checkpoints (or committed shards). `cit_report.json` / `.md` put every stage's n
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
 from absl import logging
 
-from afmrl_jax.fields import Checked, bounded
-from afmrl_jax.train import report
+from afmrl_jax.config.sections import CHAIN, CONFIG_OF, CITOptions
+from afmrl_jax.eval import report
+from afmrl_jax.train import files
 
-CHAIN = ("sft", "generate_sft", "stage1", "stage2", "generate_rar", "stage1_cit")
-CONFIG_OF = {"sft": "sft", "generate_sft": "generate", "stage1": "stage1", "stage2": "stage2",
-             "generate_rar": "generate", "stage1_cit": "stage1"}  # chain step -> key of `cit.stages`
 DONE = "cit_stage.json"
 
-
-@dataclasses.dataclass(frozen=True)
-class CITOptions(Checked):
-  """The second stage-1 round's data share, and every stage's config."""
-  train_fraction: float = bounded(0.3, 0.01, 1.0)  # stage1_cit trains on this share of the training products
-  # 'sft' | 'generate' | 'stage1' | 'stage2' -> that stage's whole config (filled by configs/cit.py)
-  stages: dict = dataclasses.field(default_factory=dict)
 
 
 def _attributes_file(workdir: str, step: str, config: Any) -> str:
@@ -93,7 +84,7 @@ def _headline(step: str, summary: dict[str, Any]) -> dict[str, Any]:
 
 def write_report(workdir: str, rows: dict[str, dict[str, Any]]) -> None:
   """cit_report.json and a markdown table with one row per chain step."""
-  report.write_json(os.path.join(workdir, "cit_report.json"), rows)
+  files.write_json(os.path.join(workdir, "cit_report.json"), rows)
   columns = sorted({k for r in rows.values() for k in r})
   fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
   lines = ["| stage | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
@@ -103,9 +94,9 @@ def write_report(workdir: str, rows: dict[str, dict[str, Any]]) -> None:
     f.write("\n".join(lines) + "\n")
 
 
-def run_cit(run: Any, workdir: str) -> dict[str, Any]:
-  """The `cit` stage: runs the chain (skipping finished steps); returns the side-by-side report."""
-  from afmrl_jax.train.stages import run_stage
+def run_cit(run: Any, workdir: str, run_stage: Callable[[Any, str], dict]) -> dict[str, Any]:
+  """The `cit` stage: runs the chain (skipping finished steps) with `run_stage` (the registry's, handed in
+  so that this stage imports no other); returns the side-by-side report."""
   rows: dict[str, dict[str, Any]] = {}
   for step in CHAIN:
     step_dir = os.path.join(workdir, step)
@@ -120,7 +111,7 @@ def run_cit(run: Any, workdir: str) -> dict[str, Any]:
       if summary.get("stopped_early"):  # interrupted (SIGTERM, stop_after_steps): not done, stop the chain
         rows[step] = _headline(step, summary)
         break
-      report.write_json(done, summary)
+      files.write_json(done, summary)
     rows[step] = _headline(step, summary)
   write_report(workdir, rows)
   return rows

@@ -9,7 +9,6 @@ held-out listings (`train.attribute_eval`).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from typing import Any
@@ -17,36 +16,30 @@ from typing import Any
 from afmrl_jax import parallel
 from afmrl_jax.data import generator_data
 from afmrl_jax.data.table import ListingTable
-from afmrl_jax.generate.filters import SamplingConfig
-from afmrl_jax.generate.sampling import eos_ids_of
-from afmrl_jax.train import attribute_eval, builders, checkpointing, report, schema, sft_step, stage1_data
+from afmrl_jax.eval import attributes as attribute_eval
+from afmrl_jax.train import model as builders, checkpointing
+from afmrl_jax.config import schema
+from afmrl_jax.stages.sft import objective as sft_step
 from afmrl_jax.train import loop as loop_lib
 from afmrl_jax.train import workdir as workdir_lib
 from afmrl_jax.train import state as state_lib
+from afmrl_jax.train import catalog as catalog_lib
+from afmrl_jax.train import files
+from afmrl_jax.stages import generator
 
-
-def data_config(run: schema.Run) -> generator_data.GeneratorDataConfig:
-  """`run.generator` with the catalog's image size."""
-  return dataclasses.replace(run.generator, image_size=run.catalog.image_size)
-
-
-def greedy(run: schema.Run, vl) -> SamplingConfig:
-  """Greedy decoding up to `sft_eval.max_new_tokens`, stopping at the model's EOS."""
-  return SamplingConfig(temperature=0.0, max_new_tokens=run.sft_eval.max_new_tokens, eos_ids=eos_ids_of(vl),
-                        pad_id=vl.text.pad_token_id or 0)
 
 
 def train(run: schema.Run | Any, workdir: str):
   """Runs (or resumes) SFT; returns (loop result, trained model, catalog, tokenizer)."""
   run = schema.parse(run)
-  workdir_lib.prepare(run, workdir)  # refuses a resume under a changed config; writes config.json
+  on_resume = workdir_lib.prepare(run, workdir)  # refuses a resume under a changed config; writes config.json
 
   # Mesh.
   mesh = parallel.make_mesh(run.mesh)
 
   # Data: catalog and tokenizer as in stage 1; SFT examples (prompt, teacher answer) from the train split.
-  catalog, tokenizer, _ = stage1_data.load_catalog(run, workdir)
-  cfg = data_config(run)
+  catalog, tokenizer, _ = catalog_lib.load_catalog(run, workdir)
+  cfg = generator.data_config(run)
   train_iter = iter(generator_data.sft_dataset(ListingTable.from_catalog(catalog, "train"), tokenizer, cfg))
   image_grid_thw = generator_data.image_grid_thw(cfg)
 
@@ -59,34 +52,26 @@ def train(run: schema.Run | Any, workdir: str):
 
   # Checkpoint and loop.
   result = loop_lib.resume_and_run(step_fn, model, tx, train_iter, mesh=mesh, options=run.train,
-                                   checkpoint=run.checkpoint, workdir=workdir, examples_per_step=cfg.batch_size)
+                                   checkpoint=run.checkpoint, workdir=workdir, examples_per_step=cfg.batch_size,
+                                   on_resume=on_resume)
   model.params = result.state["params"]
   return result, model, catalog, tokenizer
 
-
-def evaluate(run: schema.Run, model, catalog, tokenizer, workdir: str) -> dict[str, float]:
-  """Attribute quality of `model`'s greedy generations on `run.sft_eval.split` (reports in the workdir)."""
-  table = ListingTable.from_catalog(catalog, run.sft_eval.split)
-  quality = attribute_eval.evaluate_generator(model.merge(), tokenizer, table, data_config(run), run.sft_eval,
-                                              parallel.make_mesh(run.mesh), workdir,
-                                              greedy(run, builders.vl_config(run, tokenizer)))
-  return attribute_eval.headline(quality)
 
 
 def evaluate_checkpoint(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
   """The `eval` stage of a generator: the latest checkpoint of `checkpoint.restore_dir` (default: the
   workdir), scored on `sft_eval.split`."""
   run = schema.parse(run)
-  catalog, tokenizer, _ = stage1_data.load_catalog(run, workdir)
+  catalog, tokenizer, _ = catalog_lib.load_catalog(run, workdir)
   source = run.checkpoint.restore_dir or workdir
   ckpt_dir = checkpointing.checkpoint_dir(source)
   mesh = parallel.make_mesh(run.mesh)
   if schema.saved_stage(source) == "stage2":  # a RAR run: its tuned parameters on its SFT policy
-    from afmrl_jax.train import stage2  # stage2 builds on this module
-    model, step = stage2.tuned_policy(source, tokenizer, mesh)
+    model, step = generator.tuned_policy(source, tokenizer, mesh)
   else:
     model, step = builders.restore_model(run, ckpt_dir, tokenizer, mesh)
-  return {"step": step, "checkpoint_dir": ckpt_dir, "attribute_eval": evaluate(run, model, catalog, tokenizer, workdir)}
+  return {"step": step, "checkpoint_dir": ckpt_dir, "attribute_eval": generator.evaluate(run, model, catalog, tokenizer, workdir)}
 
 
 def train_and_evaluate(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
@@ -103,7 +88,7 @@ def train_and_evaluate(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
   }
   # Evaluation: attribute quality of greedy generations on listings never trained on.
   if run.train.eval_at_end and not result.stopped_early:
-    summary["attribute_eval"] = evaluate(run, model, catalog, tokenizer, workdir)
+    summary["attribute_eval"] = generator.evaluate(run, model, catalog, tokenizer, workdir)
   summary["wall_s"] = time.perf_counter() - t0
-  report.write_json(os.path.join(workdir, "summary.json"), summary)
+  files.write_json(os.path.join(workdir, "summary.json"), summary)
   return summary

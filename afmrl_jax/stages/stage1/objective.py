@@ -15,8 +15,6 @@ Two ways to get gradients, same numbers:
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -26,30 +24,9 @@ import numpy as np
 from flax import nnx
 
 from afmrl_jax import parallel
-from afmrl_jax.fields import Checked, positive
 from afmrl_jax.losses import agcl_loss, grad_cache
+from afmrl_jax.eval import embed as embed_lib
 from afmrl_jax.models import heads
-
-SIDES = ("query", "candidate")
-
-
-@dataclasses.dataclass(frozen=True)
-class GradCacheOptions(Checked):
-  """GradCache for the encoder: the batch is embedded in chunks, activations of one chunk at a time."""
-  enabled: bool = False
-  chunk: int = positive(32)  # rows per encoder chunk per device
-
-
-def side(batch: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-  """The model inputs of one tower: `input_ids`, `attention_mask` (+ `pixel_values` if present)."""
-  out = {"input_ids": batch[f"{prefix}_input_ids"], "attention_mask": batch[f"{prefix}_attention_mask"]}
-  if f"{prefix}_pixel_values" in batch:
-    out["pixel_values"] = batch[f"{prefix}_pixel_values"]
-  return out
-
-
-def _terms(batch, prefix):
-  return batch.get(f"{prefix}_terms")
 
 
 def make_agcl(agcl_config, strategy: str, idf: np.ndarray | None, avg_doc_len: float,
@@ -72,18 +49,18 @@ def embed_mined(model, batch: Mapping[str, Any], image_grid_thw) -> tuple[jax.Ar
   if "mined_input_ids" not in batch:
     return None, None
   b, h = batch["mined_input_ids"].shape[:2]
-  flat = {k: v.reshape((b * h,) + v.shape[2:]) for k, v in side(batch, "mined").items()}
-  return heads.embed(model, flat, image_grid_thw).reshape(b, h, -1), _terms(batch, "mined")
+  flat = {k: v.reshape((b * h,) + v.shape[2:]) for k, v in embed_lib.side(batch, "mined").items()}
+  return heads.embed(model, flat, image_grid_thw).reshape(b, h, -1), embed_lib.terms(batch, "mined")
 
 
 def make_loss_fn(agcl: Callable, image_grid_thw: tuple[int, int, int] | None) -> Callable:
   """loss_fn(model, batch) -> (loss, metrics) for `train.loop` (plain autodiff)."""
 
   def loss_fn(model, batch):
-    q = heads.embed(model, side(batch, "query"), image_grid_thw)
-    c = heads.embed(model, side(batch, "candidate"), image_grid_thw)
+    q = heads.embed(model, embed_lib.side(batch, "query"), image_grid_thw)
+    c = heads.embed(model, embed_lib.side(batch, "candidate"), image_grid_thw)
     mined, mined_terms = embed_mined(model, batch, image_grid_thw)
-    return agcl(q, c, _terms(batch, "query"), _terms(batch, "candidate"), mined, mined_terms)
+    return agcl(q, c, embed_lib.terms(batch, "query"), embed_lib.terms(batch, "candidate"), mined, mined_terms)
 
   return loss_fn
 
@@ -110,15 +87,15 @@ def make_gradcache_grad_fn(graphdef: Any, agcl: Callable, image_grid_thw, chunk_
   def grad_fn(params, rest, batch):
     mix = lambda tree: jax.tree.map(lambda x: interleave_shards(x, shards, chunk_per_device), tree)
     encode_chunk = lambda p, ch: encode(p, ch, rest)
-    inputs = tuple(mix(side(batch, s)) for s in SIDES)
-    q_terms, c_terms = (mix(_terms(batch, s)) if _terms(batch, s) is not None else None for s in SIDES)
+    inputs = tuple(mix(embed_lib.side(batch, s)) for s in embed_lib.SIDES)
+    q_terms, c_terms = (mix(embed_lib.terms(batch, s)) if embed_lib.terms(batch, s) is not None else None for s in embed_lib.SIDES)
     if "mined_input_ids" not in batch:
       return grad_cache(encode_chunk, agcl, chunk_size=chunk_per_device * shards)(params, inputs, q_terms, c_terms)
     # Mined negatives [B, h, ...] as a third input of B*h rows, encoded in chunks like the others: every
     # query scores every mined column, so their order does not matter to the loss.
     flat = lambda x: x.reshape((-1,) + x.shape[2:])
-    mined = mix(jax.tree.map(flat, side(batch, "mined")))
-    mined_terms = None if _terms(batch, "mined") is None else mix(flat(_terms(batch, "mined")))
+    mined = mix(jax.tree.map(flat, embed_lib.side(batch, "mined")))
+    mined_terms = None if embed_lib.terms(batch, "mined") is None else mix(flat(embed_lib.terms(batch, "mined")))
     loss = lambda q, c, m, qt, ct, mt: agcl(q, c, qt, ct, m, mt)
     step = grad_cache(encode_chunk, loss, chunk_size=chunk_per_device * shards)
     return step(params, inputs + (mined,), q_terms, c_terms, mined_terms)
@@ -126,42 +103,3 @@ def make_gradcache_grad_fn(graphdef: Any, agcl: Callable, image_grid_thw, chunk_
   return grad_fn
 
 
-@functools.lru_cache(maxsize=8)
-def _embed_program(graphdef, image_grid_thw):
-  """The jitted embedding of a model structure: new parameters (a mining refresh) reuse its compilation."""
-
-  @jax.jit
-  def run(params, rest, inputs):
-    return heads.embed(nnx.merge(graphdef, params, rest), inputs, image_grid_thw)
-
-  return run
-
-
-def make_embed_fn(model_parts, mesh, image_grid_thw, batch_size: int) -> Callable:
-  """embed_fn(batch) -> np.ndarray [B, D] of this process's rows, for `train.evaluate.evaluate`.
-
-  Reads `input_ids`, `attention_mask`, `pixel_values` (evaluation batches: one side, unprefixed), else
-  the `candidate_*` keys when present, else `query_*`. Batches shorter than
-  `batch_size` (the last one) are padded to it so one compiled program serves every batch.
-  model_parts: (graphdef, params, rest) of the trained model.
-  """
-  graphdef, params, rest = model_parts
-  run = _embed_program(graphdef, tuple(image_grid_thw))
-
-  def embed_fn(batch):
-    if "input_ids" in batch:
-      inputs = {k: np.asarray(batch[k]) for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
-    else:
-      prefix = "candidate" if "candidate_input_ids" in batch else "query"
-      inputs = {k: np.asarray(v) for k, v in side(batch, prefix).items()}
-    n = inputs["input_ids"].shape[0]
-    local = batch_size // jax.process_count()
-    if n > local:
-      raise ValueError(f"embed_fn: batch of {n} rows exceeds pipeline.eval_batch_size per process ({local}).")
-    if n < local:
-      inputs = {k: np.concatenate([v, np.repeat(v[-1:], local - n, axis=0)]) for k, v in inputs.items()}
-    with jax.set_mesh(mesh), parallel.logical_rules():
-      out = run(params, rest, parallel.global_batch(inputs, mesh))
-    return parallel.local_rows(out, mesh)[:n]
-
-  return embed_fn

@@ -35,7 +35,7 @@ from afmrl_jax.generate.filters import SamplingConfig
 from afmrl_jax.generate.logprobs import completion_logprobs
 from afmrl_jax.rl import algo
 from afmrl_jax.rl.reward import equal_group_share
-from afmrl_jax.train.attribute_eval import decode_text
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +122,7 @@ class Rollout:
       tokens, lengths = parallel.local_rows(gen.tokens, self.mesh), parallel.local_rows(gen.lengths, self.mesh)
       wait_s += time.perf_counter() - t1
       t1 = time.perf_counter()
-      decoded = [decode_text(self.tokenizer, t, int(m), self.eos) for t, m in zip(tokens, lengths)]
+      decoded = [sampling_lib.decode_text(self.tokenizer, t, int(m), self.eos) for t, m in zip(tokens, lengths)]
       chunk_texts = [d[0] for d in decoded]
       r, info = self.env.score(chunk["listing_id"], chunk_texts, [d[1] for d in decoded])
       reward_s += time.perf_counter() - t1

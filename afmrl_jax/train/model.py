@@ -4,20 +4,13 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 from collections.abc import Callable
 from typing import Any
 
+from afmrl_jax.config.sections import ModelOptions
 
-@dataclasses.dataclass(frozen=True)
-class ModelOptions:
-  """The representation model: an HF checkpoint, or a random init of `arch` (HF `config.json` fields)."""
-  hf_checkpoint: str = ""  # local directory with config.json + *.safetensors; '' = random init from `arch`
-  tokenizer: str = ""  # local HF tokenizer directory; '' = the embedded tokenizer trained on the catalog
-  param_seed: int = 0
-  arch: dict = dataclasses.field(default_factory=dict)  # Qwen2VLConfig fields, `vision_config` nested
 
 
 SPECIAL_TOKENS = {

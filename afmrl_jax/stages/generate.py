@@ -38,21 +38,17 @@ from afmrl_jax.data import generator_data
 from afmrl_jax.data.table import ListingTable
 from afmrl_jax.generate.filters import SamplingConfig
 from afmrl_jax.generate.sampling import eos_ids_of
-from afmrl_jax.train import attribute_eval, builders, checkpointing, schema, stage1_data, stage2
-from afmrl_jax.train import logging as train_logging
+from afmrl_jax.eval import attributes as attribute_eval
+from afmrl_jax.train import model as builders
+from afmrl_jax.config import schema
+from afmrl_jax.stages import generator
+from afmrl_jax.train import metrics_log as train_logging
+from afmrl_jax.train import catalog as catalog_lib
+from afmrl_jax.train.files import write_atomically
 
 def shard_path(folder: str, k: int) -> str:
   return os.path.join(folder, f"shard-{k:05d}.jsonl")
 
-
-def write_atomically(path: str, text: str) -> None:
-  """`path` holds either its old content or all of `text`, never a part (rename is atomic)."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def _rows(catalog, splits) -> tuple[ListingTable, np.ndarray]:
@@ -63,18 +59,6 @@ def _rows(catalog, splits) -> tuple[ListingTable, np.ndarray]:
   table = ListingTable.from_catalog(catalog, tuple(splits))
   return table, np.argsort(table.listing_id, kind="stable")
 
-
-def _load_generator(run: schema.Run, tokenizer, mesh):
-  """The generator module: the latest checkpoint of `checkpoint.restore_dir` (an SFT run, or a stage-2
-  run: its tuned parameters, LoRA adapters or all, on its SFT policy), else the HF checkpoint."""
-  restore_dir = run.checkpoint.restore_dir
-  if restore_dir and schema.saved_stage(restore_dir) == "stage2":
-    model, _ = stage2.tuned_policy(restore_dir, tokenizer, mesh)
-  elif restore_dir:
-    model, _ = builders.restore_model(run, checkpointing.checkpoint_dir(restore_dir), tokenizer, mesh)
-  else:
-    model = builders.create_model(run, tokenizer, mesh)
-  return model.merge()
 
 
 def _shard_lines(model, tokenizer, table, rows, keys, data_cfg, mesh, sampling, rng_key) -> tuple[str, dict]:
@@ -104,14 +88,14 @@ def run_generation(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
   mesh = parallel.make_mesh(run.mesh, devices=jax.local_devices())
 
   # Data and model.
-  catalog, tokenizer, _ = stage1_data.load_catalog(run, workdir)
+  catalog, tokenizer, _ = catalog_lib.load_catalog(run, workdir)
   table, rows = _rows(catalog, opts.splits)
   keys = {l.listing_id: l.listing_key for l in catalog.listings}  # "" for the synthetic catalog
   data_cfg = dataclasses.replace(run.generator, image_size=run.catalog.image_size)
   if opts.shard_size % data_cfg.eval_batch_size:
     raise ValueError(f"config.generation.shard_size={opts.shard_size} must be a multiple of "
                      f"config.generator.eval_batch_size={data_cfg.eval_batch_size}.")
-  model = _load_generator(run, tokenizer, mesh)
+  model = generator._load_generator(run, tokenizer, mesh)
   vl = builders.vl_config(run, tokenizer)
   sampling = SamplingConfig(temperature=opts.temperature, top_p=opts.top_p, max_new_tokens=opts.max_new_tokens,
                             eos_ids=eos_ids_of(vl), pad_id=vl.text.pad_token_id or 0)

@@ -8,7 +8,6 @@ title, generated, truth).
 from __future__ import annotations
 
 import base64
-import dataclasses
 import html
 import io
 import json
@@ -21,26 +20,9 @@ import numpy as np
 
 from afmrl_jax import parallel
 from afmrl_jax.attributes.quality import attribute_quality, group_agreement
-from afmrl_jax.fields import Checked, non_negative, positive
+from afmrl_jax.config.sections import AttributeEvalOptions
 
 
-@dataclasses.dataclass(frozen=True)
-class AttributeEvalOptions(Checked):
-  """Which listings the generator is scored on, and how it decodes."""
-  split: str = "heldout"  # catalog split of the scored listings (never trained on)
-  num_rows: int = non_negative(256)  # at most this many listings of the split (0 = all)
-  max_new_tokens: int = positive(48)  # decode budget; a string without EOS by then is cut (and counted)
-  num_examples: int = non_negative(8)  # generations shown in examples.html
-  output_dir: str = "attribute_eval"  # relative to the workdir
-
-
-def decode_text(tokenizer, tokens: np.ndarray, length: int, eos_ids: tuple[int, ...]) -> tuple[str, bool]:
-  """(text of the first `length` tokens without EOS, whether it ended with one of `eos_ids`)."""
-  row = [int(t) for t in tokens[:length]]
-  ended = bool(row) and row[-1] in eos_ids
-  if ended:
-    row = row[:-1]
-  return tokenizer.decode(row, skip_special_tokens=True).strip(), ended
 
 
 def generate_strings(model, tokenizer, batches, image_grid_thw, mesh, sampling, rng=None
@@ -71,7 +53,7 @@ def generate_strings(model, tokenizer, batches, image_grid_thw, mesh, sampling, 
     for lid, ok, toks, n in zip(ids, valid, tokens, lengths):
       if not ok:
         continue
-      text, ended = decode_text(tokenizer, toks, int(n), eos)
+      text, ended = sampling_lib.decode_text(tokenizer, toks, int(n), eos)
       out[int(lid)] = text
       if not ended:
         cut.add(int(lid))

@@ -17,9 +17,11 @@ import tempfile
 from typing import Any
 
 from afmrl_jax import parallel
-from afmrl_jax.train import checkpointing, schema
-from afmrl_jax.train.cit import CONFIG_OF
-from afmrl_jax.train.schema import ConfigError
+from afmrl_jax.train import checkpointing
+from afmrl_jax.config import schema
+from afmrl_jax.config.sections import CONFIG_OF
+from afmrl_jax.errors import ConfigError
+from afmrl_jax.train import catalog as catalog_lib
 
 CIT_STAGE_CONFIGS = tuple(sorted(set(CONFIG_OF.values())))
 
@@ -251,7 +253,7 @@ def validate(config: Any, workdir: str, *, num_devices: int | None = None,
 
 def _gallery_problems(run: schema.Run, num_gallery: int, where: str) -> list[str]:
   """One problem naming the evaluation Ks that a gallery of `num_gallery` listings cannot fill."""
-  from afmrl_jax.train.evaluate import available_k
+  from afmrl_jax.eval.retrieval import available_k
   room = available_k(num_gallery, run.eval, queries_in_gallery=False)  # a listing has one split
   asked = [("recall_ks", max(run.eval.recall_ks)), ("map_k", run.eval.map_k), ("knn_k", run.eval.knn_k)]
   too_big = [f"config.eval.{name}" + (f"={list(run.eval.recall_ks)}" if name == "recall_ks" else f"={k}")
@@ -265,12 +267,11 @@ def _gallery_problems(run: schema.Run, num_gallery: int, where: str) -> list[str
 def validate_catalog(run: schema.Run) -> None:
   """Raises ConfigError when a manifest run (stage 1 or its eval) cannot work with the manifest's rows: a
   gallery smaller than an evaluation K, or a loss with attribute terms whose source the training rows lack
-  (`stage1_data.attribute_coverage_problem`). Reads the manifest's rows, not its images."""
+  (`train.catalog.attribute_coverage_problem`). Reads the manifest's rows, not its images."""
   if run.stage not in ("stage1", "eval") or run.task != "representation" or not run.catalog.manifest:
     return
   import warnings
   from afmrl_jax.data import manifest
-  from afmrl_jax.train import stage1_data
   with warnings.catch_warnings():  # unknown fields are warned about once, when the data is loaded
     warnings.simplefilter("ignore", manifest.ManifestWarning)
     report = manifest.read_manifest(run.catalog.manifest, skip_bad_rows=run.catalog.skip_bad_rows,
@@ -282,16 +283,16 @@ def validate_catalog(run: schema.Run) -> None:
   source = run.attributes.source
   if run.stage == "stage1" and source not in ("teacher", "true", "none"):
     try:
-      generated = stage1_data.read_generated_attributes(source, [r.listing_id for r in report.rows],
+      generated = catalog_lib.read_generated_attributes(source, [r.listing_id for r in report.rows],
                                                         run.attributes.skip_bad_rows)
     except ValueError as e:
       problems.append(str(e))
       generated = {}
     strings = [generated.get(r.listing_id, "") for r in train]
   else:
-    strings = [stage1_data.source_string(r, source) for r in train]
+    strings = [catalog_lib.source_string(r, source) for r in train]
   if run.stage == "stage1":
-    problem = stage1_data.attribute_coverage_problem(run, strings)
+    problem = catalog_lib.attribute_coverage_problem(run, strings)
     problems += [problem] if problem else []
   if problems:
     raise ConfigError(problems)

@@ -23,32 +23,21 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from afmrl_jax.data.catalog import CatalogConfig
 from afmrl_jax.data.generator_data import GenerationOptions, GeneratorDataConfig
 from afmrl_jax.data.pipeline import PipelineConfig
-from afmrl_jax.errors import UserError
-from afmrl_jax.fields import Checked, InvalidFields, bounded, check, choice, field_problem
-from afmrl_jax.losses.config import AGCLConfig
-from afmrl_jax.models.lora import LoRAConfig
+from afmrl_jax.errors import ConfigError
+from afmrl_jax.config.sections import (AttributeEvalOptions, AttributeOptions, CatalogOptions, CheckpointOptions,
+                                       CITOptions, EvalConfig, GradCacheOptions, LoRAOptions, LossOptions,
+                                       MiningOptions, ModelOptions, OptimizerConfig, TrainOptions)
+from afmrl_jax.fields import Checked, InvalidFields, check, choice, field_problem
 from afmrl_jax.parallel import MeshShape
 from afmrl_jax.rl.algo import GRPOConfig
 from afmrl_jax.rl.reward import RewardOptions
-from afmrl_jax.train.attribute_eval import AttributeEvalOptions
-from afmrl_jax.train.builders import ModelOptions
-from afmrl_jax.train.checkpointing import CheckpointOptions
-from afmrl_jax.train.cit import CITOptions
-from afmrl_jax.train.evaluate import EvalConfig
-from afmrl_jax.train.loop import TrainOptions
-from afmrl_jax.train.mined_negatives import MiningOptions
-from afmrl_jax.train.rar_rollout import RAROptions
-from afmrl_jax.train.stage1_data import AttributeOptions
-from afmrl_jax.train.stage1_step import GradCacheOptions
-from afmrl_jax.train.state import OptimizerConfig
+from afmrl_jax.rl.rollout import RAROptions
 
 STAGES = ("stage1", "eval", "sft", "generate", "stage2", "cit")
 DTYPES = ("float32", "bfloat16")
 TASKS = ("representation", "generator")
-STRATEGIES = ("dense", "all_gather", "ring")
 
 # Fields that were renamed: old dotted path -> new one (the command line refuses the old with a hint).
 RENAMED = {
@@ -62,36 +51,6 @@ RENAMED = {
 DERIVED = {"pipeline": ("image_size", "text_attributes", "term_source"), "generator": ("image_size",)}
 
 
-class ConfigError(UserError, ValueError):
-  """A bad config: `problems` holds one sentence per bad value."""
-
-  def __init__(self, problems: list[str]):
-    self.problems = list(problems)
-    super().__init__("Invalid config:\n  - " + "\n  - ".join(self.problems))
-
-
-@dataclasses.dataclass(frozen=True)
-class CatalogOptions(CatalogConfig):
-  """The synthetic catalog's fields, or an on-disk manifest that replaces it."""
-  manifest: str = ""  # path to a JSONL or Parquet manifest; '' = the embedded synthetic catalog
-  skip_bad_rows: bool = False  # with a manifest: skip (count and report) bad rows instead of stopping
-  # A manifest whose rows give no `split`: the seed and the share of families held out for evaluation
-  # (one listing per held-out product to `query`, the rest to `gallery`; data.manifest.assign_splits).
-  split_seed: int = 0
-  eval_share: float = bounded(0.2, 0.0, 1.0, high_open=True)
-  cache_dir: str = ""  # where the generated catalog is kept between runs; '' = <workdir>/data_cache
-
-
-@dataclasses.dataclass(frozen=True)
-class LossOptions(AGCLConfig):
-  """AGCL's fields and how the loss is sharded."""
-  strategy: str = choice("all_gather", STRATEGIES)
-
-
-@dataclasses.dataclass(frozen=True)
-class LoRAOptions(LoRAConfig):
-  """LoRA adapters; only they train when enabled."""
-  enabled: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,9 +27,13 @@ from afmrl_jax.data.table import ListingTable
 from afmrl_jax.attributes.parse import parse_attributes
 from afmrl_jax.retrieval import load_retriever
 from afmrl_jax.rl.reward import RetrievalReward, malformed_flags
-from afmrl_jax.train import builders, checkpointing, schema, stage1_data, stage1_step
+from afmrl_jax.train import model as builders, checkpointing
+from afmrl_jax.config import schema
+from afmrl_jax.stages.stage1 import data as stage1_data
 from afmrl_jax.retrieval.sharded import OwnQueries
-from afmrl_jax.train.evaluate import embed_all, index_gallery, make_index
+from afmrl_jax.eval.embed import embed_all
+from afmrl_jax.eval.retrieval import index_gallery, make_index
+from afmrl_jax.eval import embed as embed_lib
 
 INDEX_DIR = "rar_index"
 
@@ -61,7 +65,7 @@ class Environment:
     model, step = builders.restore_model(env_run, checkpointing.checkpoint_dir(env_dir), data.tokenizer, mesh)
     logging.info("RAR environment: %s at step %d.", env_dir, step)
     parts = (model.graphdef, model.params, model.rest)
-    embed_fn = stage1_step.make_embed_fn(parts, mesh, data.image_grid_thw, batch_size)
+    embed_fn = embed_lib.make_embed_fn(parts, mesh, data.image_grid_thw, batch_size)
 
     # The gallery: embedded once on the candidate side, indexed, saved in the workdir.
     # The gallery index. Each process embeds its slice of the gallery; 'gathered': every process indexes
@@ -77,7 +81,7 @@ class Environment:
       with np.load(ids_path) as z:
         gallery_listing, gallery_product = z["listing_id"], z["product_id"]
     else:
-      gallery_fn = stage1_step.make_embed_fn(parts, mesh, data.image_grid_thw, env_run.pipeline.eval_batch_size)
+      gallery_fn = embed_lib.make_embed_fn(parts, mesh, data.image_grid_thw, env_run.pipeline.eval_batch_size)
       local = embed_all(gallery_fn, data.eval_batches(run.rar.gallery_split, "candidate"), "gallery")
       gallery, index, _ = index_gallery(local, make_index(env_run.eval, run.reward.retriever), sharded)
       gallery_listing, gallery_product = gallery["listing_id"], gallery["product_id"]

@@ -22,37 +22,6 @@ import numpy as np
 HIT, NEAR, MISS = "#1a9850", "#f39c12", "#b0b0b0"  # same product, same category only, other
 
 
-def _clean(value: Any) -> Any:
-  """JSON-safe: NaN/inf -> None, NumPy scalars/arrays -> Python."""
-  if isinstance(value, Mapping):
-    return {str(k): _clean(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_clean(v) for v in value]
-  if isinstance(value, np.ndarray):
-    return _clean(value.tolist())
-  if isinstance(value, (np.floating, float)):
-    return float(value) if math.isfinite(value) else None
-  if isinstance(value, np.integer):
-    return int(value)
-  return value
-
-
-def write_json(path: str, payload: dict[str, Any]) -> None:
-  """`payload` as sorted, indented JSON at `path`, written by process 0 only (summaries, config.json)."""
-  jax = sys.modules.get("jax")
-  if jax is not None and jax.process_index() != 0:
-    return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(payload, f, indent=1, sort_keys=True, default=str)
-
-
-def write_metrics_json(path: str, metrics: Mapping[str, float],
-                       info: Mapping[str, Any] | None = None) -> None:
-  """{"metrics": {...}, **info}; NaN (no query had a positive) is written as null."""
-  with open(path, "w") as f:
-    json.dump(_clean({"metrics": dict(metrics), **(info or {})}), f, indent=1)
-
 
 def _k_of(name: str, prefix: str) -> int | None:
   m = re.fullmatch(re.escape(prefix) + r"@(\d+)", name)

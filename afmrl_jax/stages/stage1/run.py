@@ -17,23 +17,30 @@ from absl import logging
 from afmrl_jax import parallel
 from afmrl_jax.fields import narrow
 from afmrl_jax.losses.config import AGCLConfig
-from afmrl_jax.train import builders
+from afmrl_jax.train import model as builders
 from afmrl_jax.train import checkpointing
-from afmrl_jax.train import report
+from afmrl_jax.eval import report
 from afmrl_jax.train import loop as loop_lib
-from afmrl_jax.train import mined_negatives
+from afmrl_jax.stages.stage1 import mined_negatives
 from afmrl_jax.train import workdir as workdir_lib
-from afmrl_jax.train import schema
-from afmrl_jax.train import stage1_data
-from afmrl_jax.train import stage1_step
+from afmrl_jax.config import schema
+from afmrl_jax.stages.stage1 import data as stage1_data
+from afmrl_jax.stages.stage1 import objective as stage1_step
 from afmrl_jax.train import state as state_lib
+from afmrl_jax.eval import embed as embed_lib
+from afmrl_jax.train import files
+
+
+# What to change when the AGCL loss turns NaN/Inf (the loop names the step and batch).
+NONFINITE_HINT = ("lower config.optimizer.learning_rate or raise config.loss.tau; the run resumes from its last "
+                  "checkpoint")
 
 
 def train(run: schema.Run | Any, workdir: str, data: stage1_data.Stage1Data | None = None, mesh=None
           ) -> tuple[loop_lib.LoopResult, state_lib.ShardedModel, stage1_data.Stage1Data]:
   """Runs (or resumes) stage-1 training; returns the loop result, the trained model and the data."""
   run = schema.parse(run)
-  workdir_lib.prepare(run, workdir)  # refuses a resume under a changed config; writes config.json
+  on_resume = workdir_lib.prepare(run, workdir)  # refuses a resume under a changed config; writes config.json
 
   # Mesh: (data, fsdp, tensor); the batch is split over data x fsdp.
   mesh = mesh or parallel.make_mesh(run.mesh)
@@ -59,14 +66,16 @@ def train(run: schema.Run | Any, workdir: str, data: stage1_data.Stage1Data | No
 
   # Mined hard negatives: every `mining.every` steps the current model mines each training listing's
   # nearest other products; each query brings `mining.per_query` of them as extra candidate columns.
-  rollout = None
+  mined_negatives_hook = None
   if run.mining.enabled:
-    rollout = mined_negatives.MinedNegatives(run.mining, data, model, mesh, workdir)
+    mined_negatives_hook = mined_negatives.MinedNegatives(run.mining, data, model, mesh, workdir)
 
   # Checkpoint and loop: resume the train state and the data position from the latest save, then train.
   result = loop_lib.resume_and_run(step_fn, model, tx, train_iter, mesh=mesh, options=run.train,
                                    checkpoint=run.checkpoint, workdir=workdir,
-                                   examples_per_step=run.pipeline.batch_size, rollout=rollout)
+                                   examples_per_step=run.pipeline.batch_size, per_batch=mined_negatives_hook,
+                                   on_resume=on_resume,
+                                   nonfinite_hint=NONFINITE_HINT)
   model.params = result.state["params"]
   return result, model, data
 
@@ -85,8 +94,8 @@ def catalog_skips(data: stage1_data.Stage1Data, keep: int = 5) -> dict[str, Any]
 def run_evaluation(run: schema.Run, workdir: str, model: state_lib.ShardedModel,
                    data: stage1_data.Stage1Data, mesh, step: int | None) -> dict[str, float]:
   """Embeds the query and gallery splits with `model` and scores them (`train.evaluate`)."""
-  from afmrl_jax.train.evaluate import evaluate
-  embed_fn = stage1_step.make_embed_fn((model.graphdef, model.params, model.rest), mesh, data.image_grid_thw,
+  from afmrl_jax.eval.retrieval import evaluate
+  embed_fn = embed_lib.make_embed_fn((model.graphdef, model.params, model.rest), mesh, data.image_grid_thw,
                                        run.pipeline.eval_batch_size)
   return evaluate(embed_fn, data.eval_batches("gallery"), data.eval_batches("query"), workdir, run.eval,
                   listings=data.listings_by_id(), step=step,
@@ -115,7 +124,7 @@ def train_and_evaluate(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
   if run.train.eval_at_end and not result.stopped_early:
     summary["eval"] = run_evaluation(run, workdir, model, data, mesh, step=None)
   summary["wall_s"] = time.perf_counter() - t0
-  report.write_json(os.path.join(workdir, "summary.json"), summary)
+  files.write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
 
 

@@ -31,7 +31,6 @@ number of processes.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -43,28 +42,14 @@ from absl import logging
 
 from afmrl_jax import parallel
 from afmrl_jax.data import pipeline as pipeline_lib
-from afmrl_jax.fields import Checked, choice, non_negative, positive
+from afmrl_jax.config.sections import MiningOptions
 from afmrl_jax.retrieval import mining
-from afmrl_jax.train import checkpointing, stage1_step
-from afmrl_jax.train.evaluate import embed_all, gather_across_processes
+from afmrl_jax.train import checkpointing
+from afmrl_jax.eval.embed import embed_all, gather_across_processes
+from afmrl_jax.eval import embed as embed_lib
 
-FILTER_CHOICES = ("none", "attribute", "score", "attribute+score")
 FOLDER = "mined"
 
-
-@dataclasses.dataclass(frozen=True)
-class MiningOptions(Checked):
-  """Hard negatives mined with the current model and added to every query's candidates."""
-  enabled: bool = False
-  every: int = positive(100)  # steps between refreshes of the mined table (and one before the first step)
-  num_mined: int = positive(8)  # M: neighbours of other products kept per training listing
-  per_query: int = positive(1)  # h: mined negatives each query brings into the batch
-  # False-negative filter at mining time: 'attribute' drops a neighbour whose attribute term set equals the
-  # query's (likely the same item relisted); 'score' one more similar than the query's positives + margin.
-  filter: str = choice("none", FILTER_CHOICES)
-  margin: float = 0.1  # the 'score' rule's margin over the mean similarity to the query's own product
-  backend: str = choice("auto", mining.BACKENDS)  # 'auto': exact below 20,000 listings, ScaNN above
-  seed: int = non_negative(0)  # which h of the kept neighbours each query draws at each step
 
 
 def table_path(workdir: str, step: int) -> str:
@@ -93,7 +78,7 @@ class MinedNegatives:
   def _embeddings(self, params, side: str) -> np.ndarray:
     """[N, D] embeddings of every training listing on `side`, in table-row order, on every process."""
     pipe = self.data.pipeline
-    embed_fn = stage1_step.make_embed_fn((self.graphdef, params, self.rest), self.mesh, self.data.image_grid_thw,
+    embed_fn = embed_lib.make_embed_fn((self.graphdef, params, self.rest), self.mesh, self.data.image_grid_thw,
                                          pipe.eval_batch_size)
     batches = pipeline_lib.eval_dataset(self.table, self.data.tokenizer, self.data.stats, pipe, side=side,
                                         attributes_by_listing=self.data.attribute_overrides,
