@@ -142,7 +142,9 @@ def test_no_intact_step_is_one_line_and_a_hint(trained, shared, tmp_path):
   state_metadata_truncated(str(ckpt / "2"))
   proc = _main(workdir, shared)
   assert proc.returncode == 2, proc.stderr[-3000:]
-  message, hint = proc.stderr.strip().splitlines()  # nothing else: no traceback, no orbax noise
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 2, proc.stderr[-3000:]
+  message, hint = lines  # nothing else: no traceback, no orbax noise
   assert message.startswith(f"No checkpoint in {ckpt} can be restored: step 6: data/metadata is not valid JSON")
   assert "; step 4: restoring it failed (" in message and "; step 2: state/_METADATA is not valid JSON" in message
   assert hint.startswith("hint: ") and f"move {ckpt} aside to train from step 0" in hint

@@ -110,6 +110,7 @@ def _toy_table(rows, seed):
 STEPS = 1200
 
 
+@pytest.mark.slow  # 90 s of training; the masked loss and bitwise resume stay in the default suite
 def test_sft_learns_to_copy_the_title_colour(tmp_path):
   """A toy task: after SFT, greedy generations on rows never trained on name the title's colour."""
   from afmrl_jax import parallel
