@@ -105,7 +105,7 @@ def test_scann_and_exact_rewards_agree_on_a_clustered_gallery():
 
 
 def test_scann_padding_is_never_a_hit():
-  """ScaNN searching 2 of 20 leaves for k = 200 returns about 40 rows and pads the rest (as row 0 with a
+  """ScaNN searching 2 of 20 leaves for k = 200 returns some 40 to 100 rows and pads the rest (as row 0 with a
   NaN score in ScaNN itself). Row 0 is a listing of the query's product: counted as a hit, the padding
   gave recall > 1. Padding is a miss: the reward is what the real results give."""
   pytest.importorskip("scann")
@@ -116,7 +116,8 @@ def test_scann_padding_is_never_a_hit():
   retriever = make_retriever("scann", brute_force_below=500, num_leaves=20, leaves_to_search=2).build(emb)
   query = -emb[:1]  # far from product 0's rows: the searched leaves hold none of them
   rows, _ = retriever.search(query, 201)
-  assert (rows < 0).sum() > 100  # the list was padded
+  # The list was padded (how much varies between ScaNN builds: 98 to ~160 of 201 seen; any padding will do).
+  assert (rows < 0).sum() > 0
   want_found = int(np.isin(rows[rows >= 0], [0, 1, 2, 3]).sum())
   for kind, want in (("recall", want_found / 4), ("ndcg", None)):
     reward = R.RetrievalReward(retriever, listing, product, R.RewardOptions(kind=kind, k=200))
