@@ -101,8 +101,8 @@ def main(argv):
     if e.hint:
       print(f"hint: {e.hint}", file=sys.stderr)
     sys.exit(2)
-  import jax
-  if jax.process_index() == 0:
+  from afmrl_jax import parallel
+  if parallel.is_process_0():
     print(json.dumps(summary, indent=1, sort_keys=True, default=str))
 
 

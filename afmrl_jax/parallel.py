@@ -175,6 +175,12 @@ def gather_processes(x: np.ndarray) -> np.ndarray:
   return g.reshape((-1,) + g.shape[2:])
 
 
+def is_process_0() -> bool:
+  """Whether this is process 0, the one that writes shared files, prints summaries and logs (the only
+  "am I process 0" check: every other module asks this)."""
+  return jax.process_index() == 0
+
+
 def agree(flag: bool) -> bool:
   """Process 0's `flag` on every process: a decision that leads to collectives (load a file or compute
   it) must be the same everywhere, even when a shared filesystem shows the processes different things."""

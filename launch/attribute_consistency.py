@@ -21,6 +21,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from afmrl_jax.attributes.parse import parse_attributes  # noqa: E402
+from afmrl_jax.config import schema  # noqa: E402
 from afmrl_jax.train import catalog as catalog_lib
 
 
@@ -52,7 +53,7 @@ def main() -> None:
   from afmrl_jax.stages.stage1 import data as stage1_data
   config = stage1_configs.get_config(args.preset)
   config.catalog.cache_dir = args.catalog_cache
-  catalog, _, _ = catalog_lib.load_catalog(config, args.catalog_cache)
+  catalog, _, _ = catalog_lib.load_catalog(schema.parse(config), args.catalog_cache)
   generated = {r["listing_id"]: r["attributes"] for r in map(json.loads, open(args.attributes, encoding="utf-8"))}
   listings = [l for l in catalog.listings if l.split in ("query", "gallery")]
   by_product, by_family = collections.defaultdict(list), collections.defaultdict(dict)

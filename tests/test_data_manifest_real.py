@@ -235,12 +235,13 @@ def test_ids_that_differ_only_in_type_are_one_id_or_refused(tmp_path):
 
 def test_stage1_ci_trains_on_a_string_id_user_category_manifest(tmp_path):
   import configs.stage1 as stage1_configs
+  from afmrl_jax.config import schema
   from afmrl_jax.stages.stage1 import run as stage1
   from tests.small_runs import small
   rows = _rows(tmp_path / "data", products_per_category=8, listings_per_product=2)
   path = _write_jsonl(tmp_path / "data" / "manifest.jsonl", rows)
   config = small(stage1_configs.get_config("ci"), tmp_path / "cache", 2, **{"catalog.manifest": path})
-  result, *_ = stage1.train(config, str(tmp_path / "work"))
+  result, *_ = stage1.train(schema.parse(config), str(tmp_path / "work"))
   assert result.step == 2 and sorted(result.losses) == [1, 2]
   assert all(math.isfinite(v) for v in result.losses.values())
 

@@ -21,6 +21,7 @@ ARGS = ["--config=configs/generate.py:ci", "--config.catalog.families_per_catego
 def sft_workdir(tmp_path_factory):
   """A few SFT steps of the `ci` generator (its checkpoint is what the generate stage loads)."""
   import configs.sft as sft_configs
+  from afmrl_jax.config import schema
   from afmrl_jax.stages.sft import run as sft
   root = tmp_path_factory.mktemp("gen")
   config = sft_configs.get_config("ci")
@@ -29,7 +30,7 @@ def sft_workdir(tmp_path_factory):
   config.pipeline.fresh_views = False
   config.train.num_steps = 4
   config.train.eval_at_end = False
-  sft.train(config, str(root / "sft"))
+  sft.train(schema.parse(config), str(root / "sft"))
   return root
 
 

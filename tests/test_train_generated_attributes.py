@@ -8,6 +8,7 @@ import pytest
 import configs.stage1 as stage1_configs
 from afmrl_jax.stages.stage1 import data as stage1_data
 from afmrl_jax.train import catalog as catalog_lib
+from afmrl_jax.config import schema
 
 GENERATED = "colour: red; pattern: stripes"
 
@@ -15,8 +16,8 @@ GENERATED = "colour: red; pattern: stripes"
 def test_generated_attributes_replace_teacher_terms(tmp_path):
   config = stage1_configs.get_config("ci")
   config.catalog.cache_dir = str(tmp_path / "cache")
-  catalog, _, stats = catalog_lib.load_catalog(config, str(tmp_path / "w0"))
-  teacher_batch = next(stage1_data.make(config, str(tmp_path / "w0")).train_iter())
+  catalog, _, stats = catalog_lib.load_catalog(schema.parse(config), str(tmp_path / "w0"))
+  teacher_batch = next(stage1_data.make(schema.parse(config), str(tmp_path / "w0")).train_iter())
   # The teacher strings vary from row to row.
   assert not (teacher_batch["query_terms"] == teacher_batch["query_terms"][0]).all()
 
@@ -24,7 +25,7 @@ def test_generated_attributes_replace_teacher_terms(tmp_path):
   path.write_text("".join(json.dumps({"listing_id": l.listing_id, "attributes": GENERATED}) + "\n"
                           for l in catalog.listings))
   config.attributes.source = str(path)
-  batch = next(stage1_data.make(config, str(tmp_path / "w1")).train_iter())
+  batch = next(stage1_data.make(schema.parse(config), str(tmp_path / "w1")).train_iter())
   expected = stats.encode(GENERATED, config.pipeline.max_terms)
   assert (expected > 0).sum() >= 3  # the generated terms are in the vocabulary
   for side in ("query_terms", "candidate_terms"):

@@ -12,6 +12,7 @@ import pytest
 
 from afmrl_jax.retrieval import mining
 from afmrl_jax.stages.stage1 import mined_negatives, run as stage1
+from afmrl_jax.config import schema
 from tests.test_train_stage1_e2e import cache, small_config  # noqa: F401 (cache: the shared catalog fixture)
 from tests.test_train_stage1_resume import _losses
 
@@ -25,7 +26,7 @@ MINING = {"mining.enabled": True, "mining.every": EVERY, "mining.per_query": H, 
 @pytest.fixture(scope="module")
 def full(cache, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("full"))
-  result, model, data = stage1.train(small_config(cache, STEPS, **MINING), workdir)
+  result, model, data = stage1.train(schema.parse(small_config(cache, STEPS, **MINING)), workdir)
   return workdir, result, data
 
 
@@ -85,9 +86,10 @@ def test_batches_carry_h_mined_listings_of_other_products(full, cache):
 def test_stop_and_resume_equals_uninterrupted(stop, full, cache, tmp_path):
   full_dir, full_result, _ = full
   workdir = str(tmp_path / "split")
-  first, *_ = stage1.train(small_config(cache, STEPS, **{"train.stop_after_steps": stop}, **MINING), workdir)
+  first, *_ = stage1.train(schema.parse(small_config(cache, STEPS, **{"train.stop_after_steps": stop}, **MINING)),
+                            workdir)
   assert first.stopped_early and first.step == stop
-  second, *_ = stage1.train(small_config(cache, STEPS, **MINING), workdir)
+  second, *_ = stage1.train(schema.parse(small_config(cache, STEPS, **MINING)), workdir)
   assert second.step == STEPS and min(second.losses) == stop + 1
   assert _losses(workdir) == _losses(full_dir)
   for a, b in ((second.state["params"], full_result.state["params"]),

@@ -13,6 +13,7 @@ from afmrl_jax.models.config import VLConfig
 from afmrl_jax.models.vl_model import VLModel
 from afmrl_jax.train import checkpointing
 from afmrl_jax.stages.sft import run as sft, objective as sft_step
+from afmrl_jax.config import schema
 from tests.small_runs import small
 
 GRID = (1, 4, 4)  # 56x56 images: 16 patches, 4 merged image tokens
@@ -73,10 +74,10 @@ def _config(tmp_path, steps, **overrides):
 
 
 def test_stop_and_resume_is_bitwise(tmp_path):
-  full, *_ = sft.train(_config(tmp_path, 6), str(tmp_path / "full"))
-  first, *_ = sft.train(_config(tmp_path, 6, **{"train.stop_after_steps": 3}), str(tmp_path / "split"))
+  full, *_ = sft.train(schema.parse(_config(tmp_path, 6)), str(tmp_path / "full"))
+  first, *_ = sft.train(schema.parse(_config(tmp_path, 6, **{"train.stop_after_steps": 3})), str(tmp_path / "split"))
   assert first.stopped_early and first.step == 3
-  second, *_ = sft.train(_config(tmp_path, 6), str(tmp_path / "split"))
+  second, *_ = sft.train(schema.parse(_config(tmp_path, 6)), str(tmp_path / "split"))
   assert second.step == 6 and min(second.losses) == 4
   for s in range(1, 7):
     assert (first.losses if s <= 3 else second.losses)[s] == full.losses[s], s

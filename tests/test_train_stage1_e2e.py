@@ -11,6 +11,7 @@ import pytest
 
 import configs.stage1 as stage1_configs
 from afmrl_jax.stages.stage1 import run as stage1, data as stage1_data
+from afmrl_jax.config import schema
 
 STEPS = 24
 
@@ -39,7 +40,7 @@ def cache(tmp_path_factory):
 def full_run(cache, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("full"))
   config = small_config(cache)
-  summary = stage1.train_and_evaluate(config, workdir)
+  summary = stage1.train_and_evaluate(schema.parse(config), workdir)
   return config, workdir, summary
 
 
@@ -71,7 +72,7 @@ def test_loss_falls_and_eval_metrics_written(full_run):
 
 def test_eval_batches_use_true_product_identity(full_run, cache):
   config, workdir, _ = full_run
-  data = stage1_data.make(config, workdir)
+  data = stage1_data.make(schema.parse(config), workdir)
   batch = next(iter(data.eval_batches("gallery")))
   np.testing.assert_array_equal(batch["product_id"], batch["true_product_id"])
   assert batch["valid"].dtype == bool

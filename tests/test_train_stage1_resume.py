@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from afmrl_jax.stages.stage1 import run as stage1
+from afmrl_jax.config import schema
 from tests.test_train_stage1_e2e import small_config
 
 STEPS = 10
@@ -32,11 +33,11 @@ def _losses(workdir):
 
 def test_stop_and_resume_equals_uninterrupted(cache, tmp_path):
   kw = {"train.eval_at_end": False, "pipeline.fresh_views": True}
-  full, *_ = stage1.train(small_config(cache, STEPS, **kw), str(tmp_path / "full"))
+  full, *_ = stage1.train(schema.parse(small_config(cache, STEPS, **kw)), str(tmp_path / "full"))
   workdir = str(tmp_path / "split")
-  first, *_ = stage1.train(small_config(cache, STEPS, **{"train.stop_after_steps": K}, **kw), workdir)
+  first, *_ = stage1.train(schema.parse(small_config(cache, STEPS, **{"train.stop_after_steps": K}, **kw)), workdir)
   assert first.stopped_early and first.step == K
-  second, *_ = stage1.train(small_config(cache, STEPS, **kw), workdir)
+  second, *_ = stage1.train(schema.parse(small_config(cache, STEPS, **kw)), workdir)
   assert second.step == STEPS and min(second.losses) == K + 1
   for s in range(1, STEPS + 1):
     got = first.losses[s] if s <= K else second.losses[s]

@@ -25,6 +25,7 @@ from afmrl_jax.stages.stage1 import run as stage1
 from afmrl_jax.stages.validate import ConfigError, validate
 from afmrl_jax.train import catalog as catalog_lib
 from afmrl_jax.stages import generator
+from afmrl_jax.config import schema
 from tests.small_runs import small
 
 
@@ -40,7 +41,7 @@ def root(tmp_path_factory):
 def sft_workdir(root):
   """A `ci` SFT run of 4 steps (one checkpoint): the policy and KL reference of every stage-2 run here."""
   workdir = str(root / "sft")
-  sft.train(small(sft_configs.get_config("ci"), root / "cache", 4), workdir)
+  sft.train(schema.parse(small(sft_configs.get_config("ci"), root / "cache", 4)), workdir)
   return workdir
 
 
@@ -49,7 +50,7 @@ def runs(root, sft_workdir):
   """The SFT run and a 2-step `ci` stage-1 run with enriched queries on the same catalog (the environment)."""
   workdir = str(root / "stage1")
   config = small(stage1_configs.get_config("ci"), root / "cache", 2, **{"attributes.enrich_queries": True})
-  stage1.train(config, workdir)
+  stage1.train(schema.parse(config), workdir)
   return {"cache": root / "cache", "policy": sft_workdir, "environment": workdir}
 
 
@@ -114,7 +115,7 @@ def test_grpo_steps_follow_the_reward_sign(sign, flip_advantages, direction, sft
     monkeypatch.setitem(algo.ADVANTAGES, "grpo", lambda rewards, eps=1e-6: -grpo(rewards, eps))
   config = _stage2_config(root / "cache", sft_workdir, steps=4, **{"optimizer.learning_rate": 1e-2,
                                                                      "checkpoint.enabled": False})
-  result, parts = stage2.train(config, str(tmp_path))
+  result, parts = stage2.train(schema.parse(config), str(tmp_path))
   assert result.step == 4 and not result.stopped_early
   rows = _metrics(str(tmp_path))
   assert min(rows[s]["reward_equal_groups"] for s in rows) < 1, rows  # some group carried a preference
@@ -136,7 +137,7 @@ def test_lora_policy_trains_only_adapters_on_frozen_sft_weights(sft_workdir, roo
   config = _stage2_config(root / "cache", sft_workdir, steps=4, **{"optimizer.learning_rate": 1e-1,
                                                                      "lora.enabled": True})
   config.lora.rank = 4
-  result, parts = stage2.train(config, str(tmp_path))
+  result, parts = stage2.train(schema.parse(config), str(tmp_path))
   assert result.step == 4
   kinds = {type(v).__name__ for v in jax.tree.leaves(parts.model.params, is_leaf=lambda x: isinstance(x, nnx.Variable))}
   assert kinds == {"LoRAParam"}, kinds
@@ -170,11 +171,11 @@ def test_stage2_resume_is_bitwise(runs, tmp_path, monkeypatch):
   updates, depend on what was sampled."""
   monkeypatch.setattr(rar_env, "malformed_flags", lambda texts, *_: np.zeros(len(texts), bool))
   config = lambda **kw: _stage2_config(runs["cache"], runs["policy"], runs["environment"], steps=4, **kw)
-  full, full_parts = stage2.train(config(), str(tmp_path / "full"))
+  full, full_parts = stage2.train(schema.parse(config()), str(tmp_path / "full"))
   workdir = str(tmp_path / "split")
-  first, _ = stage2.train(config(**{"train.stop_after_steps": 2}), workdir)
+  first, _ = stage2.train(schema.parse(config(**{"train.stop_after_steps": 2})), workdir)
   assert first.stopped_early and first.step == 2
-  second, _ = stage2.train(config(), workdir)
+  second, _ = stage2.train(schema.parse(config()), workdir)
   assert second.step == 4 and not second.stopped_early and min(second.losses) == 3
   assert os.path.isdir(os.path.join(workdir, rar_env.INDEX_DIR))
 

@@ -14,6 +14,7 @@ from afmrl_jax.train import checkpointing, workdir as workdir_lib
 
 from afmrl_jax.stages.stage1 import run as stage1
 from afmrl_jax.config.schema import ConfigError
+from afmrl_jax.config import schema
 from configs import stage1 as stage1_configs
 from tests.small_runs import small
 
@@ -27,7 +28,7 @@ def trained(tmp_path_factory):
   """A workdir with the `ci` stage-1 run trained for STEPS steps (each test works on a copy)."""
   root = tmp_path_factory.mktemp("guard")
   workdir = str(root / "base")
-  result, *_ = stage1.train(config(root / "cache", STEPS), workdir)
+  result, *_ = stage1.train(schema.parse(config(root / "cache", STEPS)), workdir)
   assert result.step == STEPS and checkpointing.latest_saved_step(workdir) == STEPS
   return root
 
@@ -54,7 +55,7 @@ def test_changed_config_is_refused_then_allowed_and_recorded(trained, workdir, c
   before = _read(os.path.join(workdir, "config.json"))
   fingerprint = _read(os.path.join(workdir, workdir_lib.FINGERPRINT_FILE))
   with pytest.raises(ConfigError) as e:
-    stage1.train(config(cache, STEPS + 1, **{"optimizer.learning_rate": 0.01}), workdir)
+    stage1.train(schema.parse(config(cache, STEPS + 1, **{"optimizer.learning_rate": 0.01})), workdir)
   message = str(e.value)
   assert "\n" not in message
   assert f"config.optimizer.learning_rate: {old_lr!r} -> 0.01" in message
@@ -66,8 +67,8 @@ def test_changed_config_is_refused_then_allowed_and_recorded(trained, workdir, c
   assert checkpointing.latest_saved_step(workdir) == STEPS
 
   capsys.readouterr()
-  result, *_ = stage1.train(config(cache, STEPS + 1, **{"optimizer.learning_rate": 0.01,
-                                                         "checkpoint.allow_config_change": True}), workdir)
+  result, *_ = stage1.train(schema.parse(config(cache, STEPS + 1, **{"optimizer.learning_rate": 0.01,
+                                                         "checkpoint.allow_config_change": True})), workdir)
   out = capsys.readouterr().out
   assert result.step == STEPS + 1 and min(result.losses) == STEPS + 1
   assert f"config changed at step {STEPS}" in out and "config.optimizer.learning_rate" in out
@@ -81,7 +82,7 @@ def test_changed_config_is_refused_then_allowed_and_recorded(trained, workdir, c
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
     assert json.load(f)["optimizer"]["learning_rate"] == 0.01
   # The fingerprint follows the allowed change: the same new config now resumes without the flag.
-  result, *_ = stage1.train(config(cache, STEPS + 2, **{"optimizer.learning_rate": 0.01}), workdir)
+  result, *_ = stage1.train(schema.parse(config(cache, STEPS + 2, **{"optimizer.learning_rate": 0.01})), workdir)
   assert result.step == STEPS + 2
 
 
@@ -90,11 +91,11 @@ def test_other_model_shape_is_refused_in_one_line(trained, workdir):
   shape = {"model.arch": dict(config(cache, STEPS).model.arch.to_dict(), intermediate_size=96)}
   kept = {name: _read(os.path.join(workdir, name)) for name in ("config.json", workdir_lib.FINGERPRINT_FILE)}
   with pytest.raises(ConfigError) as e:
-    stage1.train(config(cache, STEPS + 1, **shape), workdir)
+    stage1.train(schema.parse(config(cache, STEPS + 1, **shape)), workdir)
   assert "\n" not in str(e.value) and "config.model.arch.intermediate_size: 64 -> 96" in str(e.value)
 
   with pytest.raises(ConfigError) as e:
-    stage1.train(config(cache, STEPS + 1, **shape, **{"checkpoint.allow_config_change": True}), workdir)
+    stage1.train(schema.parse(config(cache, STEPS + 1, **shape, **{"checkpoint.allow_config_change": True})), workdir)
   message = str(e.value)
   assert "\n" not in message and len(message) < 400
   found = re.search(r" (params\.\S+) has shape \(([\d, ]+)\) in the checkpoint but \(([\d, ]+)\) in the model",
@@ -106,13 +107,13 @@ def test_other_model_shape_is_refused_in_one_line(trained, workdir):
   # The failed resume changed nothing: the original config still resumes without the override.
   assert {name: _read(os.path.join(workdir, name)) for name in kept} == kept
   assert not os.path.exists(os.path.join(workdir, workdir_lib.CHANGES_FILE))
-  result, *_ = stage1.train(config(cache, STEPS + 1), workdir)
+  result, *_ = stage1.train(schema.parse(config(cache, STEPS + 1)), workdir)
   assert result.step == STEPS + 1
 
 
 def test_nothing_left_to_train_says_so(trained, workdir, capsys):
   capsys.readouterr()
-  result, *_ = stage1.train(config(trained / "cache", STEPS), workdir)
+  result, *_ = stage1.train(schema.parse(config(trained / "cache", STEPS)), workdir)
   out = capsys.readouterr().out
   assert f"already at step {STEPS} (train.num_steps={STEPS}); nothing to train" in out
   assert "resumed from" not in out
@@ -122,7 +123,7 @@ def test_nothing_left_to_train_says_so(trained, workdir, capsys):
 
 def test_resume_says_where_it_starts(trained, workdir, capsys):
   capsys.readouterr()
-  result, *_ = stage1.train(config(trained / "cache", STEPS + 1, **{"train.log_every": 5}), workdir)
+  result, *_ = stage1.train(schema.parse(config(trained / "cache", STEPS + 1, **{"train.log_every": 5})), workdir)
   out = capsys.readouterr().out
   assert f"resumed from step {STEPS}" in out and "config changed" not in out
   assert result.step == STEPS + 1 and min(result.losses) == STEPS + 1

@@ -145,7 +145,7 @@ def evaluate_generator(model, tokenizer, table, data_config, options: AttributeE
       "tokens_per_s": timing["new_tokens"] / max(timing["seconds"], 1e-9),
       "listings_per_s": timing["rows"] / max(timing["seconds"], 1e-9),
   }
-  if jax.process_index() == 0:
+  if parallel.is_process_0():
     examples = [dict(image=table.image(i), title=table.title[i], generated=generated[int(table.listing_id[i])],
                      truth=table.product_attributes[i]) for i in rows[:options.num_examples]]
     write_reports(os.path.join(workdir, options.output_dir), metrics, examples)

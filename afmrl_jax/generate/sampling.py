@@ -98,6 +98,14 @@ def eos_ids_of(model_config) -> tuple[int, ...]:
   return tuple(eos) if isinstance(eos, (tuple, list)) else (int(eos),)
 
 
+def sampling_for(model_config, *, temperature: float = 0.0, top_p: float = 1.0,
+                 max_new_tokens: int = 32) -> SamplingConfig:
+  """The SamplingConfig of a VLConfig: rows stop at its EOS ids and are padded with its pad token (the one
+  builder: SFT's greedy evaluation, the generate stage and stage 2's rollouts all decode through it)."""
+  return SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                        eos_ids=eos_ids_of(model_config), pad_id=model_config.text.pad_token_id or 0)
+
+
 def decode_text(tokenizer, tokens: np.ndarray, length: int, eos_ids: tuple[int, ...]) -> tuple[str, bool]:
   """(text of the first `length` tokens without EOS, whether it ended with one of `eos_ids`)."""
   row = [int(t) for t in tokens[:length]]

@@ -28,6 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from safetensors import safe_open
 
+from afmrl_jax import parallel
 from afmrl_jax.models.config import VLConfig
 from afmrl_jax.models.sharding import spec_for
 from afmrl_jax.models.vl_model import VLModel
@@ -217,7 +218,7 @@ def save_hf_checkpoint(model: VLModel, directory: str, *, dtype: str | None = No
   from safetensors.flax import save_file  # handles bfloat16 (the numpy flavour cannot)
 
   os.makedirs(directory, exist_ok=True)
-  write = jax.process_index() == 0
+  write = parallel.is_process_0()
   config: VLConfig = model.config
   cpu = jax.local_devices(backend='cpu')[0]
   written: list[tuple[str, list[str]]] = []  # (temporary file, tensor names)

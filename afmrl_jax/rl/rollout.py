@@ -31,7 +31,6 @@ from afmrl_jax.attributes.parse import parse_attributes
 from afmrl_jax.data.generator_data import SPLITS
 from afmrl_jax.fields import Checked, bounded, choice, non_negative, positive
 from afmrl_jax.generate import sampling as sampling_lib
-from afmrl_jax.generate.filters import SamplingConfig
 from afmrl_jax.generate.logprobs import completion_logprobs
 from afmrl_jax.rl import algo
 from afmrl_jax.rl.reward import equal_group_share
@@ -61,16 +60,16 @@ class Rollout:
   """Callable `(state, host_batch) -> (grpo batch, host metrics)`; see the module docstring."""
 
   def __init__(self, model, ref_params, environment, tokenizer, image_grid_thw, options: RAROptions,
-               grpo: algo.GRPOConfig, eos_ids: tuple[int, ...], pad_id: int, mesh):
+               grpo: algo.GRPOConfig, model_config, mesh):
     if (options.queries_per_step * options.group_size) % options.rollout_chunks:
       raise ValueError(f"config.rar.rollout_chunks={options.rollout_chunks} must divide the "
                        f"{options.queries_per_step * options.group_size} sampled rows per step.")
     self.graphdef, self.rest, self.ref_params = model.graphdef, model.rest, ref_params
     self.env, self.tokenizer, self.grid = environment, tokenizer, tuple(image_grid_thw)
     self.options, self.grpo, self.mesh = options, grpo, mesh
-    self.eos = tuple(eos_ids)
-    self.sampling = SamplingConfig(temperature=options.temperature, top_p=options.top_p,
-                                   max_new_tokens=options.max_new_tokens, eos_ids=eos_ids, pad_id=pad_id)
+    self.sampling = sampling_lib.sampling_for(model_config, temperature=options.temperature, top_p=options.top_p,
+                                              max_new_tokens=options.max_new_tokens)
+    self.eos = self.sampling.eos_ids
     temperature = self.sampling.logprob_temperature
     graphdef, rest, grid = self.graphdef, self.rest, self.grid
 

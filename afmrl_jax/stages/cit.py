@@ -29,6 +29,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
+from afmrl_jax.config import schema
 from afmrl_jax.config.sections import CHAIN, CONFIG_OF, CITOptions
 from afmrl_jax.eval import report
 from afmrl_jax.train import files
@@ -94,7 +95,7 @@ def write_report(workdir: str, rows: dict[str, dict[str, Any]]) -> None:
     f.write("\n".join(lines) + "\n")
 
 
-def run_cit(run: Any, workdir: str, run_stage: Callable[[Any, str], dict]) -> dict[str, Any]:
+def run_cit(run: schema.Run, workdir: str, run_stage: Callable[[Any, str], dict]) -> dict[str, Any]:
   """The `cit` stage: runs the chain (skipping finished steps) with `run_stage` (the registry's, handed in
   so that this stage imports no other); returns the side-by-side report."""
   rows: dict[str, dict[str, Any]] = {}

@@ -21,7 +21,6 @@ A string without EOS by `max_new_tokens` is cut there and counted as malformed, 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -36,8 +35,7 @@ from afmrl_jax import parallel
 from afmrl_jax.attributes.parse import parse_attributes
 from afmrl_jax.data import generator_data
 from afmrl_jax.data.table import ListingTable
-from afmrl_jax.generate.filters import SamplingConfig
-from afmrl_jax.generate.sampling import eos_ids_of
+from afmrl_jax.generate.sampling import sampling_for
 from afmrl_jax.eval import attributes as attribute_eval
 from afmrl_jax.train import model as builders
 from afmrl_jax.config import schema
@@ -79,9 +77,8 @@ def _shard_lines(model, tokenizer, table, rows, keys, data_cfg, mesh, sampling, 
   return "".join(line + "\n" for line in lines), stats
 
 
-def run_generation(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
+def run_generation(run: schema.Run, workdir: str) -> dict[str, Any]:
   """The `generate` stage; returns a summary (counts, malformed rate, listings/s, the output path)."""
-  run = schema.parse(run)
   opts = run.generation
 
   # Mesh: each process generates its own shards on its own devices (`mesh` is the per-process shape).
@@ -91,14 +88,13 @@ def run_generation(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
   catalog, tokenizer, _ = catalog_lib.load_catalog(run, workdir)
   table, rows = _rows(catalog, opts.splits)
   keys = {l.listing_id: l.listing_key for l in catalog.listings}  # "" for the synthetic catalog
-  data_cfg = dataclasses.replace(run.generator, image_size=run.catalog.image_size)
+  data_cfg = generator.data_config(run)
   if opts.shard_size % data_cfg.eval_batch_size:
     raise ValueError(f"config.generation.shard_size={opts.shard_size} must be a multiple of "
                      f"config.generator.eval_batch_size={data_cfg.eval_batch_size}.")
-  model = generator._load_generator(run, tokenizer, mesh)
+  model = generator.load_generator(run, tokenizer, mesh)
   vl = builders.vl_config(run, tokenizer)
-  sampling = SamplingConfig(temperature=opts.temperature, top_p=opts.top_p, max_new_tokens=opts.max_new_tokens,
-                            eos_ids=eos_ids_of(vl), pad_id=vl.text.pad_token_id or 0)
+  sampling = sampling_for(vl, temperature=opts.temperature, top_p=opts.top_p, max_new_tokens=opts.max_new_tokens)
 
   # Shards: skip the committed ones, generate and commit the rest.
   folder = os.path.join(workdir, opts.output_dir)
@@ -129,7 +125,7 @@ def run_generation(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
   # Every process returns only once it is there: the next stage (a CIT chain's stage1) reads it everywhere.
   parallel.barrier("generate_shards_committed")
   summary = {"generated_now": made, "shards": len(mine)}
-  if jax.process_index() == 0:
+  if parallel.is_process_0():
     text = "".join(open(shard_path(folder, k), encoding="utf-8").read() for k in range(num_shards))
     out = os.path.join(folder, "attributes.jsonl")
     write_atomically(out, text)

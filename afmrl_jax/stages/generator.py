@@ -14,19 +14,25 @@ from afmrl_jax.data.table import ListingTable
 from afmrl_jax.eval import attributes as attribute_eval
 from afmrl_jax.generate.filters import SamplingConfig
 from afmrl_jax.models import lora as lora_lib
-from afmrl_jax.generate.sampling import eos_ids_of
+from afmrl_jax.generate.sampling import sampling_for
 from afmrl_jax.train import checkpointing, state as state_lib
 from afmrl_jax.train import model as builders
 
 
-def _load_generator(run: schema.Run, tokenizer, mesh):
-  """The generator module: the latest checkpoint of `checkpoint.restore_dir` (an SFT run, or a stage-2
-  run: its tuned parameters, LoRA adapters or all, on its SFT policy), else the HF checkpoint."""
+def restore(run: schema.Run, source: str, tokenizer, mesh) -> tuple[state_lib.ShardedModel, int]:
+  """(the generator trained in workdir `source`, its checkpoint's step): the latest checkpoint of an SFT
+  run, or of a stage-2 run (its tuned parameters, LoRA adapters or all, on its SFT policy)."""
+  if schema.saved_stage(source) == "stage2":
+    return tuned_policy(source, tokenizer, mesh)
+  return builders.restore_model(run, checkpointing.checkpoint_dir(source), tokenizer, mesh)
+
+
+def load_generator(run: schema.Run, tokenizer, mesh):
+  """The generator module: the latest checkpoint of `checkpoint.restore_dir` (see `restore`), else the
+  HF checkpoint."""
   restore_dir = run.checkpoint.restore_dir
-  if restore_dir and schema.saved_stage(restore_dir) == "stage2":
-    model, _ = tuned_policy(restore_dir, tokenizer, mesh)
-  elif restore_dir:
-    model, _ = builders.restore_model(run, checkpointing.checkpoint_dir(restore_dir), tokenizer, mesh)
+  if restore_dir:
+    model, _ = restore(run, restore_dir, tokenizer, mesh)
   else:
     model = builders.create_model(run, tokenizer, mesh)
   return model.merge()
@@ -39,8 +45,7 @@ def data_config(run: schema.Run) -> generator_data.GeneratorDataConfig:
 
 def greedy(run: schema.Run, vl) -> SamplingConfig:
   """Greedy decoding up to `sft_eval.max_new_tokens`, stopping at the model's EOS."""
-  return SamplingConfig(temperature=0.0, max_new_tokens=run.sft_eval.max_new_tokens, eos_ids=eos_ids_of(vl),
-                        pad_id=vl.text.pad_token_id or 0)
+  return sampling_for(vl, temperature=0.0, max_new_tokens=run.sft_eval.max_new_tokens)
 
 
 def policy_run(run: schema.Run) -> schema.Run:

@@ -59,7 +59,7 @@ def source_string(listing: Any, source: str) -> str:
   return ""
 
 
-def attribute_coverage_problem(run: Any, strings: list[str]) -> str | None:
+def attribute_coverage_problem(run: schema.Run, strings: list[str]) -> str | None:
   """The one-line problem when the loss uses BM25 terms but more than `attributes.max_missing_share` of the
   training listings' attribute `strings` (under `attributes.source`) are empty; None when they suffice."""
   if not run.loss.needs_bm25 or not strings:
@@ -74,7 +74,7 @@ def attribute_coverage_problem(run: Any, strings: list[str]) -> str | None:
           f"or accept it with config.attributes.max_missing_share=1.0.")
 
 
-def check_attribute_coverage(run: Any, listings, generated: Mapping[int, str] | None) -> None:
+def check_attribute_coverage(run: schema.Run, listings, generated: Mapping[int, str] | None) -> None:
   """Stops (ConfigError, `attribute_coverage_problem`) on training `listings` without enough attribute
   strings; warns when some have none."""
   source = run.attributes.source
@@ -89,7 +89,7 @@ def check_attribute_coverage(run: Any, listings, generated: Mapping[int, str] | 
                     "the loss is InfoNCE on their rows.", 100 * missing / len(strings), source)
 
 
-def synthetic_catalog_config(run: Any):
+def synthetic_catalog_config(run: schema.Run):
   """The synthetic catalog's own config (`data.catalog.CatalogConfig`) from `run.catalog`."""
   from afmrl_jax.data.catalog import CatalogConfig
   return narrow(run.catalog, CatalogConfig)
@@ -100,11 +100,10 @@ def synthetic_catalog_config(run: Any):
 MANIFEST_IDS = os.path.join("catalog", "manifest_ids.json")
 
 
-def load_catalog(run: Any, workdir: str):
-  """(catalog, tokenizer, BM25 corpus stats) of `run` (a `schema.Run` or its ConfigDict)."""
+def load_catalog(run: schema.Run, workdir: str):
+  """(catalog, tokenizer, BM25 corpus stats) of `run`."""
   from afmrl_jax.attributes.bm25 import CorpusStats
   from afmrl_jax.data import defaults, manifest, tokenizer as tokenizer_lib
-  run = schema.parse(run)
   cache = run.catalog.cache_dir or os.path.join(workdir, "data_cache")
   hf_tok = run.model.tokenizer or run.model.hf_checkpoint
   if run.catalog.manifest:
@@ -113,8 +112,8 @@ def load_catalog(run: Any, workdir: str):
                                              split_seed=run.catalog.split_seed, eval_share=run.catalog.eval_share)
     if catalog.report is not None and catalog.report.skipped:
       logging.warning("%s", catalog.report.summary())
-    import jax
-    if jax.process_index() == 0:
+    from afmrl_jax import parallel
+    if parallel.is_process_0():
       print(f"catalog {run.catalog.manifest}: {manifest.split_summary(catalog.listings)}", flush=True)
     r = catalog.report
     files.write_json(os.path.join(workdir, MANIFEST_IDS), {

@@ -325,7 +325,7 @@ class Checkpointer:
 
   def _report_damage(self, damaged: list[tuple[int, str]], restored: int, set_aside: bool) -> None:
     """One warning line; with `set_aside`, moves the damaged steps to `damaged/` and records them."""
-    chief = jax.process_index() == 0
+    chief = parallel.is_process_0()
     moved: dict[int, str] = {}
     if set_aside:
       if chief:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,8 +29,8 @@ def _clean(value: Any) -> Any:
 
 def write_json(path: str, payload: dict[str, Any]) -> None:
   """`payload` as sorted, indented JSON at `path`, written by process 0 only (summaries, config.json)."""
-  jax = sys.modules.get("jax")
-  if jax is not None and jax.process_index() != 0:
+  from afmrl_jax import parallel
+  if not parallel.is_process_0():
     return
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w", encoding="utf-8") as f:

@@ -132,7 +132,7 @@ def resume_and_run(step_fn: Callable, model: Any, tx: optax.GradientTransformati
       raise
   if resumed is not None and on_resume is not None:
     on_resume(resumed)  # e.g. `workdir.prepare`'s: the config it checked is written now that the restore worked
-  if resumed is not None and jax.process_index() == 0:
+  if resumed is not None and parallel.is_process_0():
     if resumed >= options.num_steps:  # `run` trains nothing; say so instead of returning silently
       print(f"already at step {resumed} (train.num_steps={options.num_steps}); nothing to train", flush=True)
     else:

@@ -19,6 +19,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from afmrl_jax import parallel
+
 # Peak dense bf16 FLOP/s per chip, matched by substring of `jax.Device.device_kind` (lower case).
 # Longer keys are tried first so e.g. 'v5 lite' wins over 'v5'.
 PEAK_FLOPS: dict[str, float] = {
@@ -119,7 +121,7 @@ class MetricsLogger:
     self.examples_per_step = examples_per_step
     self.flops = flops_per_step_per_device
     self.peak = peak_flops(jax.devices()[0].device_kind)
-    self.is_main = jax.process_index() == 0
+    self.is_main = parallel.is_process_0()
     self.stream = stream or sys.stdout
     self._writer = None
     self._jsonl = None

@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from afmrl_jax.config import schema
 from afmrl_jax.config.sections import ModelOptions
 
 
@@ -44,13 +45,13 @@ def hf_arch_dict(model: ModelOptions, tokenizer: Any = None) -> dict[str, Any]:
   return arch
 
 
-def vl_config(run: Any, tokenizer: Any = None):
+def vl_config(run: schema.Run, tokenizer: Any = None):
   """The model's `models.config.VLConfig` (compute dtype `run.dtype`, params float32)."""
   from afmrl_jax.models.config import VLConfig
   return VLConfig.from_hf_dict(hf_arch_dict(run.model, tokenizer), dtype=run.dtype, param_dtype="float32")
 
 
-def model_constructor(run: Any, vl: Any) -> Callable[[], Any]:
+def model_constructor(run: schema.Run, vl: Any) -> Callable[[], Any]:
   """A zero-argument, deterministic constructor of the representation model (+ LoRA adapters).
 
   Random init from `run.model.param_seed`; real weights are loaded afterwards (`load_hf_weights`) onto
@@ -73,13 +74,13 @@ def model_constructor(run: Any, vl: Any) -> Callable[[], Any]:
   return build
 
 
-def trainable_filter(run: Any) -> Any:
+def trainable_filter(run: schema.Run) -> Any:
   """`nnx.LoRAParam` with LoRA on, else every `nnx.Param`."""
   from afmrl_jax.models.lora import trainable_filter as lora_filter
   return lora_filter(bool(run.lora.enabled))
 
 
-def load_hf_weights(model: Any, run: Any, mesh: Any) -> None:
+def load_hf_weights(model: Any, run: schema.Run, mesh: Any) -> None:
   """Loads `run.model.hf_checkpoint` into the created sharded model (`train.state.ShardedModel`), in place:
   each device reads only its own slice."""
   import jax
@@ -91,7 +92,7 @@ def load_hf_weights(model: Any, run: Any, mesh: Any) -> None:
   _, model.params, model.rest = nnx.split(module, trainable_filter(run), ...)
 
 
-def create_model(run: Any, tokenizer, mesh) -> Any:
+def create_model(run: schema.Run, tokenizer, mesh) -> Any:
   """The run's model, created sharded (+ LoRA), with the HF checkpoint's weights if one is set."""
   from afmrl_jax.train import state as state_lib
   vl = vl_config(run, tokenizer)
@@ -105,7 +106,7 @@ def create_model(run: Any, tokenizer, mesh) -> Any:
   return model
 
 
-def restore_latest_params(model: Any, run: Any, checkpoint_dir: str, mesh) -> int:
+def restore_latest_params(model: Any, run: schema.Run, checkpoint_dir: str, mesh) -> int:
   """Sets `model.params` to the trainable params of the latest checkpoint in `checkpoint_dir`; returns its
   step. `run` gives the optimizer whose state shares the checkpoint."""
   from afmrl_jax.train import checkpointing
@@ -122,7 +123,7 @@ def restore_latest_params(model: Any, run: Any, checkpoint_dir: str, mesh) -> in
   return step
 
 
-def restore_model(run: Any, checkpoint_dir: str, tokenizer, mesh) -> tuple[Any, int]:
+def restore_model(run: schema.Run, checkpoint_dir: str, tokenizer, mesh) -> tuple[Any, int]:
   """The run's model with the trainable params of the latest checkpoint in `checkpoint_dir`."""
   model = create_model(run, tokenizer, mesh)
   return model, restore_latest_params(model, run, checkpoint_dir, mesh)

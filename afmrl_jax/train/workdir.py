@@ -18,11 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
+from afmrl_jax import parallel
+from afmrl_jax.config import schema
 from afmrl_jax.train import checkpointing
 
 from afmrl_jax.errors import WorkdirError
@@ -112,16 +113,11 @@ def stored_fingerprint(workdir: str) -> dict[str, Any] | None:
   return None
 
 
-def _is_chief() -> bool:
-  jax = sys.modules.get("jax")
-  return jax is None or jax.process_index() == 0
-
-
 def _write_fingerprint(workdir: str, fields: dict[str, Any]) -> None:
   files.write_json(os.path.join(workdir, FINGERPRINT_FILE), {"digest": digest(fields), "fields": fields})
 
 
-def prepare(run: Any, workdir: str) -> Callable[[int], None]:
+def prepare(run: schema.Run, workdir: str) -> Callable[[int], None]:
   """Checks `run` (a `schema.Run`) against the fingerprint of the checkpoints it would resume from.
 
   A fresh start writes the fingerprint and `<workdir>/config.json` now; a resume leaves them (and the
@@ -189,7 +185,7 @@ def commit(workdir: str, step: int, pending: dict[str, Any]) -> None:
     pending["config"]["train"]["num_steps"] = num_steps[0]
     num_steps = None
   path = os.path.join(workdir, CHANGES_FILE)
-  if (changes or num_steps) and _is_chief():
+  if (changes or num_steps) and parallel.is_process_0():
     row = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "changes": {k: [a, b] for k, (a, b) in changes.items()}}
     if num_steps:  # not fingerprinted (a run may be extended), but it moves the learning-rate schedule

@@ -29,9 +29,8 @@ from afmrl_jax.stages import generator
 
 
 
-def train(run: schema.Run | Any, workdir: str):
+def train(run: schema.Run, workdir: str):
   """Runs (or resumes) SFT; returns (loop result, trained model, catalog, tokenizer)."""
-  run = schema.parse(run)
   on_resume = workdir_lib.prepare(run, workdir)  # refuses a resume under a changed config; writes config.json
 
   # Mesh.
@@ -59,25 +58,20 @@ def train(run: schema.Run | Any, workdir: str):
 
 
 
-def evaluate_checkpoint(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
+def evaluate_checkpoint(run: schema.Run, workdir: str) -> dict[str, Any]:
   """The `eval` stage of a generator: the latest checkpoint of `checkpoint.restore_dir` (default: the
   workdir), scored on `sft_eval.split`."""
-  run = schema.parse(run)
   catalog, tokenizer, _ = catalog_lib.load_catalog(run, workdir)
   source = run.checkpoint.restore_dir or workdir
   ckpt_dir = checkpointing.checkpoint_dir(source)
   mesh = parallel.make_mesh(run.mesh)
-  if schema.saved_stage(source) == "stage2":  # a RAR run: its tuned parameters on its SFT policy
-    model, step = generator.tuned_policy(source, tokenizer, mesh)
-  else:
-    model, step = builders.restore_model(run, ckpt_dir, tokenizer, mesh)
+  model, step = generator.restore(run, source, tokenizer, mesh)  # an SFT or a stage-2 (RAR) run
   return {"step": step, "checkpoint_dir": ckpt_dir, "attribute_eval": generator.evaluate(run, model, catalog, tokenizer, workdir)}
 
 
-def train_and_evaluate(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(run: schema.Run, workdir: str) -> dict[str, Any]:
   """The `sft` stage; returns a JSON-able summary (also `<workdir>/summary.json`)."""
   t0 = time.perf_counter()
-  run = schema.parse(run)
   result, model, catalog, tokenizer = train(run, workdir)
   summary: dict[str, Any] = {
       "step": result.step, "stopped_early": result.stopped_early, "stop_reason": result.stop_reason,

@@ -17,12 +17,12 @@ training (it would silently be InfoNCE on them).
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
+from afmrl_jax.config import schema
 from afmrl_jax.train import catalog as catalog_lib
 
 
@@ -48,7 +48,7 @@ class Stage1Data:
 
 
 
-def pipeline_config(run: Any):
+def pipeline_config(run: schema.Run):
   """`run.pipeline` completed with what other sections decide: the image size, the attribute strings, and
   fresh views only for the synthetic catalog (they re-render its products; a manifest's listings have their
   own photos only, so `pipeline.fresh_views` means nothing there and is off whatever its value)."""
@@ -60,12 +60,10 @@ def pipeline_config(run: Any):
 
 
 
-def make(run: Any, workdir: str) -> Stage1Data:
-  """The catalog, tokenizer, BM25 statistics and pipelines of `run` (a `schema.Run` or its ConfigDict)."""
+def make(run: schema.Run, workdir: str) -> Stage1Data:
+  """The catalog, tokenizer, BM25 statistics and pipelines of `run`."""
   from afmrl_jax.data import pipeline
   from afmrl_jax.data.table import ListingTable
-  from afmrl_jax.config import schema
-  run = schema.parse(run)
   catalog, tokenizer, stats = catalog_lib.load_catalog(run, workdir)
   source = run.attributes.source
   generated = None

@@ -109,7 +109,7 @@ class MinedNegatives:
                "mined_dropped": float(counts["dropped"]),
                **{f"mined_dropped_{rule}": float(counts[rule]) for rule in rules if rule != "none"},
                **self._duplicate_figures(mined, filtered)}
-    if jax.process_index() == 0:
+    if parallel.is_process_0():
       os.makedirs(os.path.join(self.workdir, FOLDER), exist_ok=True)
       self.mined.save(table_path(self.workdir, step))
       self._prune(step)

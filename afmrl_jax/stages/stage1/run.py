@@ -36,10 +36,9 @@ NONFINITE_HINT = ("lower config.optimizer.learning_rate or raise config.loss.tau
                   "checkpoint")
 
 
-def train(run: schema.Run | Any, workdir: str, data: stage1_data.Stage1Data | None = None, mesh=None
+def train(run: schema.Run, workdir: str, data: stage1_data.Stage1Data | None = None, mesh=None
           ) -> tuple[loop_lib.LoopResult, state_lib.ShardedModel, stage1_data.Stage1Data]:
   """Runs (or resumes) stage-1 training; returns the loop result, the trained model and the data."""
-  run = schema.parse(run)
   on_resume = workdir_lib.prepare(run, workdir)  # refuses a resume under a changed config; writes config.json
 
   # Mesh: (data, fsdp, tensor); the batch is split over data x fsdp.
@@ -102,10 +101,9 @@ def run_evaluation(run: schema.Run, workdir: str, model: state_lib.ShardedModel,
                   train_metrics_path=os.path.join(workdir, run.train.metrics_file), info=catalog_skips(data))
 
 
-def train_and_evaluate(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(run: schema.Run, workdir: str) -> dict[str, Any]:
   """The `stage1` stage; returns a JSON-able summary (also written to `<workdir>/summary.json`)."""
   t0 = time.perf_counter()
-  run = schema.parse(run)
   mesh = parallel.make_mesh(run.mesh)
   result, model, data = train(run, workdir, mesh=mesh)
   summary: dict[str, Any] = {
@@ -128,9 +126,8 @@ def train_and_evaluate(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
   return summary
 
 
-def evaluate_checkpoint(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
+def evaluate_checkpoint(run: schema.Run, workdir: str) -> dict[str, Any]:
   """The `eval` stage: latest checkpoint of `checkpoint.restore_dir` (default: the workdir)."""
-  run = schema.parse(run)
   mesh = parallel.make_mesh(run.mesh)
   ckpt_dir = checkpointing.checkpoint_dir(run.checkpoint.restore_dir or workdir)
   data = stage1_data.make(run, workdir)

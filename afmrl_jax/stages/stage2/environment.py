@@ -86,7 +86,7 @@ class Environment:
       gallery, index, _ = index_gallery(local, make_index(env_run.eval, run.reward.retriever), sharded)
       gallery_listing, gallery_product = gallery["listing_id"], gallery["product_id"]
       retriever = OwnQueries(index) if sharded else index
-      if not sharded and jax.process_index() == 0:
+      if not sharded and parallel.is_process_0():
         tmp = index_dir + ".tmp"
         retriever.save(tmp)
         np.savez(os.path.join(tmp, "gallery_ids.npz"), listing_id=gallery_listing, product_id=gallery_product)

@@ -24,7 +24,6 @@ import numpy as np
 from afmrl_jax import parallel
 from afmrl_jax.data import generator_data
 from afmrl_jax.data.table import ListingTable
-from afmrl_jax.generate.sampling import eos_ids_of
 from afmrl_jax.eval import attributes as attribute_eval, report
 from afmrl_jax.train import model as builders
 from afmrl_jax.stages.stage2 import environment as rar_env
@@ -64,16 +63,15 @@ class Stage2Parts:
   tokenizer: Any
 
 
-def build(run: schema.Run | Any, workdir: str) -> Stage2Parts:
+def build(run: schema.Run, workdir: str) -> Stage2Parts:
   """The mesh, policy, environment, query stream, rollout and step of `run` (nothing trained yet)."""
-  run = schema.parse(run)
   o = run.rar
 
   # Mesh.
   mesh = parallel.make_mesh(run.mesh)
 
   # Policy and reference: the SFT generator; the reference keeps its weights (the train state copies them).
-  prun = policy_run(run)
+  prun = generator.policy_run(run)
   catalog, tokenizer, _ = catalog_lib.load_catalog(prun, o.policy)
   model = generator.policy_model(run, prun, tokenizer, mesh)
   vl = builders.vl_config(prun, tokenizer)
@@ -90,17 +88,15 @@ def build(run: schema.Run | Any, workdir: str) -> Stage2Parts:
   grid = generator_data.image_grid_thw(data_cfg)
 
   # Rollout and step: G samples per query scored by the environment, then clipped GRPO updates.
-  rollout = rar_rollout.Rollout(model, model.params, env, tokenizer, grid, o, run.grpo, eos_ids_of(vl),
-                                vl.text.pad_token_id or 0, mesh)
+  rollout = rar_rollout.Rollout(model, model.params, env, tokenizer, grid, o, run.grpo, vl, mesh)
   tx = state_lib.make_optimizer(run.optimizer, run.train.num_steps)
   loss_fn = stage2_step.make_loss_fn(grid, run.grpo, rollout.sampling.logprob_temperature)
   step_fn = loop_lib.make_train_step(model.graphdef, tx, loss_fn=loss_fn, updates_per_step=o.updates_per_step)
   return Stage2Parts(run, prun, mesh, model, env, queries, rollout, tx, step_fn, catalog, tokenizer)
 
 
-def train(run: schema.Run | Any, workdir: str) -> tuple[loop_lib.LoopResult, Stage2Parts]:
+def train(run: schema.Run, workdir: str) -> tuple[loop_lib.LoopResult, Stage2Parts]:
   """Runs (or resumes) RAR; returns the loop result and the parts (`parts.model` holds the trained policy)."""
-  run = schema.parse(run)
   on_resume = workdir_lib.prepare(run, workdir)  # refuses a resume under a changed config; writes config.json
   parts = build(run, workdir)
   # Checkpoint and loop: the policy's train state and the query position; sampling keys follow the step.
@@ -153,17 +149,16 @@ def reward_trend(metrics_path: str) -> dict[str, float]:
   return out
 
 
-def train_and_evaluate(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(run: schema.Run, workdir: str) -> dict[str, Any]:
   """The `stage2` stage; returns a JSON-able summary (also `<workdir>/summary.json`)."""
   t0 = time.perf_counter()
-  run = schema.parse(run)
   result, parts = train(run, workdir)
   metrics_path = os.path.join(workdir, run.train.metrics_file)
   summary: dict[str, Any] = {
       "step": result.step, "stopped_early": result.stopped_early, "stop_reason": result.stop_reason,
       "steps_per_s": result.steps_per_s, **reward_trend(metrics_path),
   }
-  if jax.process_index() == 0:
+  if parallel.is_process_0():
     report.plot_loss_curve(metrics_path, os.path.join(workdir, "reward_curve.png"), key="reward_mean",
                            label="mean reward")
   # Evaluation: the greedy reward of the SFT and of the tuned policy on the same queries; the tuned
@@ -175,6 +170,6 @@ def train_and_evaluate(run: schema.Run | Any, workdir: str) -> dict[str, Any]:
     summary["attribute_eval"] = generator.evaluate(parts.policy_run, parts.model, parts.catalog, parts.tokenizer,
                                              workdir)
   summary["wall_s"] = time.perf_counter() - t0
-  if jax.process_index() == 0:
+  if parallel.is_process_0():
     files.write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
