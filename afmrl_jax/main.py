@@ -34,13 +34,20 @@ def bad_override(argv: list[str]) -> str | None:
   Checked before absl parses the flags, whose own error for an unknown key is a traceback.
   """
   from afmrl_jax.config import schema
+  from afmrl_jax.config.sections import CONFIG_OF
   known = set(_dotted(schema.defaults()))
-  # An HF config.json dict, and the cit chain's stage configs: their keys come from the presets.
-  free_form = ("model.arch.", "cit.stages.")
+  free_form = ("model.arch.",)  # an HF config.json dict: its keys come from the presets
   for arg in argv:
     if arg.startswith("--config.") and "=" in arg:
       key = arg[len("--config."):].split("=", 1)[0]
-      if key not in known and not key.startswith(free_form):
+      if key.startswith("cit.stages."):  # the cit chain's stage configs: `cit.stages.<stage>.<a run's key>`
+        stage, _, rest = key[len("cit.stages."):].partition(".")
+        if stage not in CONFIG_OF.values():
+          return (f"config.{key} is not a config field: cit.stages holds "
+                  f"{', '.join(sorted(set(CONFIG_OF.values())))}.")
+        if rest and rest not in known and not rest.startswith(free_form):
+          return schema.unknown_field(key, sorted(f"cit.stages.{stage}.{k}" for k in known))
+      elif key not in known and not key.startswith(free_form):
         return schema.unknown_field(key, sorted(known))
   return None
 

@@ -49,6 +49,21 @@ def test_cit_without_its_stage_configs_and_unknown_preset(tmp_path):
                                  "one of ['tiny', 'ci'].")
 
 
+def test_cit_refuses_a_bad_stage_config_before_anything_trains(tmp_path):
+  # A bad value, and an unknown key, under cit.stages.<stage>: one line each, exit 2, before SFT starts.
+  proc = _main("--config=configs/cit.py:ci", f"--workdir={tmp_path}", "--config.cit.stages.stage2.loss.tau=-1",
+               "--config.cit.stages.stage2.rar.rollout_chunks=7")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "config.cit.stages.stage2.loss.tau=-1.0 must be > 0." in proc.stderr
+  assert "config.cit.stages.stage2.rar.rollout_chunks=7 must divide" in proc.stderr
+  assert not (tmp_path / "sft").exists()
+  proc = _main("--config=configs/cit.py:ci", f"--workdir={tmp_path}", "--config.cit.stages.stage2.loss.tua=1")
+  assert proc.returncode == 2
+  assert proc.stderr.strip() == ("config.cit.stages.stage2.loss.tua is not a config field; did you mean "
+                                 "config.cit.stages.stage2.loss.tau?")
+  assert not (tmp_path / "sft").exists()
+
+
 def test_sigterm_saves_checkpoint_and_exits_cleanly(tmp_path):
   workdir = tmp_path / "run"
   args = ["--config=configs/stage1.py:ci", f"--workdir={workdir}", "--config.train.num_steps=100000",

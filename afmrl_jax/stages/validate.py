@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from typing import Any
 
@@ -185,6 +186,10 @@ def _paths(catalog, attributes, checkpoint) -> list[str]:
 
 def _rar(rar, mesh, num_devices: int) -> list[str]:
   """Stage 2's policy and environment are finished runs; its Q x G rows split over the batch shards."""
+  return _rar_paths(rar) + _rar_rows(rar, mesh, num_devices)
+
+
+def _rar_paths(rar) -> list[str]:
   problems = []
   for name, kind, stages in (("policy", "SFT", ("sft", "stage2")), ("environment", "stage-1", ("stage1",))):
     path = getattr(rar, name)
@@ -199,6 +204,11 @@ def _rar(rar, mesh, num_devices: int) -> list[str]:
       if saved_stage not in stages:
         problems.append(f"config.rar.{name}={path!r} is a {saved_stage!r} run; it must be a {kind} run "
                         f"(stage {' or '.join(stages)}).")
+  return problems
+
+
+def _rar_rows(rar, mesh, num_devices: int) -> list[str]:
+  problems = []
   rows = rar.queries_per_step * rar.group_size
   if rows % rar.rollout_chunks:
     problems.append(f"config.rar.rollout_chunks={rar.rollout_chunks} must divide the {rows} rows per step "
@@ -211,6 +221,30 @@ def _rar(rar, mesh, num_devices: int) -> list[str]:
     if (rows // rar.rollout_chunks) % (data * fsdp):
       problems.append(f"config.rar: the {rows // rar.rollout_chunks} rows of a rollout chunk must be divisible by "
                       f"the {data * fsdp} batch shards of the mesh.")
+  return problems
+
+
+def _cit_stages(cit, num_devices: int, num_processes: int) -> list[str]:
+  """Every stage config of the cit chain, checked before the first stage runs: each field against its
+  declaration (unknown keys too) and the combinations no single field can say. The paths between the
+  stages do not exist yet; each stage's own `validate` checks them when the chain reaches it."""
+  problems = []
+  for key in CIT_STAGE_CONFIGS:
+    if key not in cit.stages:
+      continue
+    parts, found = schema.parse_sections(cit.stages[key])
+    if parts["stage"] != key:
+      found.append(f"config.stage={parts['stage']!r} must be {key!r} (the chain runs this config as its {key}).")
+    model = parts["model"]
+    if model is not None and not model.hf_checkpoint:
+      found += _arch(model.arch)
+    if parts["pipeline"] is not None and parts["mesh"] is not None:
+      found += _batch(parts["pipeline"], parts["mesh"], parts["gradcache"], num_devices, num_processes)
+    found += _combinations(parts["pipeline"], parts["mining"])
+    found += _prompt_room(key, parts["catalog"], parts["pipeline"], parts["generator"])
+    if key == "stage2" and parts["rar"] is not None:
+      found += _rar_rows(parts["rar"], parts["mesh"], num_devices)
+    problems += [re.sub(r"\bconfig\.", f"config.cit.stages.{key}.", p) for p in found]
   return problems
 
 
@@ -240,6 +274,7 @@ def validate(config: Any, workdir: str, *, num_devices: int | None = None,
     if missing:
       problems.append(f"config.cit.stages lacks the {', '.join(repr(m) for m in missing)} configs; start from "
                       "configs/cit.py, which fills them.")
+    problems += _cit_stages(parts["cit"], num_devices, num_processes)
   needs_checkpoint = parts["stage"] == "eval" or (parts["stage"] == "generate" and not model.hf_checkpoint)
   if needs_checkpoint and not problems:
     source = parts["checkpoint"].restore_dir or workdir
