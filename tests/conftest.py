@@ -11,25 +11,6 @@ if "xla_force_host_platform_device_count" not in _flags:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-# One persistent JAX compilation cache per test process (per xdist worker), inherited by the CLI runs and
-# worker processes the tests start: a test that runs the same stage several times (resume, damaged
-# checkpoints, the workdir guard, 2 processes against 1) compiles each program once. A cached executable
-# is the same program, so bitwise comparisons hold. Per worker, not shared: jax writes an entry in place
-# (no rename), and a concurrent reader of a half-written entry would warn and recompile. Programs that
-# compile in under 0.2 s are not worth the write. An explicitly set JAX_COMPILATION_CACHE_DIR is kept.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ or "_AFMRL_TEST_JAX_CACHE" in os.environ:
-  import atexit
-  import shutil
-  import tempfile
-  _worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-  if os.environ.get("_AFMRL_TEST_JAX_CACHE") != _worker:  # not yet set up in this process (or inherited)
-    _cache = tempfile.mkdtemp(prefix=f"afmrl_jax_cache_{_worker}_")
-    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
-    os.environ["_AFMRL_TEST_JAX_CACHE"] = _worker
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-
 
 import pytest  # noqa: E402
 
